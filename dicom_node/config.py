@@ -1,0 +1,310 @@
+"""Typed configuration, read once from ``config.toml`` and passed down.
+
+No other module reads the TOML file.  Every option, its default and the reason for the default
+is documented in the shipped ``config.toml``.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from storage.rules import Rule
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or has an invalid value."""
+
+
+_AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
+
+
+def _check_ae(value: str, where: str) -> str:
+    if not isinstance(value, str) or not value.strip() or not _AE_RE.match(value) or "\\" in value:
+        raise ConfigError(f"{where}: {value!r} is not a valid AE title (1-16 printable ASCII characters)")
+    return value.strip()
+
+
+@dataclass
+class TLSConfig:
+    """DICOM TLS settings (PS3.15 B.1 / BCP 195) for the SCP or an SCU destination.
+
+    Attributes
+    ----------
+    enabled
+        Use TLS on this connection.
+    cert_file, key_file
+        This side's certificate chain and private key (PEM).
+    ca_file
+        CA bundle used to verify the peer.
+    require_client_cert
+        SCP only: demand and verify a client certificate (mutual TLS).
+    check_hostname
+        SCU only: verify the destination's host name against its certificate.
+    """
+
+    enabled: bool = False
+    cert_file: str = ""
+    key_file: str = ""
+    ca_file: str = ""
+    require_client_cert: bool = True
+    check_hostname: bool = False
+
+
+@dataclass
+class NodeConfig:
+    """``[node]``: identity, network policy and storage of this node."""
+
+    ae_title: str = "SRNODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    storage_dir: str = "./var/storage"
+    database_url: str = "sqlite:///./var/srnode.db"
+    require_called_ae_title: bool = True
+    allowed_calling_ae_titles: list[str] = field(default_factory=list)
+    allowed_hosts: dict[str, list[str]] = field(default_factory=dict)
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_pdu_size: int = 1048576
+    min_free_disk_mb: int = 1024
+    log_level: str = "INFO"
+    log_file: str = ""
+    audit_log: str = "./var/audit.log"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass
+class SeriesConfig:
+    """``[series]``: when a series counts as complete."""
+
+    quiet_period_seconds: float = 20.0
+    max_age_seconds: float = 3600.0
+    check_interval_seconds: float = 5.0
+
+
+@dataclass
+class WorkerConfig:
+    """``[worker]``: the processing loop and its retry policy."""
+
+    enabled: bool = True
+    poll_interval_seconds: float = 1.0
+    max_attempts: int = 3
+    backoff_base_seconds: float = 30.0
+    backoff_max_seconds: float = 1800.0
+    job_timeout_seconds: float = 1800.0
+    lease_seconds: float = 120.0
+    heartbeat_seconds: float = 15.0
+
+
+@dataclass
+class EngineConfig:
+    """``[engine]``: how the SR engine runs."""
+
+    device: str = "auto"
+    batch_size: int = 8
+    tile_size: int = 256
+    tile_overlap: int = 16
+
+
+@dataclass
+class DerivedConfig:
+    """``[derived]``: how derived series are named and encoded."""
+
+    uid_root: str = ""
+    series_number_offset: int = 1000
+    series_description_prefix: str = "SR x{scale} "
+    manufacturer: str = "srnode project"
+    institution_name: str = ""
+
+
+@dataclass
+class SafetyConfig:
+    """``[safety]``: the consistency gate applied before a derived series is sent.
+
+    ``max_abs_error`` bounds are in modality units of the re-degraded output against the input;
+    ``min_psnr`` in dB.  Above ``warn_*`` the series is sent with ``(CHECK)`` in its description;
+    above ``hold_*`` it is held as failed and never sent.
+    """
+
+    warn_mean_abs_error: float = 15.0
+    hold_mean_abs_error: float = 60.0
+    warn_min_psnr: float = 35.0
+    hold_min_psnr: float = 25.0
+
+
+@dataclass
+class Destination:
+    """``[[destinations]]``: a DICOM peer that receives derived series."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    transfer_syntax: str = "explicit"
+    tls: TLSConfig = field(default_factory=TLSConfig)
+
+
+@dataclass
+class Config:
+    """The whole node configuration."""
+
+    node: NodeConfig = field(default_factory=NodeConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    derived: DerivedConfig = field(default_factory=DerivedConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    destinations: list[Destination] = field(default_factory=list)
+    rules: list[Rule] = field(default_factory=list)
+    path: Path | None = None
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called ``name``."""
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise ConfigError(f"unknown destination {name!r}")
+
+
+TRANSFER_SYNTAX_NAMES = ("explicit", "implicit", "rle", "jpeg2000-lossless", "deflate")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"[{where}]: unknown option(s) {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name == "tls":
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{where}.tls] must be a table")
+            kwargs[name] = _build(TLSConfig, value, f"{where}.tls")
+            continue
+        default = getattr(cls, name, None) if name in cls.__dict__ else None
+        expected = known[name].type
+        if isinstance(value, bool) or expected in ("bool",):
+            if expected == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"[{where}] {name}: expected true/false, got {value!r}")
+        elif expected in ("int",) and not isinstance(value, int):
+            raise ConfigError(f"[{where}] {name}: expected an integer, got {value!r}")
+        elif expected in ("float",) and not isinstance(value, int | float):
+            raise ConfigError(f"[{where}] {name}: expected a number, got {value!r}")
+        elif expected in ("str",) and not isinstance(value, str):
+            raise ConfigError(f"[{where}] {name}: expected a string, got {value!r}")
+        del default
+        kwargs[name] = float(value) if expected == "float" else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required option is missing
+        raise ConfigError(f"[{where}]: {exc}") from exc
+
+
+def _validate(cfg: Config) -> None:
+    n = cfg.node
+    n.ae_title = _check_ae(n.ae_title, "[node] ae_title")
+    n.allowed_calling_ae_titles = [
+        _check_ae(a, "[node] allowed_calling_ae_titles") for a in n.allowed_calling_ae_titles
+    ]
+    if not 0 < n.port < 65536:
+        raise ConfigError(f"[node] port: {n.port} is not a TCP port")
+    if n.max_associations < 1:
+        raise ConfigError("[node] max_associations must be >= 1")
+    if n.max_pdu_size < 0:
+        raise ConfigError("[node] max_pdu_size must be >= 0 (0 = unlimited)")
+    if n.tls.enabled and not (n.tls.cert_file and n.tls.key_file):
+        raise ConfigError("[node.tls] enabled needs cert_file and key_file")
+    if cfg.series.quiet_period_seconds <= 0:
+        raise ConfigError("[series] quiet_period_seconds must be > 0")
+    if cfg.worker.max_attempts < 1:
+        raise ConfigError("[worker] max_attempts must be >= 1")
+    names = set()
+    for d in cfg.destinations:
+        d.ae_title = _check_ae(d.ae_title, f"[[destinations]] {d.name} ae_title")
+        if d.transfer_syntax not in TRANSFER_SYNTAX_NAMES:
+            raise ConfigError(
+                f"[[destinations]] {d.name}: transfer_syntax must be one of {TRANSFER_SYNTAX_NAMES}"
+            )
+        if d.name in names:
+            raise ConfigError(f"[[destinations]] duplicate name {d.name!r}")
+        names.add(d.name)
+    for r in cfg.rules:
+        for dest in r.destinations:
+            if dest not in names:
+                raise ConfigError(f"[[rules]] {r.name}: unknown destination {dest!r}")
+
+
+def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
+    """Build a validated :class:`Config` from parsed TOML.
+
+    Raises
+    ------
+    ConfigError
+        On unknown sections or options, wrong types or invalid values.
+    """
+    data = dict(data)
+    known = {"node", "series", "worker", "engine", "derived", "safety", "destinations", "rules"}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
+    cfg = Config(
+        node=_build(NodeConfig, data.get("node", {}), "node"),
+        series=_build(SeriesConfig, data.get("series", {}), "series"),
+        worker=_build(WorkerConfig, data.get("worker", {}), "worker"),
+        engine=_build(EngineConfig, data.get("engine", {}), "engine"),
+        derived=_build(DerivedConfig, data.get("derived", {}), "derived"),
+        safety=_build(SafetyConfig, data.get("safety", {}), "safety"),
+        destinations=[
+            _build(Destination, d, f"destinations.{i}")
+            for i, d in enumerate(data.get("destinations", []))
+        ],
+        rules=[],
+        path=path,
+    )
+    for i, r in enumerate(data.get("rules", [])):
+        try:
+            cfg.rules.append(Rule.from_mapping(r))
+        except ValueError as exc:
+            raise ConfigError(f"[[rules]] #{i + 1}: {exc}") from exc
+    _validate(cfg)
+    if path is not None:
+        base = path.parent
+        for attr in ("storage_dir", "audit_log", "log_file"):
+            value = getattr(cfg.node, attr)
+            if value and not Path(value).is_absolute():
+                setattr(cfg.node, attr, str((base / value).resolve()))
+        url = cfg.node.database_url
+        if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+            rel = url[len("sqlite:///"):]
+            if rel and rel != ":memory:":
+                cfg.node.database_url = "sqlite:///" + str((base / rel).resolve())
+    return cfg
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate a TOML configuration file.
+
+    Parameters
+    ----------
+    path
+        The file; ``None`` means ``./config.toml`` (built-in defaults if it does not exist).
+    """
+    if path is None:
+        p = Path("config.toml")
+        if not p.exists():
+            return parse_config({}, None)
+    else:
+        p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file not found: {p}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: invalid TOML: {exc}") from exc
+    return parse_config(data, p.resolve())

@@ -1,0 +1,103 @@
+"""Public request/result types of the SR engine.
+
+The engine works on arrays in modality units with physical spacing; it never sees a DICOM
+dataset.  ``dicom_node`` adapts a loaded series to :class:`EnhanceRequest` inputs and builds the
+derived series from :class:`EnhanceResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Mode = Literal["slice", "volume"]
+
+
+@dataclass(frozen=True)
+class EnhanceRequest:
+    """What to do with a volume.
+
+    Parameters
+    ----------
+    mode
+        ``"slice"``: in-plane super-resolution of every slice; ``"volume"``: through-plane
+        (thick to thin slices).
+    scale
+        Integer factor: 2 or 4 in slice mode, 2, 3 or 4 in volume mode.
+    model
+        Registered model name (``fast``, ``srcnn``, ``residual``, ``srgan``, ``bicubic``,
+        ``cubic``, ``linear``) or ``"auto"`` (``fast`` on CPU, the best model on GPU).
+    device
+        ``"auto"``, ``"cuda"`` or ``"cpu"``; ``auto`` falls back to the CPU.
+    batch_size
+        Slices (or tiles) per forward pass.
+    tile_size
+        Largest tile edge in LR pixels; larger inputs are tiled with overlap and blended.
+    tile_overlap
+        Overlap between tiles in LR pixels.
+    output_spacing
+        Volume mode only: requested output slice spacing in mm (``None``: input spacing / scale).
+    """
+
+    mode: Mode = "slice"
+    scale: int = 2
+    model: str = "auto"
+    device: str = "auto"
+    batch_size: int = 8
+    tile_size: int = 256
+    tile_overlap: int = 16
+    output_spacing: float | None = None
+
+
+@dataclass(frozen=True)
+class ConsistencyReport:
+    """Re-degradation check: degrade the output with the task's operator and compare to the input.
+
+    All errors are in modality units (HU for CT).
+    """
+
+    mean_abs_error: float
+    max_abs_error: float
+    psnr: float
+
+
+@dataclass
+class EnhanceResult:
+    """An enhanced volume and the facts needed to describe it.
+
+    Attributes
+    ----------
+    volume
+        float32 array ``(z, y, x)`` in modality units (not yet rounded or clipped).
+    spacing
+        ``(dz, dy, dx)`` in mm of the output grid (``dz`` is centre-to-centre slice spacing).
+    slice_thickness
+        Nominal thickness of each output slice in mm.
+    slice_offsets
+        For each output slice, its centre position along the slice normal in mm, relative to the
+        centre of input slice 0 (slice mode: equal to the input offsets).
+    contributing_slices
+        For each output slice, the indices of the input slices that contributed to it.
+    consistency
+        The re-degradation check.
+    model_name, model_version
+        The model actually used (after ``auto`` and any fallback) and its weights version.
+    device
+        The device the inference ran on (``"cpu"`` or ``"cuda"``).
+    seconds
+        Wall time of the inference.
+    """
+
+    volume: np.ndarray
+    spacing: tuple[float, float, float]
+    slice_thickness: float
+    slice_offsets: list[float]
+    contributing_slices: list[list[int]]
+    consistency: ConsistencyReport
+    model_name: str
+    model_version: str
+    device: str
+    seconds: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)
