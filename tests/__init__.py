@@ -1,0 +1,1 @@
+"""srnode test suite."""

@@ -1,0 +1,1 @@
+"""Helpers that start real DICOM peers and databases for the tests."""
