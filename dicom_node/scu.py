@@ -1,0 +1,470 @@
+"""C-ECHO and C-STORE service class user: sends instances to a configured destination.
+
+One association per :func:`send_instances` call, proposing only the presentation contexts the
+instances need.  When the destination does not accept an instance's (compressed) transfer syntax
+the instance is decompressed to Explicit VR Little Endian before it is sent; the SOP Instance UID is
+kept because the change of transfer syntax is lossless.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    Verification,
+)
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+from dicom_node.config import Destination, TLSConfig
+from dicom_node.tls import client_ssl_context
+
+__all__ = [
+    "MAX_PDU_SIZE",
+    "STATUS_SUCCESS",
+    "STATUS_SOP_CLASS_NOT_SUPPORTED",
+    "WARNING_STATUSES",
+    "DestinationUnavailableError",
+    "SendError",
+    "SendReport",
+    "echo",
+    "send_instances",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+#: Largest P-DATA PDU this SCU announces it can receive (bytes).
+MAX_PDU_SIZE = 4 * 1024 * 1024
+#: C-STORE / C-ECHO success.
+STATUS_SUCCESS = 0x0000
+#: C-STORE warnings that still mean the instance was stored (PS3.4 B.2.3).
+WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
+#: Recorded locally when no presentation context was accepted for an instance (PS3.7 C.4.1).
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: Most presentation contexts one association may propose (odd IDs 1..255).
+_MAX_CONTEXTS = 128
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+class DestinationUnavailableError(RuntimeError):
+    """No usable association with the destination (refused, rejected, aborted or timed out).
+
+    Attributes
+    ----------
+    reason
+        Human readable reason (A-ASSOCIATE-RJ result/source/reason, socket or TLS error).
+    report
+        What was sent before the association was lost (``None`` when nothing was attempted).
+    """
+
+    def __init__(self, reason: str, report: SendReport | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.report = report
+
+
+class SendError(RuntimeError):
+    """The instances could not be sent for a reason other than the destination being down.
+
+    Attributes
+    ----------
+    report
+        What was sent before the error (``None`` when nothing was attempted).
+    """
+
+    def __init__(self, message: str, report: SendReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class SendReport:
+    """Outcome of one :func:`send_instances` call.
+
+    Attributes
+    ----------
+    sent
+        SOP Instance UIDs stored by the destination (success or warning status), in send order.
+    skipped
+        SOP Instance UIDs not sent because they were in ``skip_sop_instance_uids``.
+    failed
+        SOP Instance UID -> failure status (from the destination, or
+        ``STATUS_SOP_CLASS_NOT_SUPPORTED`` when no presentation context fitted).
+    warnings
+        SOP Instance UID -> warning status, for stored instances with a warning.
+    errors
+        SOP Instance UID -> human readable reason, for local failures.
+    decompressed
+        SOP Instance UIDs that were decompressed before sending.
+    """
+
+    sent: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, int] = field(default_factory=dict)
+    warnings: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    decompressed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """``True`` when no instance failed."""
+        return not self.failed
+
+
+@dataclass(frozen=True)
+class _Instance:
+    path: Path
+    sop_class_uid: UID
+    sop_instance_uid: str
+    transfer_syntax_uid: UID
+
+
+class _PeerLogCapture(logging.Handler):
+    """Collect pynetdicom's error messages so a failed association can report why."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.records: list[tuple[int | None, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.thread, record.getMessage()))
+
+    def messages(self, thread_ids: Collection[int | None]) -> list[str]:
+        return [msg for tid, msg in self.records if tid in thread_ids]
+
+
+@contextmanager
+def _capture_pynetdicom_errors() -> Iterator[_PeerLogCapture]:
+    handler = _PeerLogCapture()
+    logger = logging.getLogger("pynetdicom")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+def _make_ae(calling_ae_title: str, timeout: float) -> AE:
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = timeout
+    ae.dimse_timeout = timeout
+    ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.maximum_pdu_size = MAX_PDU_SIZE
+    return ae
+
+
+def _failure_reason(assoc: Association, capture: _PeerLogCapture, where: str) -> str:
+    if assoc.is_rejected:
+        rj = assoc.acceptor.primitive
+        if rj is not None:
+            return (
+                f"association rejected by {where}: {rj.result_str}, source {rj.source_str}, "
+                f"reason {rj.reason_str}"
+            )
+        return f"association rejected by {where}"
+    if assoc.is_aborted:
+        return f"association aborted by {where}"
+    threads = {assoc.ident, getattr(assoc.dul, "ident", None)}
+    details = [m for m in capture.messages(threads) if "Error" in m or "failed" in m]
+    if not details:
+        details = capture.messages(threads)
+    detail = "; ".join(dict.fromkeys(details)) or "no association (timeout or connection refused)"
+    return f"cannot associate with {where}: {detail}"
+
+
+def _associate(
+    ae: AE,
+    host: str,
+    port: int,
+    called_ae_title: str,
+    tls: TLSConfig | None,
+    contexts: list[PresentationContext],
+) -> Association:
+    where = f"{called_ae_title}@{host}:{port}"
+    tls_args = None
+    if tls is not None and tls.enabled:
+        tls_args = (client_ssl_context(tls), host)
+    with _capture_pynetdicom_errors() as capture:
+        try:
+            assoc = ae.associate(
+                host,
+                port,
+                contexts=contexts,
+                ae_title=called_ae_title,
+                max_pdu=MAX_PDU_SIZE,
+                tls_args=tls_args,
+            )
+        except OSError as exc:  # e.g. the host name does not resolve
+            raise DestinationUnavailableError(f"cannot associate with {where}: {exc}") from exc
+    if not assoc.is_established:
+        raise DestinationUnavailableError(_failure_reason(assoc, capture, where))
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+    return assoc
+
+
+def echo(
+    ae_title: str,
+    host: str,
+    port: int,
+    calling_ae_title: str = "SRNODE",
+    tls: TLSConfig | None = None,
+    timeout: float = 10,
+) -> int:
+    """Send a C-ECHO (Verification) request.
+
+    Parameters
+    ----------
+    ae_title
+        Called AE title of the peer.
+    host, port
+        Network address of the peer.
+    calling_ae_title
+        Our AE title.
+    tls
+        TLS settings for the association; ``None`` or disabled means plain TCP.
+    timeout
+        Seconds allowed for connecting, association negotiation and the response.
+
+    Returns
+    -------
+    int
+        The C-ECHO response status (``0x0000`` is success).
+
+    Raises
+    ------
+    DestinationUnavailableError
+        No association could be established, or it was lost before the response.
+    """
+    ae = _make_ae(calling_ae_title, timeout)
+    contexts = [build_context(Verification, list(_UNCOMPRESSED))]
+    assoc = _associate(ae, host, port, ae_title, tls, contexts)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        _close(assoc)
+    if "Status" not in status:
+        raise DestinationUnavailableError(
+            f"no C-ECHO response from {ae_title}@{host}:{port} (timeout or abort)"
+        )
+    return int(status.Status)
+
+
+def _close(assoc: Association) -> None:
+    if assoc.is_established:
+        assoc.release()
+    if assoc.is_established:
+        assoc.abort()
+
+
+def _read_instances(paths: Sequence[Path]) -> list[_Instance]:
+    instances = []
+    for path in paths:
+        try:
+            ds = dcmread(
+                path,
+                stop_before_pixels=True,
+                specific_tags=["SOPClassUID", "SOPInstanceUID"],
+            )
+        except (OSError, InvalidDicomError) as exc:
+            raise SendError(f"cannot read DICOM file {path}: {exc}") from exc
+        meta = ds.file_meta
+        sop_class = meta.get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+        sop_instance = meta.get("MediaStorageSOPInstanceUID") or ds.get("SOPInstanceUID")
+        syntax = meta.get("TransferSyntaxUID")
+        if not (sop_class and sop_instance and syntax):
+            raise SendError(
+                f"{path}: file meta lacks SOP Class UID, SOP Instance UID or Transfer Syntax UID"
+            )
+        instances.append(_Instance(Path(path), UID(sop_class), str(sop_instance), UID(syntax)))
+    return instances
+
+
+def _contexts_for(instances: Sequence[_Instance]) -> list[PresentationContext]:
+    """One context per SOP class with both uncompressed VRs, plus one per other syntax used."""
+    by_class: dict[UID, list[UID]] = {}
+    for inst in instances:
+        syntaxes = by_class.setdefault(inst.sop_class_uid, [])
+        if inst.transfer_syntax_uid not in syntaxes:
+            syntaxes.append(inst.transfer_syntax_uid)
+    contexts = []
+    for sop_class, syntaxes in by_class.items():
+        uncompressed = [ts for ts in syntaxes if ts in _UNCOMPRESSED]
+        uncompressed += [ts for ts in _UNCOMPRESSED if ts not in uncompressed]
+        contexts.append(build_context(sop_class, uncompressed))
+        for ts in syntaxes:
+            if ts not in _UNCOMPRESSED:
+                contexts.append(build_context(sop_class, [ts]))
+    if len(contexts) > _MAX_CONTEXTS:
+        raise SendError(
+            f"{len(contexts)} presentation contexts needed, at most {_MAX_CONTEXTS} fit in one "
+            "association; send fewer SOP classes / transfer syntaxes per call"
+        )
+    return contexts
+
+
+def _accepted_syntaxes(assoc: Association, sop_class: UID) -> set[UID]:
+    return {
+        UID(cx.transfer_syntax[0])
+        for cx in assoc.accepted_contexts
+        if cx.abstract_syntax == sop_class and cx.transfer_syntax
+    }
+
+
+def _prepare(inst: _Instance, accepted: set[UID]) -> Path | Dataset:
+    """Return what to hand to pynetdicom: the file itself or a decompressed dataset.
+
+    Raises
+    ------
+    LookupError
+        No accepted context can carry the instance.
+    ValueError
+        Decompression failed.
+    """
+    ts = inst.transfer_syntax_uid
+    if ts in accepted:
+        return inst.path
+    has_uncompressed = bool(accepted & set(_UNCOMPRESSED))
+    if not has_uncompressed:
+        raise LookupError(
+            f"destination accepted no presentation context for SOP class {inst.sop_class_uid} "
+            f"({inst.sop_class_uid.name}) with {ts.name} or an uncompressed syntax"
+        )
+    if not ts.is_compressed and not ts.is_deflated:
+        return inst.path  # pynetdicom converts between the uncompressed syntaxes itself
+    ds = dcmread(inst.path)
+    if ts.is_compressed:
+        try:
+            ds.decompress(generate_instance_uid=False)
+        except Exception as exc:  # decoders raise assorted exception types
+            raise ValueError(f"cannot decompress {ts.name}: {exc}") from exc
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def send_instances(
+    destination: Destination,
+    paths: Sequence[Path],
+    *,
+    calling_ae_title: str,
+    skip_sop_instance_uids: Collection[str] = (),
+    on_stored: Callable[[str], None] | None = None,
+    timeout: float = 60,
+) -> SendReport:
+    """Send DICOM files to a destination with C-STORE over one association.
+
+    Parameters
+    ----------
+    destination
+        The peer (AE title, host, port, TLS settings).
+    paths
+        DICOM Part 10 files to send.
+    calling_ae_title
+        Our AE title.
+    skip_sop_instance_uids
+        SOP Instance UIDs already stored by the destination (resuming a partial send).
+    on_stored
+        Called with the SOP Instance UID right after each instance the destination stored
+        (success or warning status).
+    timeout
+        Seconds allowed for connecting, association negotiation and each C-STORE response.
+
+    Returns
+    -------
+    SendReport
+        Per-instance outcome.  Failure statuses of the destination are recorded, not raised.
+
+    Raises
+    ------
+    DestinationUnavailableError
+        The association was refused, rejected, aborted or timed out.  ``report`` holds what was
+        stored before the association was lost.
+    SendError
+        A file cannot be read or the instances need more presentation contexts than fit.
+    """
+    report = SendReport()
+    skip = set(skip_sop_instance_uids)
+    todo = []
+    for inst in _read_instances(paths):
+        if inst.sop_instance_uid in skip:
+            report.skipped.append(inst.sop_instance_uid)
+        else:
+            todo.append(inst)
+    if not todo:
+        return report
+
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    ae = _make_ae(calling_ae_title, timeout)
+    assoc = _associate(
+        ae,
+        destination.host,
+        destination.port,
+        destination.ae_title,
+        destination.tls,
+        _contexts_for(todo),
+    )
+    try:
+        for inst in todo:
+            uid = inst.sop_instance_uid
+            try:
+                payload = _prepare(inst, _accepted_syntaxes(assoc, inst.sop_class_uid))
+            except (LookupError, ValueError) as exc:
+                report.failed[uid] = STATUS_SOP_CLASS_NOT_SUPPORTED
+                report.errors[uid] = str(exc)
+                LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
+                continue
+            if isinstance(payload, Dataset):
+                report.decompressed.append(uid)
+            try:
+                rsp = assoc.send_c_store(payload)
+            except (ValueError, AttributeError) as exc:  # no context / cannot encode
+                report.failed[uid] = STATUS_SOP_CLASS_NOT_SUPPORTED
+                report.errors[uid] = str(exc)
+                LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
+                continue
+            if "Status" not in rsp:
+                raise DestinationUnavailableError(
+                    f"no C-STORE response from {where} for SOP Instance {uid} "
+                    "(association aborted or timed out)",
+                    report,
+                )
+            status = int(rsp.Status)
+            if status == STATUS_SUCCESS or status in WARNING_STATUSES:
+                report.sent.append(uid)
+                if status != STATUS_SUCCESS:
+                    report.warnings[uid] = status
+                if on_stored is not None:
+                    on_stored(uid)
+            else:
+                report.failed[uid] = status
+                LOGGER.warning(
+                    "%s refused SOP Instance %s with status 0x%04X", where, uid, status
+                )
+    finally:
+        _close(assoc)
+    LOGGER.info(
+        "sent %d, skipped %d, failed %d instance(s) to %s",
+        len(report.sent),
+        len(report.skipped),
+        len(report.failed),
+        where,
+    )
+    return report
+
