@@ -1,0 +1,181 @@
+"""Database access: one :class:`Database` per process (or per worker thread in tests).
+
+SQLite runs in WAL mode with a busy timeout and foreign keys on, and every transaction starts
+with ``BEGIN IMMEDIATE`` so that writers queue on the lock instead of failing when a read
+transaction tries to upgrade. PostgreSQL is reached through psycopg 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import create_engine, event, text
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.errors import DatabaseUnavailableError, StorageError
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30000
+
+
+def normalise_url(url: str) -> str:
+    """Return ``url`` with a plain ``postgresql://`` rewritten to the psycopg 3 driver.
+
+    Parameters
+    ----------
+    url
+        An SQLAlchemy database URL.
+
+    Returns
+    -------
+    str
+        The URL to hand to :func:`sqlalchemy.create_engine`.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Return whether an exception means the database cannot be used right now."""
+    return isinstance(exc, OperationalError | PoolTimeoutError)
+
+
+class Database:
+    """A database holding the index and the job queue.
+
+    Parameters
+    ----------
+    url
+        SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql[+psycopg]://...``.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = normalise_url(url)
+        try:
+            parsed = make_url(self.url)
+        except Exception as exc:
+            raise StorageError(f"invalid database URL: {exc}") from exc
+        self.backend = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {"future": True}
+        if self.backend == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                "check_same_thread": False,
+            }
+        elif self.backend == "postgresql":
+            kwargs["pool_pre_ping"] = True
+            kwargs["connect_args"] = {"connect_timeout": 10}
+        else:
+            raise StorageError(f"unsupported database backend {self.backend!r}")
+        self.engine: Engine = create_engine(self.url, **kwargs)
+        if self.backend == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_on_connect)
+            event.listen(self.engine, "begin", _sqlite_on_begin)
+        self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgresql(self) -> bool:
+        """Whether the backend is PostgreSQL."""
+        return self.backend == "postgresql"
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """Yield a session; commit when the block succeeds, roll back when it raises.
+
+        Raises
+        ------
+        DatabaseUnavailableError
+            If the driver reports an operational error (cannot connect, locked too long).
+        """
+        session = self._sessionmaker()
+        try:
+            yield session
+            session.commit()
+        except BaseException as exc:
+            session.rollback()
+            if _is_unavailable(exc):
+                raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
+            raise
+        finally:
+            session.close()
+
+    def check(self) -> None:
+        """Open a connection and run ``SELECT 1``.
+
+        Raises
+        ------
+        DatabaseUnavailableError
+            If the database cannot be reached.
+        """
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except (OperationalError, PoolTimeoutError) as exc:
+            raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
+
+    def alembic_config(self) -> AlembicConfig:
+        """Return an Alembic configuration pointing at the migrations shipped in the package."""
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        return cfg
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Apply the shipped migrations up to ``revision`` (idempotent).
+
+        Raises
+        ------
+        DatabaseUnavailableError
+            If the database cannot be reached.
+        """
+        cfg = self.alembic_config()
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+        except (OperationalError, PoolTimeoutError) as exc:
+            raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
+
+    def current_revision(self) -> str | None:
+        """Return the Alembic revision the database is at (``None`` when never upgraded)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def dispose(self) -> None:
+        """Close every pooled connection."""
+        self.engine.dispose()
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """Configure a new SQLite connection (WAL, busy timeout, foreign keys, manual BEGIN)."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    """Start every SQLite transaction as IMMEDIATE (take the write lock up front)."""
+    conn.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,190 @@
+"""The file store: one DICOM Part 10 file per SOP Instance, written atomically.
+
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Only validated
+UIDs become path components, so a dataset cannot steer a write outside the root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from storage.errors import InvalidUIDError, StorageError
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+TEMP_PREFIX = ".tmp-"
+TEMP_SUFFIX = ".part"
+
+
+def validate_uid(uid: str) -> str:
+    """Check a UID against PS3.5 section 9.1 and return it unchanged.
+
+    Parameters
+    ----------
+    uid
+        The UID, without padding.
+
+    Returns
+    -------
+    str
+        ``uid`` itself.
+
+    Raises
+    ------
+    InvalidUIDError
+        If ``uid`` is not a string, is empty, longer than 64 characters, contains anything but
+        digits and dots, has an empty component or a component with a leading zero.
+    """
+    if not isinstance(uid, str):
+        raise InvalidUIDError(f"UID must be a string, got {type(uid).__name__}")
+    if not uid:
+        raise InvalidUIDError("UID is empty")
+    if len(uid) > 64:
+        raise InvalidUIDError(f"UID is {len(uid)} characters long (at most 64 allowed)")
+    if not _UID_RE.match(uid):
+        raise InvalidUIDError(
+            f"UID {uid[:64]!r} is not digits and dots with non-empty components "
+            "without leading zeros"
+        )
+    return uid
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush a directory entry to disk (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Stores received instances under one root folder.
+
+    Parameters
+    ----------
+    root
+        Root folder; created when missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create storage root {self.root}: {exc}") from exc
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """Return where the instance with these UIDs is stored.
+
+        Parameters
+        ----------
+        study_uid, series_uid, sop_uid
+            Study Instance UID, Series Instance UID and SOP Instance UID.
+
+        Returns
+        -------
+        Path
+            ``root/<study>/<series>/<sop>.dcm``.
+
+        Raises
+        ------
+        InvalidUIDError
+            If any UID is invalid.
+        """
+        parts = [validate_uid(study_uid), validate_uid(series_uid), validate_uid(sop_uid)]
+        path = self.root / parts[0] / parts[1] / f"{parts[2]}.dcm"
+        if not path.is_relative_to(self.root):  # pragma: no cover - validation forbids it
+            raise InvalidUIDError("instance path escapes the storage root")
+        return path
+
+    def write_atomic(self, path: Path, data: bytes | Callable[[BinaryIO], None]) -> int:
+        """Write a file so that ``path`` holds either the old or the complete new content.
+
+        The content goes to a temporary file in the same folder, is flushed and fsynced, then
+        renamed over ``path`` with :func:`os.replace`, and the folder is fsynced.
+
+        Parameters
+        ----------
+        path
+            Destination; must lie under the store root. Parent folders are created.
+        data
+            The bytes, or a callable writing them to the binary file object it is given.
+
+        Returns
+        -------
+        int
+            Bytes written.
+
+        Raises
+        ------
+        StorageError
+            On a file-system error, or if ``path`` is outside the root.
+        Exception
+            Whatever the writer callable raises; the temporary file is removed first.
+        """
+        path = Path(path)
+        if not path.resolve().is_relative_to(self.root):
+            raise StorageError(f"{path} is outside the storage root")
+        directory = path.parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=TEMP_PREFIX + path.name + ".", suffix=TEMP_SUFFIX, dir=directory
+            )
+        except OSError as exc:
+            raise StorageError(f"cannot create a temporary file in {directory}: {exc}") from exc
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                if isinstance(data, bytes | bytearray | memoryview):
+                    fh.write(data)
+                else:
+                    data(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = os.fstat(fh.fileno()).st_size
+            os.replace(tmp, path)
+        except BaseException as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            if isinstance(exc, OSError):
+                raise StorageError(f"cannot write {path}: {exc}") from exc
+            raise
+        _fsync_dir(directory)
+        return size
+
+    def free_bytes(self) -> int:
+        """Return the bytes available to this process on the root's file system."""
+        try:
+            return shutil.disk_usage(self.root).free
+        except OSError as exc:
+            raise StorageError(f"cannot stat {self.root}: {exc}") from exc
+
+    def remove_stale_temp_files(self) -> int:
+        """Delete temporary files left by an interrupted write (call at start-up).
+
+        Returns
+        -------
+        int
+            Number of files removed.
+        """
+        removed = 0
+        for dirpath, _dirnames, filenames in os.walk(self.root):
+            for name in filenames:
+                if name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(dirpath, name))
+                        removed += 1
+        return removed
