@@ -1,0 +1,465 @@
+"""Ingest: read the header of a received instance, store the file and index it.
+
+The file is written atomically first, then Patient/Study/Series/Instance rows are upserted in
+one transaction. Concurrent associations storing the same new series race on the unique
+constraints; the loser rolls back and retries, and then finds the winner's rows.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from sqlalchemy import case, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from storage.db import Database
+from storage.errors import (
+    DatabaseUnavailableError,
+    InvalidInstanceError,
+    InvalidUIDError,
+    StorageError,
+)
+from storage.filestore import FileStore, validate_uid
+from storage.models import Instance, Patient, ProducedSeries, Series, Study, utcnow
+
+log = logging.getLogger(__name__)
+
+NODE_IMAGE_TYPE_TOKEN = "SRNODE"
+_ENCODING_TO_TS = {
+    (True, True): "1.2.840.10008.1.2",
+    (False, True): "1.2.840.10008.1.2.1",
+    (False, False): "1.2.840.10008.1.2.2",
+}
+_MAX_UPSERT_ATTEMPTS = 8
+
+
+def _text(ds: Dataset, keyword: str, limit: int | None = None) -> str:
+    """Return an attribute as a stripped string ('' when absent or empty)."""
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue):
+        value = "\\".join(str(v) for v in value)
+    text = str(value).strip().strip("\x00")
+    return text[:limit] if limit else text
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    """Return an IS/US attribute as int, or None when absent or unparsable."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """Return a required UID attribute, validated."""
+    value = ds.get(keyword)
+    if value is None or str(value).strip("\x00 ") == "":
+        raise InvalidInstanceError(f"dataset has no {keyword}")
+    try:
+        return validate_uid(str(value).strip("\x00 "))
+    except InvalidUIDError as exc:
+        raise InvalidUIDError(f"{keyword}: {exc}") from exc
+
+
+@dataclass
+class InstanceHeader:
+    """What the node indexes about one received instance (PHI fields are never logged)."""
+
+    patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    study_instance_uid: str
+    study_date: str
+    accession_number: str
+    study_description: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str
+    body_part_examined: str
+    series_description: str
+    series_number: int | None
+    instance_number: int | None
+    image_type: tuple[str, ...]
+
+    def __repr__(self) -> str:
+        """Describe the instance by UIDs only (no PHI)."""
+        return (
+            f"InstanceHeader(study={self.study_instance_uid}, series={self.series_instance_uid}, "
+            f"sop={self.sop_instance_uid}, modality={self.modality})"
+        )
+
+    @property
+    def is_derived(self) -> bool:
+        """Whether ImageType value 1 is DERIVED."""
+        return bool(self.image_type) and self.image_type[0].upper() == "DERIVED"
+
+    @property
+    def has_node_token(self) -> bool:
+        """Whether ImageType carries this node's token (our own output)."""
+        return NODE_IMAGE_TYPE_TOKEN in (t.upper() for t in self.image_type)
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
+        """Build a header from a dataset (pixel data is not needed).
+
+        Parameters
+        ----------
+        ds
+            The dataset; ``ds.file_meta`` supplies the transfer syntax when present.
+
+        Returns
+        -------
+        InstanceHeader
+            The header.
+
+        Raises
+        ------
+        InvalidInstanceError
+            If the Study/Series/SOP Instance UID or the SOP Class UID is missing.
+        InvalidUIDError
+            If one of those UIDs is malformed.
+        """
+        study = _uid(ds, "StudyInstanceUID")
+        series = _uid(ds, "SeriesInstanceUID")
+        sop = _uid(ds, "SOPInstanceUID")
+        meta = getattr(ds, "file_meta", None)
+        if "SOPClassUID" in ds:
+            sop_class = _uid(ds, "SOPClassUID")
+        elif meta is not None and "MediaStorageSOPClassUID" in meta:
+            sop_class = _uid(meta, "MediaStorageSOPClassUID")
+        else:
+            raise InvalidInstanceError("dataset has no SOPClassUID")
+        ts = ""
+        if meta is not None and "TransferSyntaxUID" in meta:
+            ts = _uid(meta, "TransferSyntaxUID")
+        else:
+            encoding = getattr(ds, "original_encoding", None)
+            if encoding and tuple(encoding) in _ENCODING_TO_TS:
+                ts = _ENCODING_TO_TS[tuple(encoding)]
+        if not ts:
+            raise InvalidInstanceError("transfer syntax unknown (no file meta, no encoding)")
+        raw_type = ds.get("ImageType")
+        if raw_type is None or raw_type == "":
+            image_type: tuple[str, ...] = ()
+        elif isinstance(raw_type, str):
+            image_type = tuple(t.strip() for t in raw_type.split("\\"))
+        else:
+            image_type = tuple(str(t).strip() for t in raw_type)
+        return cls(
+            patient_id=_text(ds, "PatientID", 64),
+            patient_name=_text(ds, "PatientName", 324),
+            patient_birth_date=_text(ds, "PatientBirthDate", 8),
+            study_instance_uid=study,
+            study_date=_text(ds, "StudyDate", 8),
+            accession_number=_text(ds, "AccessionNumber", 16),
+            study_description=_text(ds, "StudyDescription", 64),
+            series_instance_uid=series,
+            sop_instance_uid=sop,
+            sop_class_uid=sop_class,
+            transfer_syntax_uid=ts,
+            modality=_text(ds, "Modality", 16).upper(),
+            body_part_examined=_text(ds, "BodyPartExamined", 64),
+            series_description=_text(ds, "SeriesDescription", 64),
+            series_number=_int(ds, "SeriesNumber"),
+            instance_number=_int(ds, "InstanceNumber"),
+            image_type=image_type,
+        )
+
+
+def read_header(source: bytes | Path) -> InstanceHeader:
+    """Read the header of a DICOM file (Part 10, or a bare dataset without meta).
+
+    Parameters
+    ----------
+    source
+        The encoded file or dataset, or a path to it.
+
+    Returns
+    -------
+    InstanceHeader
+        The header.
+
+    Raises
+    ------
+    InvalidInstanceError
+        If the data cannot be parsed or lacks required attributes.
+    InvalidUIDError
+        If a required UID is malformed.
+    """
+    fp: Any = io.BytesIO(source) if isinstance(source, bytes | bytearray) else Path(source)
+    try:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise InvalidInstanceError(f"cannot parse DICOM data: {exc}") from exc
+    return InstanceHeader.from_dataset(ds)
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """Result of :func:`store_instance`."""
+
+    path: Path
+    replaced: bool
+
+
+def _get_or_create_patient(session: Session, h: InstanceHeader) -> Patient:
+    """Return the patient row for the header, creating or refreshing it."""
+    patient = session.scalars(select(Patient).where(Patient.patient_id == h.patient_id)).first()
+    if patient is None:
+        patient = Patient(
+            patient_id=h.patient_id,
+            patient_name=h.patient_name,
+            patient_birth_date=h.patient_birth_date,
+        )
+        session.add(patient)
+        session.flush()
+    else:
+        if h.patient_name and patient.patient_name != h.patient_name:
+            patient.patient_name = h.patient_name
+        if h.patient_birth_date and patient.patient_birth_date != h.patient_birth_date:
+            patient.patient_birth_date = h.patient_birth_date
+    return patient
+
+
+def _get_or_create_study(session: Session, h: InstanceHeader, patient: Patient) -> Study:
+    """Return the study row for the header, creating it when new."""
+    study = session.scalars(
+        select(Study).where(Study.study_instance_uid == h.study_instance_uid)
+    ).first()
+    if study is None:
+        study = Study(
+            study_instance_uid=h.study_instance_uid,
+            patient_fk=patient.id,
+            study_date=h.study_date,
+            accession_number=h.accession_number,
+            study_description=h.study_description,
+        )
+        session.add(study)
+        session.flush()
+    return study
+
+
+def _get_or_create_series(
+    session: Session, h: InstanceHeader, study: Study, received_at: datetime, ae: str
+) -> Series:
+    """Return the series row for the header, creating it (with zero instances) when new."""
+    series = session.scalars(
+        select(Series).where(Series.series_instance_uid == h.series_instance_uid)
+    ).first()
+    if series is None:
+        produced = session.get(ProducedSeries, h.series_instance_uid) is not None
+        series = Series(
+            series_instance_uid=h.series_instance_uid,
+            study_fk=study.id,
+            modality=h.modality,
+            body_part_examined=h.body_part_examined,
+            series_description=h.series_description,
+            series_number=h.series_number,
+            image_type="\\".join(h.image_type)[:256],
+            is_derived=h.is_derived,
+            produced_by_node=produced or h.has_node_token,
+            num_instances=0,
+            first_received_at=received_at,
+            last_received_at=received_at,
+            calling_ae_title=ae,
+        )
+        session.add(series)
+        session.flush()
+    return series
+
+
+def _upsert(
+    session: Session,
+    h: InstanceHeader,
+    path: Path,
+    size: int,
+    ae: str,
+    received_at: datetime,
+) -> bool:
+    """Upsert the rows of one instance; return whether the SOP Instance was already indexed."""
+    patient = _get_or_create_patient(session, h)
+    study = _get_or_create_study(session, h, patient)
+    series = _get_or_create_series(session, h, study, received_at, ae)
+    instance = session.scalars(
+        select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid)
+    ).first()
+    replaced = instance is not None
+    if instance is None:
+        session.add(
+            Instance(
+                sop_instance_uid=h.sop_instance_uid,
+                series_fk=series.id,
+                sop_class_uid=h.sop_class_uid,
+                transfer_syntax_uid=h.transfer_syntax_uid,
+                instance_number=h.instance_number,
+                path=str(path),
+                size=size,
+                received_at=received_at,
+                calling_ae_title=ae,
+            )
+        )
+        added = 1
+    else:
+        added = 0
+        if instance.series_fk != series.id:
+            # The same SOP Instance UID re-sent in another series: move it.
+            session.execute(
+                update(Series)
+                .where(Series.id == instance.series_fk)
+                .values(num_instances=Series.num_instances - 1)
+            )
+            old_path = Path(instance.path)
+            if old_path != path:
+                old_path.unlink(missing_ok=True)
+            instance.series_fk = series.id
+            added = 1
+        instance.sop_class_uid = h.sop_class_uid
+        instance.transfer_syntax_uid = h.transfer_syntax_uid
+        instance.instance_number = h.instance_number
+        instance.path = str(path)
+        instance.size = size
+        instance.received_at = received_at
+        instance.calling_ae_title = ae
+    session.flush()
+    session.execute(
+        update(Series)
+        .where(Series.id == series.id)
+        .values(
+            num_instances=Series.num_instances + added,
+            last_received_at=case(
+                (Series.last_received_at < received_at, received_at),
+                else_=Series.last_received_at,
+            ),
+            calling_ae_title=ae,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return replaced
+
+
+def store_instance(
+    db: Database,
+    store: FileStore,
+    header: InstanceHeader,
+    data: bytes | Callable[[BinaryIO], None],
+    calling_ae_title: str,
+    received_at: datetime | None = None,
+) -> StoreOutcome:
+    """Write one received instance to the file store and index it.
+
+    Parameters
+    ----------
+    db
+        The database.
+    store
+        The file store.
+    header
+        The instance's header (validated UIDs).
+    data
+        The Part 10 file bytes, or a callable writing them.
+    calling_ae_title
+        AE title of the sender.
+    received_at
+        Reception time (aware); now when omitted.
+
+    Returns
+    -------
+    StoreOutcome
+        Where the file is and whether an instance with this SOP Instance UID was replaced.
+
+    Raises
+    ------
+    InvalidUIDError
+        If a UID in ``header`` is invalid.
+    StorageError
+        If the file cannot be written.
+    DatabaseUnavailableError
+        If the index cannot be updated (the file may stay on disk).
+    """
+    received_at = received_at or utcnow()
+    path = store.instance_path(
+        header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
+    )
+    size = store.write_atomic(path, data)
+    last_exc: Exception | None = None
+    for attempt in range(_MAX_UPSERT_ATTEMPTS):
+        try:
+            with db.session() as session:
+                replaced = _upsert(session, header, path, size, calling_ae_title, received_at)
+            return StoreOutcome(path=path, replaced=replaced)
+        except IntegrityError as exc:
+            # Another association created the same patient/study/series/instance first.
+            last_exc = exc
+            log.debug(
+                "unique-constraint race indexing series %s, retrying", header.series_instance_uid
+            )
+        except (DatabaseUnavailableError, OperationalError) as exc:
+            last_exc = exc
+            log.warning(
+                "database busy indexing series %s (attempt %d)",
+                header.series_instance_uid,
+                attempt + 1,
+            )
+        time.sleep(min(0.5, 0.01 * 2**attempt))
+    if isinstance(last_exc, IntegrityError):
+        raise StorageError(f"cannot index instance {header.sop_instance_uid}: {last_exc}")
+    raise DatabaseUnavailableError(
+        f"cannot index instance {header.sop_instance_uid}: {last_exc}"
+    ) from last_exc
+
+
+def mark_produced_series(db: Database, series_instance_uid: str) -> None:
+    """Record a Series Instance UID this node generated, so it is never queued.
+
+    Parameters
+    ----------
+    db
+        The database.
+    series_instance_uid
+        UID of a derived series we created (recorded before it is sent).
+
+    Raises
+    ------
+    InvalidUIDError
+        If the UID is invalid.
+    """
+    validate_uid(series_instance_uid)
+    for _ in range(_MAX_UPSERT_ATTEMPTS):
+        try:
+            with db.session() as session:
+                if session.get(ProducedSeries, series_instance_uid) is None:
+                    session.add(ProducedSeries(series_instance_uid=series_instance_uid))
+                session.execute(
+                    update(Series)
+                    .where(Series.series_instance_uid == series_instance_uid)
+                    .values(produced_by_node=True)
+                )
+            return
+        except IntegrityError:
+            continue
+    raise StorageError(f"cannot record produced series {series_instance_uid}")
+
+
+def is_produced_series(db: Database, series_instance_uid: str) -> bool:
+    """Return whether this node recorded ``series_instance_uid`` as its own output."""
+    with db.session() as session:
+        return session.get(ProducedSeries, series_instance_uid) is not None
