@@ -22,11 +22,11 @@ from pydicom.uid import (
     UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    Verification,
 )
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Destination, TLSConfig
 from dicom_node.tls import client_ssl_context
