@@ -1,0 +1,120 @@
+"""The running node: SCP + completeness scheduler + worker loop, started and stopped together."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from dicom_node.audit import AuditLog
+from dicom_node.config import Config
+from dicom_node.scp import StorageSCP
+from storage.completeness import CompletenessScheduler
+from storage.db import Database
+from storage.filestore import FileStore
+
+LOGGER = logging.getLogger("srnode.node")
+
+
+class Node:
+    """One srnode process.
+
+    Parameters
+    ----------
+    config
+        The validated configuration.
+    run_worker
+        Start the worker loop (``[worker] enabled`` decides when ``None``).
+    """
+
+    def __init__(self, config: Config, run_worker: bool | None = None) -> None:
+        self.config = config
+        Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)
+        self.db = Database(config.node.database_url)
+        self.db.upgrade()
+        self.store = FileStore(Path(config.node.storage_dir))
+        self.audit = AuditLog(config.node.audit_log or None)
+        self.scp = StorageSCP(config, self.db, self.store, self.audit)
+        self.scheduler = CompletenessScheduler(
+            self.db,
+            config.rules,
+            default_quiet_period=config.series.quiet_period_seconds,
+            max_age=config.series.max_age_seconds,
+            interval_seconds=config.series.check_interval_seconds,
+            max_attempts=config.worker.max_attempts,
+        )
+        self.run_worker = config.worker.enabled if run_worker is None else run_worker
+        self.worker = None
+        self._worker_thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Start receiving, the completeness check and (if enabled) the worker."""
+        removed = self.store.remove_stale_temp_files()
+        if removed:
+            LOGGER.info("removed %d incomplete temporary file(s) from an earlier run", removed)
+        self.scp.start()
+        self.scheduler.start()
+        if self.run_worker:
+            from dicom_node.worker import Worker
+
+            self.worker = Worker(self.config, self.db, self.store, self.audit)
+            self._worker_thread = threading.Thread(
+                target=self.worker.run_forever, args=(self._stop,), name="srnode-worker",
+                daemon=True,
+            )
+            self._worker_thread.start()
+        if not self.config.rules:
+            LOGGER.warning("no [[rules]] configured: series are received and indexed, not queued")
+
+    def stop(self) -> None:
+        """Stop everything; running jobs are left to be resumed (their lease expires)."""
+        self._stop.set()
+        self.scp.stop()
+        self.scheduler.shutdown()
+        if self._worker_thread is not None:
+            self._worker_thread.join(timeout=30)
+        self.db.dispose()
+
+
+def serve(config: Config) -> int:
+    """Run the node until SIGINT or SIGTERM.
+
+    Returns
+    -------
+    int
+        Process exit status.
+    """
+    node = Node(config)
+    done = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        LOGGER.info("signal %d received, stopping", signum)
+        done.set()
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    node.start()
+    LOGGER.info(
+        "srnode serving AE %s on port %d; database %s; storage %s",
+        config.node.ae_title, node.scp.port, _redact_url(config.node.database_url),
+        config.node.storage_dir,
+    )
+    try:
+        while not done.wait(1.0):
+            pass
+    finally:
+        node.stop()
+    return 0
+
+
+def _redact_url(url: str) -> str:
+    """Hide a password in a database URL."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

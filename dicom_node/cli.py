@@ -1,0 +1,231 @@
+"""``srnode``: a thin command-line shell over the library.
+
+Each sub-command parses its arguments and calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_node import __version__
+from dicom_node.config import Config, ConfigError, load_config
+
+LOGGER = logging.getLogger("srnode.cli")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _parse_peer(text: str) -> tuple[str, str, int]:
+    """Parse ``AE@HOST:PORT``."""
+    try:
+        ae, rest = text.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        return ae, host, int(port)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected AE@HOST:PORT, got {text!r}") from exc
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the node: SCP, completeness scheduler and worker."""
+    from dicom_node.app import serve
+    from dicom_node.logs import configure_logging
+
+    cfg = _config(args)
+    configure_logging(cfg.node.log_level, cfg.node.log_file or None)
+    return serve(cfg)
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """Send a C-ECHO to a peer."""
+    from dicom_node.scu import DestinationUnavailableError, echo
+
+    cfg = _config(args)
+    ae, host, port = args.peer
+    try:
+        status = echo(ae, host, port, calling_ae_title=args.calling_ae or cfg.node.ae_title,
+                      timeout=args.timeout)
+    except DestinationUnavailableError as exc:
+        print(f"C-ECHO to {ae}@{host}:{port} failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"C-ECHO to {ae}@{host}:{port}: status 0x{status:04X}"
+          f"{' (success)' if status == 0 else ''}")
+    return 0 if status == 0 else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """List jobs."""
+    from storage.db import Database
+    from storage.jobs import JobQueue
+
+    cfg = _config(args)
+    db = Database(cfg.node.database_url)
+    db.upgrade()
+    jobs = JobQueue(db).list_jobs(states=args.state or None, limit=args.limit)
+    if args.json:
+        print(json.dumps(jobs, indent=2, default=str))
+        return 0
+    if not jobs:
+        print("no jobs")
+        return 0
+    print(f"{'ID':>5}  {'STATE':<10} {'STAGE':<10} {'TRY':>3}  {'MOD':<3}  {'RULE':<12} "
+          f"{'SERIES DESCRIPTION':<28} ERROR")
+    for j in jobs:
+        print(f"{j['id']:>5}  {j['state']:<10} {(j.get('stage') or ''):<10} {j['attempts']:>3}  "
+              f"{(j.get('modality') or ''):<3}  {(j.get('rule') or '')[:12]:<12} "
+              f"{(j.get('series_description') or '')[:28]:<28} {(j.get('error') or '')[:60]}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """Re-queue a failed or held job."""
+    from storage.db import Database
+    from storage.errors import InvalidJobStateError, JobNotFoundError
+    from storage.jobs import JobQueue
+
+    cfg = _config(args)
+    db = Database(cfg.node.database_url)
+    db.upgrade()
+    try:
+        JobQueue(db).retry(args.job_id)
+    except (JobNotFoundError, InvalidJobStateError) as exc:
+        print(f"cannot retry job {args.job_id}: {exc}", file=sys.stderr)
+        return 2
+    print(f"job {args.job_id} re-queued")
+    return 0
+
+
+def cmd_enhance(args: argparse.Namespace) -> int:
+    """Enhance DICOM files offline and write derived series."""
+    from dicom_node.pipeline import EnhanceError, enhance_path
+
+    cfg = _config(args)
+    try:
+        written = enhance_path(
+            Path(args.input), Path(args.output), cfg,
+            mode=args.mode, scale=args.scale, model=args.model, progress=not args.quiet,
+        )
+    except EnhanceError as exc:
+        print(f"srnode enhance: {exc}", file=sys.stderr)
+        return 2
+    for series_uid, paths in written.items():
+        print(f"derived series {series_uid}: {len(paths)} instance(s) in {paths[0].parent}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model (see sr_engine.training)."""
+    from sr_engine.training import train
+
+    report = train(
+        model=args.model, mode=args.mode, scale=args.scale, steps=args.steps,
+        out_dir=Path(args.out), seed=args.seed, resume=args.resume,
+    )
+    print(report)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model against its baseline on DICOM or NIfTI inputs."""
+    from dicom_node.pipeline import EnhanceError, evaluate_paths
+
+    try:
+        report = evaluate_paths(
+            [Path(p) for p in args.paths], mode=args.mode, scale=args.scale, model=args.model,
+        )
+    except EnhanceError as exc:
+        print(f"srnode evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(f"{'case':<40} {'PSNR':>8} {'base':>8} {'gain':>7} {'SSIM':>7} {'base':>7} {'s/slice':>8}")
+    for c in report["cases"]:
+        print(f"{c['name'][:40]:<40} {c['psnr']:8.2f} {c['psnr_baseline']:8.2f} "
+              f"{c['psnr'] - c['psnr_baseline']:+7.2f} {c['ssim']:7.4f} {c['ssim_baseline']:7.4f} "
+              f"{c['seconds_per_slice']:8.3f}")
+    print(f"mean PSNR gain {report['mean_psnr_gain_db']:+.2f} dB, "
+          f"mean SSIM gain {report['mean_ssim_gain']:+.4f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="srnode",
+        description="srnode: a DICOM node that enhances CT and MRI with super-resolution and "
+        "returns a new derived series.",
+    )
+    parser.add_argument("--version", action="version", version=f"srnode {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", default=None, metavar="PATH",
+                       help="configuration file (default: ./config.toml, built-in defaults if absent)")
+        p.set_defaults(func=func)
+        return p
+
+    add("serve", cmd_serve, "run the node: receive, queue, enhance and send")
+
+    p = add("echo", cmd_echo, "send a C-ECHO (DICOM ping) to a peer")
+    p.add_argument("peer", type=_parse_peer, metavar="AE@HOST:PORT")
+    p.add_argument("--calling-ae", default=None, help="calling AE title (default: [node] ae_title)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+
+    p = add("jobs", cmd_jobs, "list jobs in the queue")
+    p.add_argument("--json", action="store_true", help="print a JSON list")
+    p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--limit", type=int, default=500)
+
+    p = add("retry", cmd_retry, "re-queue a failed or held job")
+    p.add_argument("job_id", type=int)
+
+    p = add("enhance", cmd_enhance, "enhance DICOM files offline into derived series")
+    p.add_argument("input", help="a DICOM file or a folder (searched recursively)")
+    p.add_argument("output", help="folder for the derived series")
+    p.add_argument("--mode", choices=["slice", "volume"], default="slice")
+    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--model", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("train", cmd_train, "train a super-resolution model")
+    p.add_argument("--model", default="fast")
+    p.add_argument("--mode", choices=["slice", "volume"], default="slice")
+    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--out", default="sr_engine/weights", help="output folder for weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+
+    p = add("evaluate", cmd_evaluate, "PSNR/SSIM of a model against its baseline")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files/folders or NIfTI files")
+    p.add_argument("--mode", choices=["slice", "volume"], default="slice")
+    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--model", default="auto")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``srnode`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"srnode: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Logging set-up for the node.
+
+srnode's own messages identify data by DICOM UIDs and AE titles only.  pynetdicom's debug
+output can print data set contents, so its loggers are kept at WARNING unless the node runs at
+DEBUG and ``allow_library_debug`` is set explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "INFO", log_file: str | Path | None = None) -> None:
+    """Configure the root logger for the node.
+
+    Parameters
+    ----------
+    level
+        Level name for srnode's loggers.
+    log_file
+        Optional file to append to in addition to standard error.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    formatter = logging.Formatter(FORMAT)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(formatter)
+    root.addHandler(stream)
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(formatter)
+        root.addHandler(fh)
+    root.setLevel(level.upper())
+    # Library loggers: their debug output may contain data set elements.
+    for name in ("pynetdicom", "pydicom", "apscheduler", "sqlalchemy", "alembic", "highdicom"):
+        logging.getLogger(name).setLevel(logging.WARNING)

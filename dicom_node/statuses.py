@@ -1,0 +1,22 @@
+"""DIMSE status codes srnode answers with (PS3.4 Annex B.2.3, PS3.7 Annex C).
+
+Used only at the network edge (``dicom_node.scp``); inner layers raise typed errors.
+"""
+
+from __future__ import annotations
+
+SUCCESS = 0x0000
+#: Refused: Out of Resources (disk below the configured floor).
+OUT_OF_RESOURCES = 0xA700
+#: Refused: Out of Resources, used when the index database cannot commit (the sender retries).
+OUT_OF_RESOURCES_INDEX = 0xA701
+#: Error: Data Set does not match SOP Class.
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+#: Error: Cannot understand (the data set could not be parsed).
+CANNOT_UNDERSTAND = 0xC000
+#: Error: Cannot understand: a required UID is missing or invalid.
+INVALID_UID = 0xC001
+#: Error: Cannot understand: the image attributes are inconsistent (e.g. pixel data too short).
+INVALID_IMAGE = 0xC002
+#: Failure: Processing failure (unexpected error; logged with a reason).
+PROCESSING_FAILURE = 0x0110

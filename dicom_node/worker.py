@@ -1,0 +1,246 @@
+"""The worker: claim a job, run it in a child process, keep its lease alive, record the outcome.
+
+Each job runs in a fresh child process (``spawn``) so that a hung or runaway enhancement can be
+stopped at the processing timeout without taking the node down, and a crash of the child
+leaves the job to be retried.  The child writes the derived series to
+``<storage_dir>/derived/job-<id>/`` with a ``manifest.json`` written last; a retried job that
+finds a manifest re-sends the same instances (same UIDs) instead of deriving a second series,
+and each destination receives only the instances it has not acknowledged yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from dicom_node.audit import AuditLog
+from dicom_node.config import Config
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.jobs import ClaimedJob, JobQueue
+
+LOGGER = logging.getLogger("srnode.worker")
+MANIFEST = "manifest.json"
+
+
+class PermanentJobError(Exception):
+    """A job error that retrying cannot fix (e.g. an inconsistent series)."""
+
+
+def job_output_dir(config: Config, job_id: int) -> Path:
+    """Folder that holds the derived series of one job."""
+    return Path(config.node.storage_dir) / "derived" / f"job-{job_id}"
+
+
+def _derive_or_reuse(
+    config: Config, job: ClaimedJob, queue: JobQueue, worker_id: str, db: Database,
+    seconds: dict[str, float],
+) -> tuple[list[Path], dict[str, Any]]:
+    """Derive the series (or reuse what an earlier attempt wrote) and return files + summary."""
+    from dicom_node.pipeline import derive_series, write_datasets
+    from dicom_node.series import SeriesError
+    from storage.ingest import mark_produced_series
+
+    out_dir = job_output_dir(config, job.id)
+    manifest = out_dir / MANIFEST
+    if manifest.exists():
+        data = json.loads(manifest.read_text())
+        LOGGER.info("job %d: reusing derived series %s from an earlier attempt", job.id,
+                    data["summary"]["derived_series_instance_uid"])
+        return [out_dir / name for name in data["files"]], data["summary"]
+
+    params = job.params
+
+    def on_stage(stage: str, secs: dict[str, float]) -> None:
+        queue.set_stage(job.id, worker_id, stage, {**seconds, **secs})
+
+    if not job.instance_paths:
+        raise PermanentJobError("the series has no stored instances")
+    try:
+        d = derive_series(
+            job.instance_paths, config, mode=params["mode"], scale=int(params["scale"]),
+            model=params.get("model", "auto"), output_spacing=params.get("output_spacing"),
+            on_stage=on_stage,
+        )
+    except SeriesError as exc:
+        raise PermanentJobError(str(exc)) from exc
+    seconds.update(d.seconds)
+    summary = d.summary()
+    if d.gate == "hold":
+        summary["held"] = True
+        return [], summary
+    queue.set_stage(job.id, worker_id, "writing", seconds)
+    t0 = time.perf_counter()
+    mark_produced_series(db, d.derived_series_uid)
+    paths = write_datasets(d.datasets, out_dir)
+    FileStore(out_dir).write_atomic(
+        manifest, json.dumps({"files": [p.name for p in paths], "summary": summary}).encode()
+    )
+    seconds["writing"] = time.perf_counter() - t0
+    return paths, summary
+
+
+def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
+    """Process one claimed job to its end state (done, queued for retry, failed or held).
+
+    Runs in the child process.  Every outcome is written to the job store.
+    """
+    from dicom_node.logs import configure_logging
+    from dicom_node.scu import DestinationUnavailableError, SendError, send_instances
+
+    configure_logging(config.node.log_level, config.node.log_file or None)
+    db = Database(config.node.database_url)
+    queue = JobQueue(db)
+    audit = AuditLog(config.node.audit_log or None)
+    w = config.worker
+    seconds: dict[str, float] = {}
+    try:
+        try:
+            paths, summary = _derive_or_reuse(config, job, queue, worker_id, db, seconds)
+        except PermanentJobError as exc:
+            queue.fail(job.id, worker_id, str(exc), retryable=False)
+            audit.record("job_failed", job_id=job.id, series_instance_uid=job.series_instance_uid,
+                         reason=str(exc))
+            LOGGER.warning("job %d failed permanently: %s", job.id, exc)
+            return
+        if summary.get("held"):
+            reason = f"held by the safety gate: {summary['gate_reason']}"
+            queue.hold(job.id, worker_id, reason, {**summary, "stage_seconds": seconds})
+            audit.record("job_held", job_id=job.id, series_instance_uid=job.series_instance_uid,
+                         reason=reason)
+            LOGGER.warning("job %d held: %s", job.id, reason)
+            return
+        queue.set_stage(job.id, worker_id, "sending", seconds)
+        t0 = time.perf_counter()
+        failures: dict[str, str] = {}
+        delivered: dict[str, int] = {}
+        for name in job.params.get("destinations", []):
+            dest = config.destination(name)
+            done = queue.sent_instances(job.id, name)
+
+            def on_stored(uid: str, name: str = name) -> None:
+                queue.record_sent(job.id, name, uid)
+
+            try:
+                report = send_instances(
+                    dest, paths, calling_ae_title=config.node.ae_title,
+                    skip_sop_instance_uids=done, on_stored=on_stored,
+                )
+            except (DestinationUnavailableError, SendError) as exc:
+                failures[name] = str(exc)
+                audit.record("send_failed", job_id=job.id, destination=name, reason=str(exc))
+                continue
+            delivered[name] = len(report.sent) + len(report.skipped)
+            if report.failed:
+                failures[name] = (f"{len(report.failed)} instance(s) refused, e.g. status "
+                                  f"0x{next(iter(report.failed.values())):04X}")
+            audit.record(
+                "series_sent", job_id=job.id, destination=name, ae_title=dest.ae_title,
+                host=dest.host, port=dest.port,
+                derived_series_instance_uid=summary["derived_series_instance_uid"],
+                sent=len(report.sent), skipped=len(report.skipped), failed=len(report.failed),
+            )
+        seconds["sending"] = time.perf_counter() - t0
+        result = {**summary, "destinations": delivered, "stage_seconds": seconds}
+        if failures:
+            error = "; ".join(f"{k}: {v}" for k, v in failures.items())
+            state = queue.fail(job.id, worker_id, f"send failed: {error}", retryable=True,
+                               backoff_base=w.backoff_base_seconds,
+                               backoff_max=w.backoff_max_seconds)
+            LOGGER.warning("job %d: send failed (%s), now %s", job.id, error, state)
+            return
+        queue.complete(job.id, worker_id, result)
+        audit.record("job_done", job_id=job.id, series_instance_uid=job.series_instance_uid,
+                     derived_series_instance_uid=summary["derived_series_instance_uid"])
+        LOGGER.info("job %d done: %s", job.id, summary["derived_series_instance_uid"])
+    except Exception as exc:  # noqa: BLE001 - record any failure on the job, then retry
+        LOGGER.exception("job %d failed", job.id)
+        queue.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}", retryable=True,
+                   backoff_base=w.backoff_base_seconds, backoff_max=w.backoff_max_seconds)
+    finally:
+        db.dispose()
+
+
+class Worker:
+    """Claims jobs from the shared queue and runs each in a child process.
+
+    Parameters
+    ----------
+    config
+        Node configuration (``[worker]`` and ``[engine]`` are used).
+    db, store, audit
+        Shared services of the node.
+    worker_id
+        Identity recorded on claimed jobs (default: host name, pid and a random suffix).
+    """
+
+    def __init__(self, config: Config, db: Database, store: FileStore, audit: AuditLog,
+                 worker_id: str | None = None) -> None:
+        self.config = config
+        self.db = db
+        self.store = store
+        self.audit = audit
+        self.queue = JobQueue(db)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._ctx = multiprocessing.get_context("spawn")
+
+    def run_once(self) -> int | None:
+        """Claim and process one job; return its id, or ``None`` if the queue had nothing."""
+        w = self.config.worker
+        job = self.queue.claim(self.worker_id, w.lease_seconds)
+        if job is None:
+            return None
+        LOGGER.info("job %d claimed (attempt %d/%d, rule %s)", job.id, job.attempts,
+                    job.max_attempts, job.rule)
+        self._execute(job)
+        return job.id
+
+    def _execute(self, job: ClaimedJob) -> None:
+        w = self.config.worker
+        proc = self._ctx.Process(target=run_job, args=(self.config, job, self.worker_id),
+                                 name=f"srnode-job-{job.id}", daemon=True)
+        proc.start()
+        deadline = time.monotonic() + w.job_timeout_seconds
+        while True:
+            proc.join(timeout=max(0.2, min(w.heartbeat_seconds, w.lease_seconds / 3)))
+            if not proc.is_alive():
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.join()
+                msg = f"processing timeout after {w.job_timeout_seconds:.0f} s"
+                state = self.queue.fail(job.id, self.worker_id, msg, retryable=True,
+                                        backoff_base=w.backoff_base_seconds,
+                                        backoff_max=w.backoff_max_seconds)
+                LOGGER.warning("job %d: %s, now %s", job.id, msg, state)
+                return
+            if not self.queue.heartbeat(job.id, self.worker_id, w.lease_seconds):
+                LOGGER.warning("job %d: lease lost to another worker, stopping", job.id)
+                proc.kill()
+                proc.join()
+                return
+        info = self.queue.get(job.id)
+        if info["state"] == "running" and info.get("worker_id", self.worker_id) == self.worker_id:
+            msg = f"worker process exited with code {proc.exitcode} before finishing"
+            self.queue.fail(job.id, self.worker_id, msg, retryable=True,
+                            backoff_base=w.backoff_base_seconds, backoff_max=w.backoff_max_seconds)
+            LOGGER.warning("job %d: %s", job.id, msg)
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Process jobs until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                job_id = self.run_once()
+            except Exception:  # noqa: BLE001 - keep the loop alive (e.g. database briefly down)
+                LOGGER.exception("worker loop error")
+                job_id = None
+            if job_id is None:
+                stop.wait(self.config.worker.poll_interval_seconds)
