@@ -1,0 +1,270 @@
+"""Completeness check: turn quiet (or too old) series into jobs.
+
+A series is complete for a rule when no instance arrived for the rule's quiet period
+(``rule.quiet_period_seconds`` or the default); a series that keeps growing is forced complete
+``max_age`` seconds after its first instance. There is one job per (series, matching rule).
+
+New instances after a job was created (``series.last_received_at > job.created_at``):
+
+* once the series is quiet again, a fresh job is created and the previous job is marked
+  ``superseded`` if it is queued, held or failed; a ``done`` job stays ``done`` (its output
+  was already sent);
+* if the previous job is ``running``, nothing happens yet: the check waits until it finishes
+  and then creates the fresh job (so one series is never processed twice at the same time);
+* a series only forced by ``max_age`` (still growing) never gets a second job until it is
+  quiet.
+
+Series whose ImageType value 1 is DERIVED, or that this node produced (ImageType token or a
+recorded UID), are never queued, so a PACS routing our output back cannot start a loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from apscheduler.schedulers.background import BackgroundScheduler
+from sqlalchemy import exists, func, or_, select
+from sqlalchemy.orm import Session
+
+from storage.db import Database
+from storage.jobs import create_job
+from storage.models import Job, ProducedSeries, Series, utcnow
+from storage.rules import Rule
+
+log = logging.getLogger(__name__)
+
+_SUPERSEDABLE = ("queued", "held", "failed")
+
+
+def check_completeness(
+    db: Database,
+    rules: Sequence[Rule],
+    default_quiet_period: float,
+    max_age: float,
+    max_attempts: int = 3,
+    now: datetime | None = None,
+) -> list[int]:
+    """Create jobs for series that became complete.
+
+    Parameters
+    ----------
+    db
+        The database.
+    rules
+        Rules in configuration order; each matching rule gets its own job.
+    default_quiet_period
+        Seconds without a new instance before a series is complete (rules may override).
+    max_age
+        Seconds after the first instance after which a growing series is forced complete.
+    max_attempts
+        ``max_attempts`` of the new jobs.
+    now
+        Current time (aware UTC); the real time when omitted.
+
+    Returns
+    -------
+    list[int]
+        Ids of the jobs created.
+    """
+    now = now or utcnow()
+    if not rules:
+        return []
+    quiet_by_rule = {
+        r.name: (
+            r.quiet_period_seconds if r.quiet_period_seconds is not None else default_quiet_period
+        )
+        for r in rules
+    }
+    shortest_quiet = min(quiet_by_rule.values())
+    created: list[int] = []
+    with db.session() as session:
+        produced = exists().where(ProducedSeries.series_instance_uid == Series.series_instance_uid)
+        not_checked = or_(
+            Series.completeness_checked_at.is_(None),
+            Series.completeness_checked_at < Series.last_received_at,
+        )
+        candidates = session.scalars(
+            select(Series)
+            .where(
+                Series.is_derived.is_(False),
+                Series.produced_by_node.is_(False),
+                ~produced,
+                or_(
+                    Series.last_received_at <= now - timedelta(seconds=shortest_quiet),
+                    Series.first_received_at <= now - timedelta(seconds=max_age),
+                ),
+                not_checked,
+            )
+            .order_by(Series.first_received_at, Series.id)
+        ).all()
+        for series in candidates:
+            created.extend(
+                _check_series(session, series, rules, quiet_by_rule, max_age, max_attempts, now)
+            )
+    if created:
+        log.info("completeness check queued %d job(s): %s", len(created), created)
+    return created
+
+
+def _check_series(
+    session: Session,
+    series: Series,
+    rules: Sequence[Rule],
+    quiet_by_rule: dict[str, float],
+    max_age: float,
+    max_attempts: int,
+    now: datetime,
+) -> list[int]:
+    """Create the jobs one series needs now; mark it checked when nothing is pending."""
+    created: list[int] = []
+    pending = False
+    quiet_for = (now - series.last_received_at).total_seconds()
+    forced = (now - series.first_received_at).total_seconds() >= max_age
+    for rule in rules:
+        if not rule.matches(
+            series.modality,
+            series.body_part_examined,
+            series.series_description,
+            series.num_instances,
+        ):
+            continue
+        quiet = quiet_for >= quiet_by_rule[rule.name]
+        latest = session.scalars(
+            select(Job)
+            .where(Job.series_fk == series.id, Job.rule == rule.name)
+            .order_by(Job.created_at.desc(), Job.id.desc())
+            .limit(1)
+            .with_for_update()
+        ).first()
+        if latest is not None and latest.created_at >= series.last_received_at:
+            continue  # this rule's job already covers every instance
+        if latest is None:
+            if not (quiet or forced):
+                pending = True
+                continue
+        else:
+            if not quiet:
+                pending = True  # still growing: wait for quiet before a fresh job
+                continue
+            if latest.state == "running":
+                pending = True  # decided: wait for the running job to finish
+                continue
+            if latest.state in _SUPERSEDABLE:
+                latest.history = [
+                    *(latest.history or []),
+                    {
+                        "at": now.isoformat(),
+                        "from": latest.state,
+                        "to": "superseded",
+                        "note": "new instances arrived",
+                    },
+                ]
+                latest.state = "superseded"
+                latest.updated_at = now
+                latest.finished_at = latest.finished_at or now
+        job_id = create_job(session, series, rule.name, rule.to_params(), max_attempts, now)
+        log.info(
+            "series %s complete (%d instances%s): job %d for rule %s",
+            series.series_instance_uid,
+            series.num_instances,
+            ", forced by max age" if forced and not quiet else "",
+            job_id,
+            rule.name,
+        )
+        created.append(job_id)
+    if not pending and not created:
+        # Nothing matched (or every match is covered): skip this series until it changes.
+        series.completeness_checked_at = now
+    return created
+
+
+def count_unchecked(db: Database) -> int:
+    """Return how many series the next check may still look at (for status pages)."""
+    with db.session() as session:
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(Series)
+                .where(
+                    or_(
+                        Series.completeness_checked_at.is_(None),
+                        Series.completeness_checked_at < Series.last_received_at,
+                    )
+                )
+            )
+            or 0
+        )
+
+
+class CompletenessScheduler:
+    """Runs :func:`check_completeness` every ``interval_seconds`` in a background thread.
+
+    Parameters
+    ----------
+    db, rules, default_quiet_period, max_age, max_attempts
+        Passed to :func:`check_completeness`.
+    interval_seconds
+        Seconds between checks.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        rules: Sequence[Rule],
+        default_quiet_period: float,
+        max_age: float,
+        interval_seconds: float,
+        max_attempts: int = 3,
+    ) -> None:
+        self.db = db
+        self.rules = tuple(rules)
+        self.default_quiet_period = default_quiet_period
+        self.max_age = max_age
+        self.interval_seconds = interval_seconds
+        self.max_attempts = max_attempts
+        self._lock = threading.Lock()
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self._scheduler.add_job(
+            self._scheduled,
+            "interval",
+            seconds=interval_seconds,
+            id="completeness",
+            max_instances=1,
+            coalesce=True,
+        )
+
+    def run_once(self) -> list[int]:
+        """Run one check now and return the ids of the jobs created."""
+        with self._lock:
+            return check_completeness(
+                self.db,
+                self.rules,
+                self.default_quiet_period,
+                self.max_age,
+                self.max_attempts,
+            )
+
+    def _scheduled(self) -> None:
+        """Scheduler entry point: never lets an exception kill the schedule."""
+        try:
+            self.run_once()
+        except Exception as exc:  # noqa: BLE001 - logged, retried at the next interval
+            log.error("completeness check failed: %s: %s", type(exc).__name__, exc)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background scheduler is started."""
+        return bool(self._scheduler.running)
+
+    def start(self) -> None:
+        """Start checking in the background."""
+        if not self._scheduler.running:
+            self._scheduler.start()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the background checks (waiting for a running one when ``wait``)."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=wait)

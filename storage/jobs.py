@@ -1,0 +1,529 @@
+"""The job queue: durable, leased, retried with exponential backoff, dead-lettered.
+
+A job is claimed in ONE transaction that two workers can never both win: on PostgreSQL the
+candidate row is locked with ``SELECT ... FOR UPDATE SKIP LOCKED``; on SQLite every
+transaction holds the database write lock (``BEGIN IMMEDIATE``) and the claim is a conditional
+``UPDATE ... WHERE state = <seen state> AND attempts = <seen attempts>`` whose row count says
+who won. A running job whose lease expired (dead worker) is taken over by the next claim; if
+it already used all its attempts it is dead-lettered (state ``failed``) instead.
+
+Every transition by a worker (``heartbeat``, ``set_stage``, ``complete``, ``fail``, ``hold``)
+checks that the job is still running under that worker id; a worker that lost its lease gets
+``False`` from ``heartbeat`` and :class:`InvalidJobStateError` from the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.db import Database
+from storage.errors import InvalidJobStateError, JobNotFoundError
+from storage.models import JOB_STATES, Instance, Job, SentInstance, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClaimedJob:
+    """A job a worker now holds the lease on."""
+
+    id: int
+    series_instance_uid: str
+    rule: str
+    params: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    instance_paths: list[Path] = field(default_factory=list)
+
+
+def _iso(value: datetime | None) -> str | None:
+    """Return an ISO 8601 string (or None)."""
+    return value.isoformat() if value is not None else None
+
+
+def _job_dict(job: Job, series: Series | None) -> dict[str, Any]:
+    """Describe a job as a JSON-serialisable dict (no PHI)."""
+    return {
+        "id": job.id,
+        "series_instance_uid": job.series_instance_uid,
+        "modality": series.modality if series is not None else "",
+        "series_description": series.series_description if series is not None else "",
+        "body_part_examined": series.body_part_examined if series is not None else "",
+        "state": job.state,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "error": job.error,
+        "history": list(job.history or []),
+        "rule": job.rule,
+        "params": dict(job.params or {}),
+        "stage": job.stage,
+        "stage_seconds": dict(job.stage_seconds or {}),
+        "worker_id": job.worker_id,
+        "instance_count": job.instance_count,
+        "not_before": _iso(job.not_before),
+        "lease_expires_at": _iso(job.lease_expires_at),
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "result": job.result,
+    }
+
+
+def backoff_seconds(attempts: int, base: float, maximum: float) -> float:
+    """Return the delay before retry number ``attempts``: ``min(maximum, base * 2**(attempts-1))``.
+
+    Parameters
+    ----------
+    attempts
+        Attempts made so far (>= 1).
+    base, maximum
+        Backoff base and cap in seconds.
+
+    Returns
+    -------
+    float
+        Seconds to wait.
+    """
+    return float(min(maximum, base * 2 ** max(0, attempts - 1)))
+
+
+class JobQueue:
+    """The job queue stored in the database.
+
+    Parameters
+    ----------
+    db
+        The database (upgraded).
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    # -- creation ---------------------------------------------------------------------------
+    def enqueue(
+        self,
+        series_instance_uid: str,
+        rule: str,
+        params: dict[str, Any],
+        max_attempts: int = 3,
+    ) -> int:
+        """Queue a job for an indexed series.
+
+        Parameters
+        ----------
+        series_instance_uid
+            The series to enhance (must be indexed).
+        rule
+            Name of the rule that selected it.
+        params
+            Processing parameters (JSON-serialisable).
+        max_attempts
+            Attempts before the job is dead-lettered.
+
+        Returns
+        -------
+        int
+            The new job id.
+
+        Raises
+        ------
+        JobNotFoundError
+            If the series is not indexed.
+        """
+        with self.db.session() as session:
+            series = session.scalars(
+                select(Series).where(Series.series_instance_uid == series_instance_uid)
+            ).first()
+            if series is None:
+                raise JobNotFoundError(f"series {series_instance_uid} is not indexed")
+            return create_job(session, series, rule, params, max_attempts, utcnow())
+
+    # -- claiming ---------------------------------------------------------------------------
+    def claim(self, worker_id: str, lease_seconds: float) -> ClaimedJob | None:
+        """Take the oldest runnable job, or return None when there is none.
+
+        Runnable: ``queued`` with ``not_before <= now``, or ``running`` with an expired lease.
+
+        Parameters
+        ----------
+        worker_id
+            Identifies the claiming worker.
+        lease_seconds
+            How long the lease lasts without a heartbeat.
+
+        Returns
+        -------
+        ClaimedJob or None
+            The claimed job with its instances' paths sorted by instance number.
+        """
+        for _ in range(16):
+            now = utcnow()
+            with self.db.session() as session:
+                self._dead_letter_expired(session, now)
+                runnable = or_(
+                    and_(Job.state == "queued", Job.not_before <= now),
+                    and_(Job.state == "running", Job.lease_expires_at < now),
+                )
+                query = select(Job.id, Job.state, Job.attempts).where(runnable)
+                query = query.order_by(Job.created_at, Job.id).limit(1)
+                if self.db.is_postgresql:
+                    query = query.with_for_update(skip_locked=True)
+                row = session.execute(query).first()
+                if row is None:
+                    return None
+                job_id, seen_state, seen_attempts = row
+                won = session.execute(
+                    update(Job)
+                    .where(
+                        Job.id == job_id,
+                        Job.state == seen_state,
+                        Job.attempts == seen_attempts,
+                    )
+                    .values(
+                        state="running",
+                        attempts=Job.attempts + 1,
+                        worker_id=worker_id,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        started_at=now,
+                        finished_at=None,
+                        updated_at=now,
+                        stage="claimed",
+                    )
+                    .execution_options(synchronize_session=False)
+                ).rowcount
+                if won != 1:
+                    continue
+                if seen_state == "running":
+                    log.warning("job %d: lease expired, taken over by %s", job_id, worker_id)
+                job = session.get(Job, job_id, populate_existing=True)
+                assert job is not None
+                paths = session.scalars(
+                    select(Instance.path)
+                    .where(Instance.series_fk == job.series_fk)
+                    .order_by(
+                        Instance.instance_number.is_(None),
+                        Instance.instance_number,
+                        Instance.sop_instance_uid,
+                    )
+                ).all()
+                return ClaimedJob(
+                    id=job.id,
+                    series_instance_uid=job.series_instance_uid,
+                    rule=job.rule,
+                    params=dict(job.params or {}),
+                    attempts=job.attempts,
+                    max_attempts=job.max_attempts,
+                    instance_paths=[Path(p) for p in paths],
+                )
+        return None
+
+    @staticmethod
+    def _dead_letter_expired(session: Session, now: datetime) -> None:
+        """Fail running jobs whose lease expired after their last allowed attempt."""
+        expired = session.scalars(
+            select(Job)
+            .where(
+                Job.state == "running",
+                Job.lease_expires_at < now,
+                Job.attempts >= Job.max_attempts,
+            )
+            .with_for_update(skip_locked=True)
+        ).all()
+        for job in expired:
+            log.warning("job %d: lease expired on its last attempt, dead-lettered", job.id)
+            _transition(job, "failed", now, error="lease expired (worker lost)")
+            job.finished_at = now
+
+    # -- worker transitions -------------------------------------------------------------------
+    def _own(self, session: Session, job_id: int, worker_id: str) -> Job:
+        """Return the job locked for update if it is running under ``worker_id``."""
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None:
+            raise JobNotFoundError(f"job {job_id} does not exist")
+        if job.state != "running" or job.worker_id != worker_id:
+            raise InvalidJobStateError(
+                f"job {job_id} is {job.state} under worker {job.worker_id!r}, "
+                f"not running under {worker_id!r}"
+            )
+        return job
+
+    def heartbeat(self, job_id: int, worker_id: str, lease_seconds: float) -> bool:
+        """Extend the lease; return False if the job is no longer ours."""
+        now = utcnow()
+        with self.db.session() as session:
+            count = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == "running", Job.worker_id == worker_id)
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+        return count == 1
+
+    def set_stage(
+        self,
+        job_id: int,
+        worker_id: str,
+        stage: str,
+        seconds: dict[str, float] | None = None,
+    ) -> None:
+        """Record the stage the worker is in and (merged) per-stage timings in seconds.
+
+        Raises
+        ------
+        JobNotFoundError, InvalidJobStateError
+            If the job does not exist or is not running under ``worker_id``.
+        """
+        with self.db.session() as session:
+            job = self._own(session, job_id, worker_id)
+            job.stage = stage
+            if seconds:
+                merged = dict(job.stage_seconds or {})
+                merged.update({k: float(v) for k, v in seconds.items()})
+                job.stage_seconds = merged
+            job.updated_at = utcnow()
+
+    def complete(self, job_id: int, worker_id: str, result: dict[str, Any]) -> None:
+        """Mark the job done with its result.
+
+        Raises
+        ------
+        JobNotFoundError, InvalidJobStateError
+            If the job does not exist or is not running under ``worker_id``.
+        """
+        now = utcnow()
+        with self.db.session() as session:
+            job = self._own(session, job_id, worker_id)
+            _transition(job, "done", now, error=None)
+            job.result = result
+            job.stage = "done"
+            job.finished_at = now
+            job.lease_expires_at = None
+
+    def fail(
+        self,
+        job_id: int,
+        worker_id: str,
+        error: str,
+        retryable: bool = True,
+        backoff_base: float = 30,
+        backoff_max: float = 1800,
+    ) -> str:
+        """Record a failed attempt; requeue with backoff or dead-letter.
+
+        Parameters
+        ----------
+        job_id, worker_id
+            The job and the worker holding it.
+        error
+            What went wrong (no PHI).
+        retryable
+            False dead-letters at once.
+        backoff_base, backoff_max
+            Delay before the next attempt: ``min(backoff_max, backoff_base * 2**(attempts-1))``.
+
+        Returns
+        -------
+        str
+            The new state: ``queued`` or ``failed``.
+
+        Raises
+        ------
+        JobNotFoundError, InvalidJobStateError
+            If the job does not exist or is not running under ``worker_id``.
+        """
+        now = utcnow()
+        with self.db.session() as session:
+            job = self._own(session, job_id, worker_id)
+            job.lease_expires_at = None
+            if retryable and job.attempts < job.max_attempts:
+                _transition(job, "queued", now, error=error)
+                delay = backoff_seconds(job.attempts, backoff_base, backoff_max)
+                job.not_before = now + timedelta(seconds=delay)
+                job.worker_id = None
+                return "queued"
+            _transition(job, "failed", now, error=error)
+            job.finished_at = now
+            return "failed"
+
+    def hold(
+        self, job_id: int, worker_id: str, reason: str, result: dict[str, Any] | None = None
+    ) -> None:
+        """Hold the job for a human (e.g. the consistency gate refused the output).
+
+        Raises
+        ------
+        JobNotFoundError, InvalidJobStateError
+            If the job does not exist or is not running under ``worker_id``.
+        """
+        now = utcnow()
+        with self.db.session() as session:
+            job = self._own(session, job_id, worker_id)
+            _transition(job, "held", now, error=reason)
+            if result is not None:
+                job.result = result
+            job.finished_at = now
+            job.lease_expires_at = None
+
+    # -- operator actions ---------------------------------------------------------------------
+    def retry(self, job_id: int) -> None:
+        """Requeue a failed or held job now, with its attempts reset to 0.
+
+        The previous error stays in the job's ``history``; ``error`` is cleared.
+
+        Raises
+        ------
+        JobNotFoundError
+            If there is no such job.
+        InvalidJobStateError
+            If the job is not failed or held.
+        """
+        now = utcnow()
+        with self.db.session() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFoundError(f"job {job_id} does not exist")
+            if job.state not in ("failed", "held"):
+                raise InvalidJobStateError(
+                    f"job {job_id} is {job.state}; only failed or held jobs can be retried"
+                )
+            _transition(job, "queued", now, error=None, note="manual retry")
+            job.attempts = 0
+            job.not_before = now
+            job.worker_id = None
+            job.lease_expires_at = None
+            job.finished_at = None
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, job_id: int) -> dict[str, Any]:
+        """Return one job as a dict (see :meth:`list_jobs`).
+
+        Raises
+        ------
+        JobNotFoundError
+            If there is no such job.
+        """
+        with self.db.session() as session:
+            row = session.execute(
+                select(Job, Series)
+                .outerjoin(Series, Series.id == Job.series_fk)
+                .where(Job.id == job_id)
+            ).first()
+            if row is None:
+                raise JobNotFoundError(f"job {job_id} does not exist")
+            return _job_dict(row[0], row[1])
+
+    def list_jobs(
+        self, states: Sequence[str] | None = None, limit: int = 500
+    ) -> list[dict[str, Any]]:
+        """Return the newest jobs first, optionally only those in ``states``.
+
+        Each dict holds id, series_instance_uid, modality, series_description, state, attempts,
+        error, rule, stage, stage_seconds, created_at, updated_at (ISO strings), result and more.
+        """
+        if states is not None:
+            unknown = set(states) - set(JOB_STATES)
+            if unknown:
+                raise ValueError(f"unknown job state(s): {sorted(unknown)}")
+        with self.db.session() as session:
+            query = select(Job, Series).outerjoin(Series, Series.id == Job.series_fk)
+            if states is not None:
+                query = query.where(Job.state.in_(list(states)))
+            query = query.order_by(Job.id.desc()).limit(limit)
+            return [_job_dict(job, series) for job, series in session.execute(query).all()]
+
+    def counts(self) -> dict[str, int]:
+        """Return the number of jobs in each state."""
+        from sqlalchemy import func
+
+        with self.db.session() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        counts = dict.fromkeys(JOB_STATES, 0)
+        counts.update({state: int(n) for state, n in rows})
+        return counts
+
+    # -- partial sends --------------------------------------------------------------------------
+    def record_sent(self, job_id: int, destination: str, sop_instance_uid: str) -> None:
+        """Remember that a derived instance reached a destination (idempotent)."""
+        with self.db.session() as session:
+            exists = session.scalars(
+                select(SentInstance.id).where(
+                    SentInstance.job_id == job_id,
+                    SentInstance.destination == destination,
+                    SentInstance.sop_instance_uid == sop_instance_uid,
+                )
+            ).first()
+            if exists is None:
+                if session.get(Job, job_id) is None:
+                    raise JobNotFoundError(f"job {job_id} does not exist")
+                session.add(
+                    SentInstance(
+                        job_id=job_id, destination=destination, sop_instance_uid=sop_instance_uid
+                    )
+                )
+
+    def sent_instances(self, job_id: int, destination: str) -> set[str]:
+        """Return the SOP Instance UIDs of a job already delivered to a destination."""
+        with self.db.session() as session:
+            return set(
+                session.scalars(
+                    select(SentInstance.sop_instance_uid).where(
+                        SentInstance.job_id == job_id, SentInstance.destination == destination
+                    )
+                ).all()
+            )
+
+
+def _transition(
+    job: Job, state: str, now: datetime, error: str | None, note: str | None = None
+) -> None:
+    """Move a job to ``state``, appending the transition to its history."""
+    entry: dict[str, Any] = {"at": now.isoformat(), "from": job.state, "to": state}
+    if error:
+        entry["error"] = error
+    elif job.error and state == "queued":
+        entry["previous_error"] = job.error
+    if note:
+        entry["note"] = note
+    job.history = [*(job.history or []), entry]
+    job.state = state
+    job.error = error
+    job.updated_at = now
+
+
+def create_job(
+    session: Session,
+    series: Series,
+    rule: str,
+    params: dict[str, Any],
+    max_attempts: int,
+    now: datetime,
+) -> int:
+    """Insert a queued job for ``series`` inside an open session and return its id."""
+    job = Job(
+        series_fk=series.id,
+        series_instance_uid=series.series_instance_uid,
+        rule=rule,
+        params=dict(params),
+        state="queued",
+        attempts=0,
+        max_attempts=max_attempts,
+        not_before=now,
+        stage="queued",
+        stage_seconds={},
+        history=[],
+        instance_count=series.num_instances,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job.id
