@@ -1,0 +1,429 @@
+"""Load a received CT/MR series into a geometry-sorted volume in modality units.
+
+:func:`load_series` accepts classic single-frame CT/MR Image Storage instances or enhanced
+multi-frame instances (Enhanced CT/MR, Legacy Converted Enhanced CT/MR), in any transfer syntax
+that pydicom can decode with the installed plugins (pylibjpeg, openjpeg, RLE, GDCM).  Slices are
+sorted by their position along the slice normal; anything that would make the volume ambiguous
+(mixed series, inconsistent orientation, matrix or pixel spacing, non-uniform slice spacing, missing
+geometry, duplicate positions, colour images, no pixel data) raises :class:`SeriesError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from dicom_node.codes import CLASSIC_IMAGE_STORAGE, ENHANCED_IMAGE_STORAGE, LOSSY_TRANSFER_SYNTAXES
+
+#: Largest difference between direction-cosine components still counted as the same orientation.
+ORIENTATION_TOLERANCE = 1e-4
+#: Relative tolerance on pixel spacing between slices.
+PIXEL_SPACING_RTOL = 1e-4
+#: Relative tolerance on the slice gaps (deviation from the median gap).
+SPACING_RTOL = 0.02
+#: Absolute tolerance in mm on positions (duplicates, uniformity, collinearity).
+POSITION_ATOL_MM = 1e-3
+
+
+class SeriesError(ValueError):
+    """The instances do not form one loadable, geometrically consistent CT/MR series."""
+
+
+@dataclass(frozen=True)
+class SourceRef:
+    """The source instance (and frame) behind one slice of the volume.
+
+    Attributes
+    ----------
+    sop_class_uid, sop_instance_uid
+        The instance's SOP Class UID and SOP Instance UID.
+    frame_number
+        1-based frame number within an enhanced (multi-frame) instance; ``None`` for single-frame.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int | None = None
+
+
+@dataclass
+class SourceSeries:
+    """A loaded series, sorted along the slice normal (index 0 = lowest position).
+
+    Attributes
+    ----------
+    datasets
+        Per slice, the source header (pixel data left in place); for an enhanced source the one
+        multi-frame dataset, repeated for every frame.
+    volume
+        float32 ``(z, y, x)`` in modality units (rescale slope/intercept applied).
+    spacing
+        ``(dz, dy, dx)`` in mm: centre-to-centre slice spacing, row spacing, column spacing.
+    slice_thickness
+        Nominal slice thickness in mm.
+    orientation
+        Image Orientation (Patient): row direction cosines then column direction cosines.
+    positions
+        ``(z, 3)`` Image Position (Patient) of each slice in mm.
+    modality
+        ``"CT"`` or ``"MR"``.
+    is_enhanced
+        Whether the source is a multi-frame (enhanced or legacy converted enhanced) instance.
+    source_refs
+        Per slice, the source instance (and frame) it came from.
+    study_instance_uid, series_instance_uid, frame_of_reference_uid
+        Identity of the source series.
+    rescale_slopes, rescale_intercepts
+        Per slice, the Rescale Slope and Intercept used (1 and 0 when absent).
+    has_rescale
+        Whether the source carries Rescale Slope/Intercept (CT always does).
+    window_centers, window_widths
+        Per slice, the Window Center / Width values (empty tuples when absent).
+    photometric_interpretation
+        ``MONOCHROME1`` or ``MONOCHROME2``.
+    bits_stored, pixel_representation
+        Of the stored source pixels.
+    lossy
+        Whether any source instance was lossy compressed (attribute or transfer syntax).
+    """
+
+    datasets: list[Dataset]
+    volume: np.ndarray
+    spacing: tuple[float, float, float]
+    slice_thickness: float
+    orientation: tuple[float, float, float, float, float, float]
+    positions: np.ndarray
+    modality: str
+    is_enhanced: bool
+    source_refs: list[SourceRef]
+    study_instance_uid: str
+    series_instance_uid: str
+    frame_of_reference_uid: str
+    rescale_slopes: list[float] = field(default_factory=list)
+    rescale_intercepts: list[float] = field(default_factory=list)
+    has_rescale: bool = True
+    window_centers: list[tuple[float, ...]] = field(default_factory=list)
+    window_widths: list[tuple[float, ...]] = field(default_factory=list)
+    photometric_interpretation: str = "MONOCHROME2"
+    bits_stored: int = 16
+    pixel_representation: int = 0
+    lossy: bool = False
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit slice normal: cross product of the row and column direction cosines."""
+        row = np.asarray(self.orientation[:3], dtype=np.float64)
+        col = np.asarray(self.orientation[3:], dtype=np.float64)
+        n = np.cross(row, col)
+        return n / np.linalg.norm(n)
+
+    @property
+    def slice_offsets(self) -> list[float]:
+        """Position of each slice centre along the normal, relative to slice 0, in mm."""
+        d = (self.positions - self.positions[0]) @ self.normal
+        return [float(v) for v in d]
+
+    @property
+    def num_slices(self) -> int:
+        """Number of slices (frames) in the volume."""
+        return int(self.volume.shape[0])
+
+
+@dataclass
+class _Frame:
+    """One slice (single-frame instance or one frame of a multi-frame instance) before sorting."""
+
+    ds: Dataset
+    ref: SourceRef
+    pixels: np.ndarray
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    thickness: float | None
+    slope: float
+    intercept: float
+    has_rescale: bool
+    centers: tuple[float, ...]
+    widths: tuple[float, ...]
+
+
+def _floats(value: object) -> tuple[float, ...]:
+    """Return a DS/FD value (single or multi-valued, possibly empty) as a tuple of floats."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+        return (float(value),)  # type: ignore[arg-type]
+    return tuple(float(v) for v in value)  # type: ignore[union-attr]
+
+
+def _group_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
+    """Return the first item of functional group ``keyword`` for one frame (per-frame, then shared)."""
+    for fg_keyword, index in (
+        ("PerFrameFunctionalGroupsSequence", frame_index),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        groups = ds.get(fg_keyword)
+        if groups is None or len(groups) <= index:
+            continue
+        seq = groups[index].get(keyword)
+        if seq is not None and len(seq) > 0:
+            return seq[0]
+    return None
+
+
+def _check_pixels_present(ds: Dataset, path: Path) -> None:
+    """Refuse instances without grayscale pixel data."""
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise SeriesError(f"{path.name}: no pixel data")
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    pi = str(ds.get("PhotometricInterpretation", "")).upper()
+    if spp != 1 or pi not in ("MONOCHROME1", "MONOCHROME2"):
+        raise SeriesError(
+            f"{path.name}: colour image (SamplesPerPixel {spp}, PhotometricInterpretation {pi!r});"
+            " only grayscale CT/MR is supported"
+        )
+
+
+def _decode(ds: Dataset, path: Path) -> np.ndarray:
+    """Decode the stored pixel values, refusing undecodable data with :class:`SeriesError`."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for bad or unsupported pixel data
+        raise SeriesError(f"{path.name}: cannot decode pixel data: {exc}") from exc
+    return np.asarray(arr)
+
+
+def _classic_frames(ds: Dataset, path: Path) -> list[_Frame]:
+    """Describe a single-frame CT/MR image instance."""
+    ipp = _floats(ds.get("ImagePositionPatient"))
+    iop = _floats(ds.get("ImageOrientationPatient"))
+    ps = _floats(ds.get("PixelSpacing"))
+    if len(ipp) != 3 or len(iop) != 6 or len(ps) != 2:
+        raise SeriesError(
+            f"{path.name}: missing geometry (Image Position/Orientation (Patient) or Pixel Spacing)"
+        )
+    pixels = _decode(ds, path)
+    if pixels.ndim != 2:
+        raise SeriesError(f"{path.name}: expected one frame, got pixel array shape {pixels.shape}")
+    has_rescale = "RescaleSlope" in ds and ds.RescaleSlope not in (None, "")
+    thickness = _floats(ds.get("SliceThickness"))
+    return [
+        _Frame(
+            ds=ds,
+            ref=SourceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None),
+            pixels=pixels,
+            position=np.asarray(ipp, dtype=np.float64),
+            orientation=np.asarray(iop, dtype=np.float64),
+            pixel_spacing=(ps[0], ps[1]),
+            thickness=thickness[0] if thickness else None,
+            slope=float(ds.RescaleSlope) if has_rescale else 1.0,
+            intercept=float(ds.get("RescaleIntercept", 0) or 0) if has_rescale else 0.0,
+            has_rescale=has_rescale,
+            centers=_floats(ds.get("WindowCenter")),
+            widths=_floats(ds.get("WindowWidth")),
+        )
+    ]
+
+
+def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
+    """Describe every frame of an enhanced or legacy converted enhanced instance."""
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    pixels = _decode(ds, path)
+    if pixels.ndim == 2:
+        pixels = pixels[np.newaxis]
+    if pixels.ndim != 3 or pixels.shape[0] != n:
+        raise SeriesError(f"{path.name}: pixel array shape {pixels.shape} does not match {n} frames")
+    frames: list[_Frame] = []
+    for i in range(n):
+        pos = _group_item(ds, i, "PlanePositionSequence")
+        ori = _group_item(ds, i, "PlaneOrientationSequence")
+        meas = _group_item(ds, i, "PixelMeasuresSequence")
+        ipp = _floats(pos.get("ImagePositionPatient")) if pos is not None else ()
+        iop = _floats(ori.get("ImageOrientationPatient")) if ori is not None else ()
+        ps = _floats(meas.get("PixelSpacing")) if meas is not None else ()
+        if len(ipp) != 3 or len(iop) != 6 or len(ps) != 2:
+            raise SeriesError(
+                f"{path.name}: frame {i + 1} is missing geometry (Plane Position, Plane Orientation"
+                " or Pixel Measures functional group)"
+            )
+        thickness = _floats(meas.get("SliceThickness")) if meas is not None else ()
+        pvt = _group_item(ds, i, "PixelValueTransformationSequence")
+        has_rescale = pvt is not None and pvt.get("RescaleSlope") not in (None, "")
+        voi = _group_item(ds, i, "FrameVOILUTSequence")
+        frames.append(
+            _Frame(
+                ds=ds,
+                ref=SourceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), i + 1),
+                pixels=pixels[i],
+                position=np.asarray(ipp, dtype=np.float64),
+                orientation=np.asarray(iop, dtype=np.float64),
+                pixel_spacing=(ps[0], ps[1]),
+                thickness=thickness[0] if thickness else None,
+                slope=float(pvt.RescaleSlope) if has_rescale else 1.0,  # type: ignore[union-attr]
+                intercept=float(pvt.get("RescaleIntercept", 0) or 0) if has_rescale else 0.0,  # type: ignore[union-attr]
+                has_rescale=has_rescale,
+                centers=_floats(voi.get("WindowCenter")) if voi is not None else (),
+                widths=_floats(voi.get("WindowWidth")) if voi is not None else (),
+            )
+        )
+    return frames
+
+
+def _read(path: Path) -> Dataset:
+    """Read one DICOM file, mapping read failures to :class:`SeriesError`."""
+    try:
+        return pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+        raise SeriesError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+
+
+def load_series(paths: Sequence[Path]) -> SourceSeries:
+    """Read the instances of one CT/MR series and return a geometry-sorted volume.
+
+    Parameters
+    ----------
+    paths
+        The files of the series: single-frame CT/MR Image Storage instances, or enhanced
+        multi-frame instances (Enhanced CT/MR, Legacy Converted Enhanced CT/MR).
+
+    Returns
+    -------
+    SourceSeries
+        Slices sorted by position along the slice normal, in modality units.
+
+    Raises
+    ------
+    SeriesError
+        Empty input, unreadable files, mixed series or modalities, unsupported SOP classes,
+        colour images, no pixel data, missing geometry, inconsistent orientation, matrix or pixel
+        spacing, positions not along the slice normal, duplicate positions or non-uniform slice
+        spacing.
+    """
+    if not paths:
+        raise SeriesError("no instances given")
+    frames: list[_Frame] = []
+    series_uids: set[str] = set()
+    modalities: set[str] = set()
+    kinds: set[bool] = set()
+    lossy = False
+    for raw in paths:
+        path = Path(raw)
+        ds = _read(path)
+        sop_class = str(ds.get("SOPClassUID", ""))
+        if sop_class in ENHANCED_IMAGE_STORAGE:
+            modality = ENHANCED_IMAGE_STORAGE[sop_class]  # type: ignore[index]
+            enhanced = True
+        elif sop_class in CLASSIC_IMAGE_STORAGE.values():
+            modality = "CT" if sop_class == CLASSIC_IMAGE_STORAGE["CT"] else "MR"
+            enhanced = False
+        else:
+            raise SeriesError(
+                f"{path.name}: SOP Class {sop_class or '(none)'} is not a CT/MR image storage class"
+            )
+        _check_pixels_present(ds, path)
+        series_uids.add(str(ds.get("SeriesInstanceUID", "")))
+        modalities.add(modality)
+        kinds.add(enhanced)
+        ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+        if str(ds.get("LossyImageCompression", "")) == "01" or ts in LOSSY_TRANSFER_SYNTAXES:
+            lossy = True
+        frames.extend(_enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path))
+    if len(series_uids) != 1 or "" in series_uids:
+        raise SeriesError(f"mixed series: {len(series_uids)} different Series Instance UIDs")
+    if len(modalities) != 1 or len(kinds) != 1:
+        raise SeriesError("mixed series: single-frame and multi-frame, or CT and MR instances")
+    return _assemble(frames, modalities.pop(), kinds.pop(), lossy)
+
+
+def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) -> SourceSeries:
+    """Check the frames' geometry, sort them along the normal and stack the volume."""
+    first = frames[0]
+    shape = first.pixels.shape
+    for f in frames[1:]:
+        if f.pixels.shape != shape:
+            raise SeriesError(f"inconsistent matrix: {shape} and {f.pixels.shape}")
+        if np.max(np.abs(f.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
+            raise SeriesError(
+                f"inconsistent orientation: {first.orientation.tolist()} and "
+                f"{f.orientation.tolist()}"
+            )
+        if not np.allclose(f.pixel_spacing, first.pixel_spacing, rtol=PIXEL_SPACING_RTOL, atol=0):
+            raise SeriesError(
+                f"inconsistent pixel spacing: {first.pixel_spacing} and {f.pixel_spacing}"
+            )
+    row, col = first.orientation[:3], first.orientation[3:]
+    if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3:
+        raise SeriesError("missing geometry: Image Orientation (Patient) is not unit vectors")
+    if abs(float(row @ col)) > 1e-3:
+        raise SeriesError("missing geometry: Image Orientation (Patient) rows and columns not orthogonal")
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    distances = np.array([float(f.position @ normal) for f in frames])
+    order = np.argsort(distances, kind="stable")
+    frames = [frames[i] for i in order]
+    distances = distances[order]
+    positions = np.stack([f.position for f in frames])
+    thickness_values = {f.thickness for f in frames if f.thickness is not None}
+    if len(frames) > 1:
+        gaps = np.diff(distances)
+        if np.any(gaps < POSITION_ATOL_MM):
+            k = int(np.argmin(gaps))
+            raise SeriesError(
+                f"duplicate positions: two slices at {distances[k]:.3f} mm along the normal"
+            )
+        dz = round(float(np.median(gaps)), 6)
+        if np.max(np.abs(gaps - dz)) > max(SPACING_RTOL * dz, POSITION_ATOL_MM):
+            raise SeriesError(
+                f"non-uniform slice spacing: gaps from {gaps.min():.4f} to {gaps.max():.4f} mm"
+            )
+        offsets = positions - positions[0]
+        lateral = offsets - np.outer(offsets @ normal, normal)
+        if np.max(np.linalg.norm(lateral, axis=1)) > max(SPACING_RTOL * dz, 0.01):
+            raise SeriesError(
+                "inconsistent geometry: slice positions are not along the slice normal"
+                " (gantry tilt or sheared stack)"
+            )
+    else:
+        dz = float(first.thickness) if first.thickness else 1.0
+    thickness = float(first.thickness) if first.thickness else dz
+    if len(thickness_values) > 1 and max(thickness_values) - min(thickness_values) > POSITION_ATOL_MM:
+        raise SeriesError(f"inconsistent slice thickness: {sorted(thickness_values)}")
+    volume = np.stack(
+        [f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept) for f in frames]
+    ).astype(np.float32)
+    ds0 = first.ds
+    study_uids = {str(f.ds.get("StudyInstanceUID", "")) for f in frames}
+    for_uids = {str(f.ds.get("FrameOfReferenceUID", "")) for f in frames}
+    if len(study_uids) != 1:
+        raise SeriesError("mixed series: more than one Study Instance UID")
+    if len(for_uids) != 1 or "" in for_uids:
+        raise SeriesError("missing geometry: Frame of Reference UID absent or inconsistent")
+    return SourceSeries(
+        datasets=[f.ds for f in frames],
+        volume=volume,
+        spacing=(dz, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
+        slice_thickness=thickness,
+        orientation=tuple(float(v) for v in first.orientation),  # type: ignore[arg-type]
+        positions=positions,
+        modality=modality,
+        is_enhanced=enhanced,
+        source_refs=[f.ref for f in frames],
+        study_instance_uid=study_uids.pop(),
+        series_instance_uid=str(ds0.SeriesInstanceUID),
+        frame_of_reference_uid=for_uids.pop(),
+        rescale_slopes=[f.slope for f in frames],
+        rescale_intercepts=[f.intercept for f in frames],
+        has_rescale=all(f.has_rescale for f in frames),
+        window_centers=[f.centers for f in frames],
+        window_widths=[f.widths for f in frames],
+        photometric_interpretation=str(ds0.PhotometricInterpretation).upper(),
+        bits_stored=int(ds0.get("BitsStored", 16) or 16),
+        pixel_representation=int(ds0.get("PixelRepresentation", 0) or 0),
+        lossy=lossy,
+    )
