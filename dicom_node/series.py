@@ -163,7 +163,7 @@ def _floats(value: object) -> tuple[float, ...]:
 
 
 def _group_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
-    """Return the first item of functional group ``keyword`` for one frame (per-frame, then shared)."""
+    """Return the first item of functional group ``keyword`` of a frame (per-frame, shared)."""
     for fg_keyword, index in (
         ("PerFrameFunctionalGroupsSequence", frame_index),
         ("SharedFunctionalGroupsSequence", 0),
@@ -238,7 +238,9 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
     if pixels.ndim == 2:
         pixels = pixels[np.newaxis]
     if pixels.ndim != 3 or pixels.shape[0] != n:
-        raise SeriesError(f"{path.name}: pixel array shape {pixels.shape} does not match {n} frames")
+        raise SeriesError(
+            f"{path.name}: pixel array shape {pixels.shape} does not match {n} frames"
+        )
     frames: list[_Frame] = []
     for i in range(n):
         pos = _group_item(ds, i, "PlanePositionSequence")
@@ -361,7 +363,9 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
     if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3:
         raise SeriesError("missing geometry: Image Orientation (Patient) is not unit vectors")
     if abs(float(row @ col)) > 1e-3:
-        raise SeriesError("missing geometry: Image Orientation (Patient) rows and columns not orthogonal")
+        raise SeriesError(
+            "missing geometry: Image Orientation (Patient) rows and columns not orthogonal"
+        )
     normal = np.cross(row, col)
     normal /= np.linalg.norm(normal)
     distances = np.array([float(f.position @ normal) for f in frames])
@@ -392,10 +396,11 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
     else:
         dz = float(first.thickness) if first.thickness else 1.0
     thickness = float(first.thickness) if first.thickness else dz
-    if len(thickness_values) > 1 and max(thickness_values) - min(thickness_values) > POSITION_ATOL_MM:
+    if thickness_values and max(thickness_values) - min(thickness_values) > POSITION_ATOL_MM:
         raise SeriesError(f"inconsistent slice thickness: {sorted(thickness_values)}")
     volume = np.stack(
-        [f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept) for f in frames]
+        [f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+         for f in frames]
     ).astype(np.float32)
     ds0 = first.ds
     study_uids = {str(f.ds.get("StudyInstanceUID", "")) for f in frames}
