@@ -175,14 +175,14 @@ def _failure_reason(assoc: Association, capture: _PeerLogCapture, where: str) ->
                 f"reason {rj.reason_str}"
             )
         return f"association rejected by {where}"
+    threads = {assoc.ident, getattr(assoc.dul, "ident", None)}
+    messages = capture.messages(threads)
+    details = [m for m in messages if "Error" in m] or messages
+    if details:
+        return f"cannot associate with {where}: " + "; ".join(dict.fromkeys(details))
     if assoc.is_aborted:
         return f"association aborted by {where}"
-    threads = {assoc.ident, getattr(assoc.dul, "ident", None)}
-    details = [m for m in capture.messages(threads) if "Error" in m or "failed" in m]
-    if not details:
-        details = capture.messages(threads)
-    detail = "; ".join(dict.fromkeys(details)) or "no association (timeout or connection refused)"
-    return f"cannot associate with {where}: {detail}"
+    return f"cannot associate with {where}: no answer (timeout or connection refused)"
 
 
 def _associate(
