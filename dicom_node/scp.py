@@ -14,7 +14,23 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from pynetdicom import AE, AssociationServer, evt
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (
     CTImageStorage,
@@ -25,26 +41,12 @@ from pynetdicom.sop_class import (
     MRImageStorage,
     Verification,
 )
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
+from pynetdicom.transport import AssociationServer
 
 from dicom_node import statuses
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.validation import InvalidImageError, check_image, parse_dataset
 from storage.db import Database
 from storage.errors import (
     DatabaseUnavailableError,
@@ -53,7 +55,7 @@ from storage.errors import (
     StorageError,
 )
 from storage.filestore import FileStore
-from storage.ingest import read_header, store_instance
+from storage.ingest import InstanceHeader, store_instance
 
 LOGGER = logging.getLogger("srnode.scp")
 
@@ -252,7 +254,11 @@ class StorageSCP:
             )
         try:
             data = event.encoded_dataset(include_meta=True)
-            header = read_header(data)
+            ds = parse_dataset(data)
+            header = InstanceHeader.from_dataset(ds)
+            check_image(ds)
+        except InvalidImageError as exc:
+            return self._refuse(event, statuses.INVALID_IMAGE, str(exc), sop_instance_uid=affected)
         except InvalidUIDError as exc:
             return self._refuse(event, statuses.INVALID_UID, str(exc), sop_instance_uid=affected)
         except InvalidInstanceError as exc:
@@ -260,7 +266,7 @@ class StorageSCP:
                                 sop_instance_uid=affected)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the sender's data
             return self._refuse(event, statuses.CANNOT_UNDERSTAND,
-                                f"cannot parse data set: {type(exc).__name__}: {exc}",
+                                f"cannot parse data set ({type(exc).__name__})",
                                 sop_instance_uid=affected)
         uids = {
             "study_instance_uid": header.study_instance_uid,

@@ -1,0 +1,299 @@
+"""The Storage SCP over real loopback associations (pynetdicom and dcmtk peers)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import UID, generate_uid
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
+from sqlalchemy import func, select
+
+from dicom_node import statuses
+from storage.models import Instance, Series
+from tests.support.dcmtk import echoscu, storescu
+from tests.support.node import (
+    node_config,
+    running_node,
+    sample_file,
+    transfer_syntax_variants,
+    with_new_uids,
+)
+
+
+@pytest.fixture(autouse=True)
+def _send_files_as_encoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Send files byte for byte (no decode/re-encode), also garbage ones; restored afterwards."""
+    import pynetdicom._config
+
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+
+
+def _scu(calling: str = "TESTSCU") -> AE:
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
+    return ae
+
+
+def _send(port: int, paths: list[Path], *, calling: str = "TESTSCU", called: str = "SRNODE",
+          exact_ts: bool = True) -> list[int]:
+    """Send files (encoded as they are) on one association; return one status per file."""
+    ae = _scu(calling)
+    contexts = []
+    for p in paths:
+        meta = pydicom.dcmread(p, stop_before_pixels=True).file_meta
+        cx = build_context(meta.MediaStorageSOPClassUID, [meta.TransferSyntaxUID])
+        if not any(c.abstract_syntax == cx.abstract_syntax and
+                   c.transfer_syntax == cx.transfer_syntax for c in contexts):
+            contexts.append(cx)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, contexts=contexts)
+    assert assoc.is_established, "association not established"
+    out = []
+    try:
+        for p in paths:
+            status = assoc.send_c_store(p)
+            out.append(int(status.Status) if "Status" in status else -1)
+    finally:
+        assoc.release()
+    return out
+
+
+def _count(node, model, **where) -> int:
+    with node.db.session() as s:
+        q = select(func.count()).select_from(model)
+        for k, v in where.items():
+            q = q.where(getattr(model, k) == v)
+        return int(s.execute(q).scalar_one())
+
+
+def test_echo_with_pynetdicom_and_echoscu(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        ae = _scu()
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SRNODE")
+        assert assoc.is_established
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        rc, out = echoscu("127.0.0.1", node.scp.port, called_ae_title="SRNODE")
+        assert rc == 0, out
+
+
+def test_every_transfer_syntax_is_stored_intact(tmp_path: Path) -> None:
+    variants = transfer_syntax_variants(tmp_path / "variants")
+    files = {ts: with_new_uids(p, tmp_path / f"in-{i}.dcm") for i, (ts, p) in
+             enumerate(variants.items())}
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        statuses_ = _send(node.scp.port, list(files.values()))
+        assert statuses_ == [0] * len(files), dict(zip(files, statuses_, strict=True))
+        for ts, src in files.items():
+            sent = pydicom.dcmread(src)
+            with node.db.session() as s:
+                row = s.execute(select(Instance).where(
+                    Instance.sop_instance_uid == str(sent.SOPInstanceUID))).scalar_one()
+                path = Path(row.path)
+                assert row.transfer_syntax_uid == ts
+            stored = pydicom.dcmread(path)
+            assert stored.file_meta.TransferSyntaxUID == UID(ts)
+            # pixel data is byte-identical to what was sent, and decodes to the same image
+            assert stored.PixelData == sent.PixelData, UID(ts).name
+            np.testing.assert_array_equal(stored.pixel_array, sent.pixel_array)
+        assert not list(Path(cfg.node.storage_dir).rglob("*.tmp*"))
+
+
+def test_storescu_sends_classic_and_enhanced_images(tmp_path: Path) -> None:
+    names = ["CT_small.dcm", "MR_small.dcm", "eCT_Supplemental.dcm", "emri_small.dcm",
+             "emri_small_RLE.dcm", "emri_small_jpeg_ls_lossless.dcm", "693_J2KR.dcm"]
+    files = [with_new_uids(sample_file(n), tmp_path / n) for n in names]
+    # Legacy Converted Enhanced MR: the same pixels under the legacy SOP class
+    legacy = pydicom.dcmread(files[3])
+    legacy.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.4"
+    legacy.file_meta.MediaStorageSOPClassUID = legacy.SOPClassUID
+    legacy.SOPInstanceUID = generate_uid()
+    legacy.file_meta.MediaStorageSOPInstanceUID = legacy.SOPInstanceUID
+    legacy.save_as(tmp_path / "legacy.dcm", enforce_file_format=True)
+    files.append(tmp_path / "legacy.dcm")
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        flags = {"1.2.840.10008.1.2.5": ["-xr"], "1.2.840.10008.1.2.4.80": ["-xt"],
+                 "1.2.840.10008.1.2.4.90": ["-xv"]}
+        for f in files:  # storescu proposes one transfer syntax family per run
+            ts = str(pydicom.dcmread(f, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+            rc, out = storescu("127.0.0.1", node.scp.port, [f], called_ae_title="SRNODE",
+                               extra_args=flags.get(ts, []))
+            assert rc == 0 and "Store Failed" not in out, (f.name, out)
+        assert _count(node, Instance) == len(files)
+        for f in files:
+            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            assert _count(node, Instance, sop_instance_uid=uid) == 1
+
+
+def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path, node={"allowed_calling_ae_titles": ["GOODSCU", "HOSTBOUND"],
+                                      "allowed_hosts": {"HOSTBOUND": ["10.99.99.99"]}})
+    with running_node(cfg) as node:
+        port = node.scp.port
+        for calling, called in [("EVILSCU", "SRNODE"), ("GOODSCU", "NOTSRNODE"),
+                                ("HOSTBOUND", "SRNODE")]:
+            ae = _scu(calling)
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", port, ae_title=called)
+            assert assoc.is_rejected, (calling, called)
+        ae = _scu("GOODSCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")
+        assert assoc.is_established
+        assoc.release()
+        rc, _ = echoscu("127.0.0.1", port, called_ae_title="SRNODE", calling_ae_title="EVILSCU")
+        assert rc != 0
+    log = Path(cfg.node.log_file).read_text() if Path(cfg.node.log_file).exists() else ""
+    audit = Path(cfg.node.audit_log).read_text()
+    assert audit.count('"association_rejected"') >= 4
+    assert "EVILSCU" in audit
+    del log
+
+
+def test_other_sop_classes_are_refused_at_negotiation(tmp_path: Path) -> None:
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        ae = _scu()
+        ae.add_requested_context(SecondaryCaptureImageStorage)
+        ae.add_requested_context(MRImageStorage)
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SRNODE")
+        assert assoc.is_established
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        rejected = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+        assert accepted == {MRImageStorage}
+        assert SecondaryCaptureImageStorage in rejected
+        assoc.release()
+        sc = with_new_uids(sample_file("SC_rgb.dcm"), tmp_path / "sc.dcm")
+        rc, out = storescu("127.0.0.1", node.scp.port, [sc], called_ae_title="SRNODE")
+        assert rc != 0 or "0xA900" in out or "No presentation context" in out, out
+        assert _count(node, Instance) == 0
+
+
+def test_resent_instance_replaces_the_file_and_keeps_one_row(tmp_path: Path) -> None:
+    first = with_new_uids(sample_file("MR_small.dcm"), tmp_path / "a.dcm")
+    ds = pydicom.dcmread(first)
+    arr = ds.pixel_array.copy()
+    arr[0, 0] = 1234
+    ds.PixelData = arr.tobytes()
+    second = tmp_path / "b.dcm"
+    ds.save_as(second, enforce_file_format=True)
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        assert _send(node.scp.port, [first]) == [0]
+        assert _send(node.scp.port, [second]) == [0]
+        assert _count(node, Instance, sop_instance_uid=str(ds.SOPInstanceUID)) == 1
+        with node.db.session() as s:
+            path = Path(s.execute(select(Instance.path)).scalar_one())
+            series = s.execute(select(Series)).scalar_one()
+            assert series.num_instances == 1
+        assert pydicom.dcmread(path).pixel_array[0, 0] == 1234
+        assert len(list(path.parent.iterdir())) == 1
+
+
+def _raw_file(tmp: Path, name: str, body: bytes, sop_class: str = MRImageStorage) -> Path:
+    """A Part 10 file whose meta is valid and whose data set is ``body`` (sent undecoded)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = "1.2.840.10008.1.2.1"
+    path = tmp / name
+    with path.open("wb") as fh:
+        fh.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(fh, meta, enforce_standard=True)
+        fh.write(body)
+    return path
+
+
+def test_garbage_truncated_and_invalid_instances_get_failure_statuses(tmp_path: Path) -> None:
+    good = with_new_uids(sample_file("MR_small.dcm"), tmp_path / "good.dcm")
+    ds = pydicom.dcmread(good)
+    encoded = Path(good).read_bytes()
+    body_offset = len(encoded) - len(ds.PixelData) - 12  # start of the pixel data element
+
+    no_uid = pydicom.dcmread(good)
+    del no_uid.SeriesInstanceUID
+    bad_uid = pydicom.dcmread(good)
+    bad_uid.StudyInstanceUID = "1.2.3/../../etc"
+    short_pixels = pydicom.dcmread(good)
+    short_pixels.PixelData = short_pixels.PixelData[:100]
+    cases = {}
+    for name, d in [("no_uid", no_uid), ("bad_uid", bad_uid), ("short", short_pixels)]:
+        d.SOPInstanceUID = generate_uid()
+        d.file_meta.MediaStorageSOPInstanceUID = d.SOPInstanceUID
+        p = tmp_path / f"{name}.dcm"
+        d.save_as(p, enforce_file_format=True)
+        cases[name] = p
+    # garbage and a file cut in the middle of an element header
+    cases["garbage"] = _raw_file(tmp_path, "garbage.dcm", bytes(range(256)) * 8)
+    meta_len = len(encoded) - len(encoded[encoded.find(b"\x08\x00"):])  # rough
+    del meta_len
+    truncated = encoded[: body_offset + 6]
+    (tmp_path / "truncated.dcm").write_bytes(truncated)
+    cases["truncated"] = tmp_path / "truncated.dcm"
+
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        results = {}
+        for name, p in cases.items():
+            results[name] = _send(node.scp.port, [p])[0]
+        # the node keeps serving: a valid instance afterwards is stored
+        assert _send(node.scp.port, [good]) == [0]
+        assert _count(node, Instance) == 1
+    for name, status in results.items():
+        assert 0xA000 <= status <= 0xCFFF, (name, hex(status))
+    assert results["no_uid"] in (statuses.INVALID_UID, statuses.CANNOT_UNDERSTAND)
+    assert results["bad_uid"] == statuses.INVALID_UID
+    assert results["short"] in (statuses.INVALID_IMAGE, statuses.CANNOT_UNDERSTAND)
+    assert results["truncated"] in (statuses.INVALID_IMAGE, statuses.CANNOT_UNDERSTAND)
+    # nothing with a path trick was written anywhere
+    assert not list(tmp_path.rglob("etc"))
+    audit = Path(cfg.node.audit_log).read_text()
+    assert audit.count('"instance_refused"') == len(cases)
+
+
+def test_disk_floor_answers_out_of_resources_and_keeps_what_it_has(tmp_path: Path) -> None:
+    first = with_new_uids(sample_file("CT_small.dcm"), tmp_path / "a.dcm")
+    second = with_new_uids(sample_file("CT_small.dcm"), tmp_path / "b.dcm")
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        assert _send(node.scp.port, [first]) == [0]
+        free_mb = shutil.disk_usage(cfg.node.storage_dir).free // (1024 * 1024)
+        cfg.node.min_free_disk_mb = free_mb + 10_000  # floor above what the disk has
+        assert _send(node.scp.port, [second]) == [statuses.OUT_OF_RESOURCES]
+        cfg.node.min_free_disk_mb = 1
+        assert _count(node, Instance) == 1
+        assert _send(node.scp.port, [second]) == [0]
+        assert _count(node, Instance) == 2
+
+
+@pytest.mark.parametrize("n_assoc", [3])
+def test_concurrent_associations_store_everything(tmp_path: Path, n_assoc: int) -> None:
+    import threading
+
+    series = [[with_new_uids(sample_file("CT_small.dcm"), tmp_path / f"s{a}-{i}.dcm")
+               for i in range(10)] for a in range(n_assoc)]
+    cfg = node_config(tmp_path)
+    with running_node(cfg) as node:
+        results: dict[int, list[int]] = {}
+
+        def run(a: int) -> None:
+            results[a] = _send(node.scp.port, series[a])
+
+        threads = [threading.Thread(target=run, args=(a,)) for a in range(n_assoc)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(v == [0] * 10 for v in results.values()), results
+        assert _count(node, Instance) == 10 * n_assoc
