@@ -4,7 +4,8 @@ A series is complete for a rule when no instance arrived for the rule's quiet pe
 (``rule.quiet_period_seconds`` or the default); a series that keeps growing is forced complete
 ``max_age`` seconds after its first instance. There is one job per (series, matching rule).
 
-New instances after a job was created (``series.last_received_at > job.created_at``):
+New instances after a job was created (instance count differs from the job's
+``instance_count``, or ``series.last_received_at > job.created_at``):
 
 * once the series is quiet again, a fresh job is created and the previous job is marked
   ``superseded`` if it is queued, held or failed; a ``done`` job stays ``done`` (its output
@@ -16,6 +17,10 @@ New instances after a job was created (``series.last_received_at > job.created_a
 
 Series whose ImageType value 1 is DERIVED, or that this node produced (ImageType token or a
 recorded UID), are never queued, so a PACS routing our output back cannot start a loop.
+
+Candidate series rows are locked (``FOR UPDATE`` on PostgreSQL; SQLite transactions hold the
+write lock) and ingest resets ``completeness_checked_at``, so an instance committed during a
+check is never lost: it either is counted by the job or makes the series a candidate again.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ def check_completeness(
                 not_checked,
             )
             .order_by(Series.first_received_at, Series.id)
+            .with_for_update()
         ).all()
         for series in candidates:
             created.extend(
@@ -139,7 +145,7 @@ def _check_series(
             .limit(1)
             .with_for_update()
         ).first()
-        if latest is not None and latest.created_at >= series.last_received_at:
+        if latest is not None and not _has_new_instances(series, latest):
             continue  # this rule's job already covers every instance
         if latest is None:
             if not (quiet or forced):
@@ -179,6 +185,15 @@ def _check_series(
         # Nothing matched (or every match is covered): skip this series until it changes.
         series.completeness_checked_at = now
     return created
+
+
+def _has_new_instances(series: Series, job: Job) -> bool:
+    """Return whether ``series`` changed since ``job`` was created.
+
+    Compares the instance count recorded on the job (exact: the check holds the series row
+    lock when it creates a job) and the last reception time.
+    """
+    return series.num_instances != job.instance_count or series.last_received_at > job.created_at
 
 
 def count_unchecked(db: Database) -> int:

@@ -350,6 +350,7 @@ def _upsert(
                 else_=Series.last_received_at,
             ),
             calling_ae_title=ae,
+            completeness_checked_at=None,
         )
         .execution_options(synchronize_session=False)
     )
