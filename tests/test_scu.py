@@ -59,6 +59,7 @@ MR = "MR_small.dcm"
 MR_RLE = "MR_small_RLE.dcm"
 MR_J2K = "MR_small_jp2klossless.dcm"
 RGB_RLE = "SC_rgb_rle.dcm"
+DEFLATED = "image_dfl.dcm"
 
 
 def _uid(path: Path) -> str:
@@ -115,10 +116,8 @@ def test_send_uncompressed_to_storescp(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("only", ["+xe", "+xi"], ids=["explicit-only", "implicit-only"])
 def test_compressed_is_decompressed_for_uncompressed_only_peer(tmp_path: Path, only: str) -> None:
-    paths = [_testfile(MR_RLE), _testfile(MR_J2K), _testfile(RGB_RLE)]
-    sources = {
-        p.name: pydicom.dcmread(p) for p in paths
-    }
+    paths = [_testfile(MR_RLE), _testfile(MR_J2K), _testfile(RGB_RLE), _testfile(DEFLATED)]
+    sources = {p.name: pydicom.dcmread(p) for p in paths}
     assert sources[MR_RLE].file_meta.TransferSyntaxUID == RLELossless
     assert sources[MR_J2K].file_meta.TransferSyntaxUID == JPEG2000Lossless
     # MR_RLE and MR_J2K carry the same SOP Instance UID: send them separately.
@@ -138,6 +137,19 @@ def test_compressed_is_decompressed_for_uncompressed_only_peer(tmp_path: Path, o
         assert _pixel_sha(got) == _pixel_sha(src)
     # and the two compressions of MR_small decode to the original uncompressed pixels
     assert _pixel_sha(sources[MR_RLE]) == _pixel_sha(pydicom.dcmread(_testfile(MR)))
+
+
+def test_explicit_file_to_implicit_only_peer(tmp_path: Path) -> None:
+    path = _testfile(CT)
+    with StoreSCP(tmp_path / "in", accept_all=False, extra_args=["+xi"]) as scp:
+        report = send_instances(_dest(scp.aet, scp.port), [path], calling_ae_title="SRNODE")
+        files = scp.files()
+    src = pydicom.dcmread(path)
+    assert src.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert report.sent == [str(src.SOPInstanceUID)] and report.decompressed == []
+    got = pydicom.dcmread(files[0])
+    assert got.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert got.PixelData == src.PixelData
 
 
 def test_compressed_kept_when_peer_accepts_it(tmp_path: Path) -> None:
