@@ -421,11 +421,38 @@ def _classic_from_enhanced(ds: Dataset, frame_index: int, modality: str) -> Data
     flips = _functional_items(ds, frame_index, "MRTimingAndRelatedParametersSequence")
     if flips and "FlipAngle" not in out and flips[0].get("FlipAngle") is not None:
         out.FlipAngle = flips[0].FlipAngle
+    _map_enhanced_contrast(out)
+    anatomy = _functional_items(ds, frame_index, "FrameAnatomySequence")
+    laterality = str(anatomy[0].get("FrameLaterality", "") or "") if anatomy else ""
+    if laterality in ("R", "L", "U", "B") and "ImageLaterality" not in out:
+        out.ImageLaterality = laterality
     if modality == "CT" and "KVP" not in out:
         out.KVP = None
     if modality == "MR":
         _fill_mr_sequence_attributes(ds, out)
     return out
+
+
+def _code_meaning(items: Sequence[Dataset]) -> str:
+    """Return the Code Meaning of the first code item, or an empty string."""
+    return str(items[0].get("CodeMeaning", "") or "") if items else ""
+
+
+def _map_enhanced_contrast(out: Dataset) -> None:
+    """Replace the Enhanced Contrast/Bolus module's sequences by classic Contrast/Bolus values."""
+    agents = out.get("ContrastBolusAgentSequence")
+    if agents:
+        if not out.get("ContrastBolusAgent"):
+            out.ContrastBolusAgent = _code_meaning(agents)[: c.LO_MAX_CHARS] or None
+        routes = agents[0].get("ContrastBolusAdministrationRouteSequence")
+        if routes and not out.get("ContrastBolusRoute"):
+            out.ContrastBolusRoute = _code_meaning(routes)[: c.LO_MAX_CHARS]
+        volume = agents[0].get("ContrastBolusVolume")
+        if volume not in (None, "") and "ContrastBolusVolume" not in out:
+            out.ContrastBolusVolume = volume
+    for keyword in ("ContrastBolusAgentSequence", "ContrastBolusAdministrationRouteSequence"):
+        if keyword in out:
+            delattr(out, keyword)
 
 
 def _fill_mr_sequence_attributes(enhanced: Dataset, out: Dataset) -> None:
