@@ -10,6 +10,17 @@ class StorageError(Exception):
     """Base class of every error raised by :mod:`storage`."""
 
 
+class StorageIOError(StorageError, OSError):
+    """A file-system operation of the file store failed (disk full, permissions...).
+
+    Also an :class:`OSError` carrying the original ``errno``, so callers may treat it as one.
+    """
+
+    def __str__(self) -> str:
+        """Return the message without the ``[Errno N]`` prefix."""
+        return str(self.strerror) if self.strerror else super().__str__()
+
+
 class InvalidUIDError(StorageError, ValueError):
     """A UID is not a valid DICOM UID (PS3.5 9.1)."""
 

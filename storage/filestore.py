@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from storage.errors import InvalidUIDError, StorageError
+from storage.errors import InvalidUIDError, StorageError, StorageIOError
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TEMP_PREFIX = ".tmp-"
@@ -83,7 +83,9 @@ class FileStore:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot create storage root {self.root}: {exc}") from exc
+            raise StorageIOError(
+                exc.errno, f"cannot create storage root {self.root}: {exc.strerror or exc}"
+            ) from exc
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """Return where the instance with these UIDs is stored.
@@ -129,8 +131,10 @@ class FileStore:
 
         Raises
         ------
+        StorageIOError
+            On a file-system error (also an ``OSError`` with the original errno).
         StorageError
-            On a file-system error, or if ``path`` is outside the root.
+            If ``path`` is outside the root.
         Exception
             Whatever the writer callable raises; the temporary file is removed first.
         """
@@ -144,7 +148,9 @@ class FileStore:
                 prefix=TEMP_PREFIX + path.name + ".", suffix=TEMP_SUFFIX, dir=directory
             )
         except OSError as exc:
-            raise StorageError(f"cannot create a temporary file in {directory}: {exc}") from exc
+            raise StorageIOError(
+                exc.errno, f"cannot create a temporary file in {directory}: {exc.strerror or exc}"
+            ) from exc
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -159,8 +165,10 @@ class FileStore:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            if isinstance(exc, OSError):
-                raise StorageError(f"cannot write {path}: {exc}") from exc
+            if isinstance(exc, OSError) and not isinstance(exc, StorageError):
+                raise StorageIOError(
+                    exc.errno, f"cannot write {path}: {exc.strerror or exc}"
+                ) from exc
             raise
         _fsync_dir(directory)
         return size
@@ -170,7 +178,9 @@ class FileStore:
         try:
             return shutil.disk_usage(self.root).free
         except OSError as exc:
-            raise StorageError(f"cannot stat {self.root}: {exc}") from exc
+            raise StorageIOError(
+                exc.errno, f"cannot stat {self.root}: {exc.strerror or exc}"
+            ) from exc
 
     def remove_stale_temp_files(self) -> int:
         """Delete temporary files left by an interrupted write (call at start-up).

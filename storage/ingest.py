@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from sqlalchemy import case, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from storage.db import Database
@@ -413,19 +413,29 @@ def store_instance(
             log.debug(
                 "unique-constraint race indexing series %s, retrying", header.series_instance_uid
             )
-        except (DatabaseUnavailableError, OperationalError) as exc:
+        except DatabaseUnavailableError as exc:
+            # Retry only transient conflicts (deadlock, serialisation failure); a database that
+            # is down or stays locked past the busy timeout is reported at once.
+            if not _is_transient_conflict(exc) or attempt >= 2:
+                raise
             last_exc = exc
             log.warning(
-                "database busy indexing series %s (attempt %d)",
+                "transaction conflict indexing series %s (attempt %d), retrying",
                 header.series_instance_uid,
                 attempt + 1,
             )
         time.sleep(min(0.5, 0.01 * 2**attempt))
-    if isinstance(last_exc, IntegrityError):
-        raise StorageError(f"cannot index instance {header.sop_instance_uid}: {last_exc}")
-    raise DatabaseUnavailableError(
-        f"cannot index instance {header.sop_instance_uid}: {last_exc}"
+    raise StorageError(
+        f"cannot index instance {header.sop_instance_uid} after "
+        f"{_MAX_UPSERT_ATTEMPTS} attempts: {last_exc}"
     ) from last_exc
+
+
+def _is_transient_conflict(exc: BaseException) -> bool:
+    """Return whether a database error is a deadlock or serialisation failure (retryable)."""
+    cause = exc.__cause__
+    orig = getattr(cause, "orig", None)
+    return getattr(orig, "sqlstate", None) in ("40001", "40P01")
 
 
 def mark_produced_series(db: Database, series_instance_uid: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage.errors import InvalidUIDError, StorageError
+from storage.errors import InvalidUIDError, StorageError, StorageIOError
 from storage.filestore import FileStore, validate_uid
 
 GOOD = ["1.2.840.10008.1.2", "0", "1.0.3", "2.25.329800735698586629295641978511506172918"]
@@ -134,8 +134,10 @@ def test_write_error_is_storage_error(tmp_path: Path) -> None:
     store = FileStore(tmp_path / "root")
     blocker = store.root / "1.2"
     blocker.write_bytes(b"a file where a folder should be")
-    with pytest.raises(StorageError):
+    with pytest.raises(StorageIOError) as info:
         store.write_atomic(store.instance_path("1.2", "1.2.3", "1.2.3.4"), b"x")
+    assert isinstance(info.value, OSError) and isinstance(info.value, StorageError)
+    assert info.value.errno is not None and "Errno" not in str(info.value)
 
 
 def test_remove_stale_temp_files(tmp_path: Path) -> None:

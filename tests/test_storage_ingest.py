@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from storage.db import Database
-from storage.errors import InvalidInstanceError, InvalidUIDError
+from storage.errors import DatabaseUnavailableError, InvalidInstanceError, InvalidUIDError
 from storage.filestore import FileStore
 from storage.ingest import (
     InstanceHeader,
@@ -205,3 +205,33 @@ def test_no_phi_in_logs(database: Database, tmp_path: Path, caplog: pytest.LogCa
     store_instance(database, store, read_header(data), data, "A")
     text = caplog.text
     assert "SECRETID" not in text and "Secret" not in text and "19700101" not in text
+
+
+def test_locked_database_reports_unavailable(tmp_path: Path) -> None:
+    import sqlite3
+
+    import storage.db as dbmod
+
+    url = f"sqlite:///{tmp_path / 'idx.db'}"
+    Database(url).upgrade()
+    old = dbmod.SQLITE_BUSY_TIMEOUT_MS
+    dbmod.SQLITE_BUSY_TIMEOUT_MS = 200
+    db = Database(url)
+    holder = sqlite3.connect(tmp_path / "idx.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    store = FileStore(tmp_path / "store")
+    data = synthetic_instance(STUDY, SERIES, _sop(1))
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            store_instance(db, store, read_header(data), data, "A")
+        # The file may stay on disk; nothing was indexed.
+        assert store.instance_path(STUDY, SERIES, _sop(1)).read_bytes() == data
+    finally:
+        dbmod.SQLITE_BUSY_TIMEOUT_MS = old
+        holder.rollback()
+        holder.close()
+    with db.session() as s:
+        assert s.scalar(select(func.count()).select_from(Instance)) == 0
+    # Lock released: the re-sent instance is indexed.
+    assert not store_instance(db, store, read_header(data), data, "A").replaced
+    db.dispose()
