@@ -1,0 +1,91 @@
+"""Public benchmark of the SR engine on unseen real data (evaluation only, never training).
+
+Slice mode: CT/MR images shipped with pydicom / pydicom-data.  Volume mode: the nilearn MNI152
+T1 1 mm template (4 mm slabs for x4).  Prints a table and writes
+benchmarks/results/eval_public.json.
+
+Usage: .venv/bin/python benchmarks/eval_public.py [--models fast residual]
+       [--tasks slice:2 volume:4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import torch
+from pydicom.data import get_testdata_file
+from pydicom.pixels import apply_modality_lut
+
+from sr_engine.evaluation import evaluate_volumes
+
+SLICE_FILES = ["CT_small.dcm", "MR_small.dcm", "693_UNCR.dcm", "eCT_Supplemental.dcm",
+               "MR2_UNCR.dcm", "emri_small.dcm", "MR-SIEMENS-DICOM-WithOverlays.dcm"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_dicom_case(filename: str) -> tuple[str, np.ndarray, tuple[float, float, float], str]:
+    path = get_testdata_file(filename)
+    ds = pydicom.dcmread(path)
+    arr = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    if arr.ndim == 2:
+        arr = arr[None]
+    ps = ds.get("PixelSpacing")
+    if ps is None:
+        try:
+            ps = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+        except (AttributeError, IndexError):
+            ps = [1.0, 1.0]
+    dz = float(ds.get("SpacingBetweenSlices", ds.get("SliceThickness", 1.0)) or 1.0)
+    return filename.removesuffix(".dcm"), arr, (dz, float(ps[0]), float(ps[1])), ds.Modality
+
+
+def load_mni_case() -> tuple[str, np.ndarray, tuple[float, float, float], str]:
+    import nilearn
+
+    path = (Path(nilearn.__file__).parent / "datasets" / "data"
+            / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    img = nib.load(str(path))
+    data = np.asarray(img.get_fdata(), dtype=np.float32)  # (x, y, z) RAS
+    zooms = img.header.get_zooms()
+    vol = np.ascontiguousarray(data.transpose(2, 1, 0))  # (z, y, x): axial slices
+    return "MNI152_T1_1mm", vol, (float(zooms[2]), float(zooms[1]), float(zooms[0])), "MR"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["fast", "srcnn", "residual", "srgan"])
+    ap.add_argument("--tasks", nargs="+", default=["slice:2", "slice:4", "volume:2", "volume:4"])
+    ap.add_argument("--out", type=Path, default=RESULTS / "eval_public.json")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    slice_cases = [load_dicom_case(f) for f in SLICE_FILES]
+    volume_cases = [load_mni_case()]
+    results = []
+    print(f"{'task':10} {'model':9} {'baseline':8} {'PSNR gain dB':>12} {'SSIM gain':>9}"
+          f" {'min gain':>8}  per-case gains")
+    for task in args.tasks:
+        mode, scale = task.split(":")
+        cases = slice_cases if mode == "slice" else volume_cases
+        for model in args.models:
+            t0 = time.perf_counter()
+            res = evaluate_volumes(cases, mode, int(scale), model)
+            res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+            results.append(res)
+            gains = [c["psnr"] - c["psnr_baseline"] for c in res["cases"]]
+            print(f"{task:10} {model:9} {res['baseline']:8} {res['mean_psnr_gain_db']:12.2f}"
+                  f" {res['mean_ssim_gain']:9.4f} {min(gains):8.2f}  "
+                  + " ".join(f"{c['name'][:12]}={g:+.2f}" for c, g in
+                             zip(res["cases"], gains, strict=True)), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"results": results}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

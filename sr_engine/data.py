@@ -1,0 +1,208 @@
+"""Training data: scikit-image's bundled natural images and our own synthetic phantoms.
+
+Nothing here reads medical images shipped by any package (pydicom, pydicom-data, nilearn):
+those are evaluation data only.  All images are returned in network units (roughly [0, 1]):
+CT phantoms through the fixed HU mapping of :mod:`sr_engine.normalise`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .normalise import CT_OFFSET_HU, CT_SCALE_HU
+
+# Natural / synthetic images only (CC0 or public domain per skimage.data docstrings); the
+# biomedical skimage images (retina, cell, ihc, microaneurysms) are deliberately left out.
+NATURAL_IMAGES = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass",
+                  "gravel", "horse", "hubble_deep_field", "moon", "page", "rocket", "text")
+
+
+def natural_images() -> list[np.ndarray]:
+    """Grey natural images from ``skimage.data`` as float32 in [0, 1]."""
+    import skimage.data
+    from skimage.color import rgb2gray
+
+    out = []
+    for name in NATURAL_IMAGES:
+        img = np.asarray(getattr(skimage.data, name)())
+        if img.ndim == 3:
+            img = rgb2gray(img[..., :3])
+        img = img.astype(np.float32)
+        if img.max() > 1.5:
+            img = img / 255.0
+        out.append(img.astype(np.float32))
+    return out
+
+
+def _ellipse(shape: tuple[int, int], cy: float, cx: float, ry: float, rx: float,
+             angle: float) -> np.ndarray:
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    c, s = np.cos(angle), np.sin(angle)
+    u = ((xx - cx) * c + (yy - cy) * s) / rx
+    v = (-(xx - cx) * s + (yy - cy) * c) / ry
+    return u * u + v * v <= 1.0
+
+
+def _texture(shape: tuple[int, int], rng: np.random.Generator, scale: float) -> np.ndarray:
+    t = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), scale)
+    return t / (t.std() + 1e-6)
+
+
+def ct_phantom(size: int, rng: np.random.Generator) -> np.ndarray:
+    """CT-like slice in HU.
+
+    Air, fat/soft tissue body with texture, lungs with vessels, bones, small calcifications,
+    noise.
+
+    Parameters
+    ----------
+    size
+        Edge length in pixels.
+    rng
+        Random generator.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(size, size)`` in HU.
+    """
+    shape = (size, size)
+    img = np.full(shape, -1000.0, dtype=np.float32)
+    c = size / 2
+    ry, rx = size * rng.uniform(0.3, 0.45), size * rng.uniform(0.35, 0.48)
+    body = _ellipse(shape, c, c, ry, rx, rng.uniform(-0.2, 0.2))
+    img[body] = -100 + 10 * rng.standard_normal()
+    inner = _ellipse(shape, c, c, ry * 0.85, rx * 0.85, 0.0)
+    img[inner] = 40 + 15 * _texture(shape, rng, rng.uniform(1, 4))[inner]
+    if rng.random() < 0.6:
+        for side in (-1, 1):
+            lung = _ellipse(shape, c - 0.05 * size, c + side * rx * 0.45, ry * 0.6, rx * 0.3,
+                            rng.uniform(-0.3, 0.3))
+            vessels = np.clip(_texture(shape, rng, 1.5), 1.2, None) - 1.2
+            img[lung] = (-850 + 600 * vessels)[lung]
+    for _ in range(rng.integers(3, 12)):
+        e = _ellipse(shape, rng.uniform(0.25, 0.75) * size, rng.uniform(0.25, 0.75) * size,
+                     rng.uniform(2, size * 0.12), rng.uniform(2, size * 0.12),
+                     rng.uniform(0, np.pi))
+        val = rng.choice([rng.uniform(-120, 120), rng.uniform(300, 1800)])
+        if val > 250 and rng.random() < 0.5:
+            ring = e & ~ndimage.binary_erosion(e, iterations=int(rng.integers(1, 4)))
+            img[ring] = val
+            img[e & ~ring] = rng.uniform(100, 400)
+        else:
+            img[e] = val
+    for _ in range(rng.integers(0, 15)):
+        y, x = rng.integers(0, size, 2)
+        img[y, x] = rng.uniform(200, 1500)
+    img = ndimage.gaussian_filter(img, rng.uniform(0.0, 0.8))
+    img += rng.uniform(0, 20) * rng.standard_normal(shape).astype(np.float32)
+    return img.astype(np.float32)
+
+
+def mr_phantom(size: int, rng: np.random.Generator) -> np.ndarray:
+    """MR-like slice in [0, ~1]: head-like ellipses, grey/white texture, bias field, noise.
+
+    Parameters
+    ----------
+    size
+        Edge length in pixels.
+    rng
+        Random generator.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(size, size)``.
+    """
+    shape = (size, size)
+    img = np.zeros(shape, dtype=np.float32)
+    c = size / 2
+    ry, rx = size * rng.uniform(0.35, 0.46), size * rng.uniform(0.3, 0.42)
+    img[_ellipse(shape, c, c, ry, rx, 0.0)] = rng.uniform(0.5, 0.9)
+    brain = _ellipse(shape, c, c, ry * 0.88, rx * 0.88, 0.0)
+    folds = _texture(shape, rng, rng.uniform(1.5, 3.5))
+    img[brain] = np.where(folds > 0, 0.45, 0.7)[brain] + 0.03 * folds[brain]
+    for _ in range(rng.integers(2, 8)):
+        e = _ellipse(shape, rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size,
+                     rng.uniform(2, size * 0.1), rng.uniform(2, size * 0.1), rng.uniform(0, np.pi))
+        img[e] = rng.uniform(0.05, 1.0)
+    yy, xx = np.mgrid[: size, : size] / size
+    bias = 1 + 0.2 * (rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx)
+    img = ndimage.gaussian_filter(img * bias, rng.uniform(0.0, 0.8)).astype(np.float32)
+    noise = rng.uniform(0, 0.02)
+    re = img + noise * rng.standard_normal(shape)
+    im = noise * rng.standard_normal(shape)
+    return np.sqrt(re * re + im * im).astype(np.float32)
+
+
+def training_pool(seed: int, phantoms: int = 24, size: int = 192) -> list[np.ndarray]:
+    """All HR training images in network units.
+
+    Parameters
+    ----------
+    seed
+        Seed of the phantom generator.
+    phantoms
+        Number of CT and of MR phantoms.
+    size
+        Phantom edge length.
+
+    Returns
+    -------
+    list of numpy.ndarray
+        Natural images (random gain applied later) then CT and MR phantoms.
+    """
+    rng = np.random.default_rng(seed)
+    pool = natural_images()
+    for _ in range(phantoms):
+        pool.append((ct_phantom(size, rng) + CT_OFFSET_HU) / CT_SCALE_HU)
+        pool.append(mr_phantom(size, rng))
+    return [p.astype(np.float32) for p in pool]
+
+
+class PatchSampler:
+    """Random HR patches with flips, 90-degree rotations and (natural images) random gain.
+
+    Parameters
+    ----------
+    pool
+        HR images in network units.
+    patch_hw
+        HR patch ``(height, width)``.
+    seed
+        Seed of the sampler.
+    natural_count
+        How many leading images of ``pool`` are natural images (get a random gain/offset).
+    """
+
+    def __init__(self, pool: list[np.ndarray], patch_hw: tuple[int, int], seed: int,
+                 natural_count: int = len(NATURAL_IMAGES)) -> None:
+        self.pool = [p for p in pool if p.shape[0] >= max(patch_hw) and p.shape[1] >= max(patch_hw)]
+        self.patch_hw = patch_hw
+        self.rng = np.random.default_rng(seed)
+        self.natural_count = natural_count
+
+    def sample(self, batch: int) -> torch.Tensor:
+        """Return ``(batch, 1, H, W)`` float32 HR patches."""
+        ph, pw = self.patch_hw
+        out = np.empty((batch, 1, ph, pw), dtype=np.float32)
+        for b in range(batch):
+            k = int(self.rng.integers(len(self.pool)))
+            img = self.pool[k]
+            if ph != pw and self.rng.random() < 0.5:
+                img = img.T
+            y = int(self.rng.integers(0, img.shape[0] - ph + 1))
+            x = int(self.rng.integers(0, img.shape[1] - pw + 1))
+            p = img[y:y + ph, x:x + pw]
+            if ph == pw:
+                p = np.rot90(p, int(self.rng.integers(4)))
+            if self.rng.random() < 0.5:
+                p = p[:, ::-1]
+            if self.rng.random() < 0.5:
+                p = p[::-1]
+            if k < self.natural_count:
+                p = p * self.rng.uniform(0.3, 1.0) + self.rng.uniform(0.0, 0.3)
+            out[b, 0] = p
+        return torch.from_numpy(out)

@@ -1,0 +1,272 @@
+"""``enhance_volume``: the engine's public entry point."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .api import ConsistencyReport, EnhanceRequest, EnhanceResult
+from .degrade import degrade_inplane, slab_weights
+from .errors import UnsupportedRequestError
+from .models import check_scale, load_model, resolve_name
+from .models.base import factors_for, receptive_field
+from .normalise import IntensityMapping, mapping_for
+from .tiling import upsample_planes
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(requested: str) -> tuple[str, str | None]:
+    """Pick ``cpu`` or ``cuda``; returns ``(device, fallback reason or None)``."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise UnsupportedRequestError(f"unknown device {requested!r}")
+    has_cuda = torch.cuda.is_available()
+    if requested == "cpu":
+        return "cpu", None
+    if has_cuda:
+        return "cuda", None
+    return "cpu", ("CUDA requested but not available" if requested == "cuda" else None)
+
+
+def _run(model: torch.nn.Module, planes: np.ndarray, fy: int, fx: int, device: str,
+         request: EnhanceRequest) -> tuple[np.ndarray, int]:
+    model = model.to(device)
+    return upsample_planes(
+        model, planes, fy, fx, device=device, batch_size=request.batch_size,
+        tile_size=request.tile_size, tile_overlap=request.tile_overlap,
+        margin=receptive_field(model) // 2 + 1, amp=device == "cuda")
+
+
+def cubic_resample_z(fine: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Cubic (Keys, a=-0.5) interpolation along axis 0 at fractional indices (edges clamped)."""
+    n = fine.shape[0]
+    base = np.floor(positions).astype(int)
+    t = positions - base
+    out = np.zeros((len(positions), *fine.shape[1:]), dtype=np.float32)
+    a = -0.5
+    for k in range(-1, 3):
+        d = np.abs(t - k)
+        wgt = np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
+                       np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0))
+        idx = np.clip(base + k, 0, n - 1)
+        out += wgt.astype(np.float32)[:, None, None] * fine[idx]
+    return out
+
+
+def output_grid(n: int, dz: float, thickness: float, scale: int,
+                output_spacing: float | None) -> tuple[np.ndarray, float]:
+    """Centres (mm, relative to input slice 0) and spacing of the volume-mode output slices.
+
+    The grid partitions the input extent ``[-T/2, (n-1)dz + T/2]`` symmetrically; with
+    contiguous slabs (``T == dz``) and ``spacing = dz/r`` slab ``i`` becomes ``r`` slices centred
+    at ``i*dz + (j - (r-1)/2) * T/r``.
+    """
+    s = float(output_spacing) if output_spacing else dz / scale
+    if s <= 0:
+        raise UnsupportedRequestError("output_spacing must be positive")
+    extent = (n - 1) * dz + thickness
+    m = max(1, int(round(extent / s)))
+    mid = (n - 1) * dz / 2
+    return mid + (np.arange(m) - (m - 1) / 2) * s, s
+
+
+def contributing(out_centres: np.ndarray, s: float, n: int, dz: float,
+                 thickness: float) -> list[list[int]]:
+    """Input slices whose slab overlaps each output slice (else the interpolation neighbours)."""
+    ov = slab_weights(out_centres, s, np.arange(n) * dz, thickness)
+    result = []
+    for k, c in enumerate(out_centres):
+        idx = [int(i) for i in np.nonzero(ov[:, k] > 1e-6 * max(s, 1e-9))[0]]
+        if not idx:
+            f = c / dz
+            idx = sorted({int(np.clip(math.floor(f), 0, n - 1)),
+                          int(np.clip(math.ceil(f), 0, n - 1))})
+        result.append(idx)
+    return result
+
+
+def _report(redegraded: np.ndarray, original: np.ndarray, data_range: float) -> ConsistencyReport:
+    err = np.abs(redegraded.astype(np.float64) - original.astype(np.float64))
+    mse = float(np.mean(err**2)) if err.size else 0.0
+    psnr = float("inf") if mse == 0 else 10 * math.log10(data_range**2 / mse)
+    return ConsistencyReport(float(err.mean()), float(err.max()), psnr)
+
+
+def consistency_slice(output: np.ndarray, volume: np.ndarray, scale: int,
+                      mapping: IntensityMapping, batch: int = 16) -> ConsistencyReport:
+    """Re-degrade in-plane with the nominal operator and compare with the input.
+
+    ``output`` and ``volume`` are in network units; errors are reported in modality units.
+    """
+    h, w = volume.shape[1:]
+    red = np.empty_like(volume, dtype=np.float32)
+    with torch.inference_mode():
+        for i in range(0, output.shape[0], batch):
+            part = output[i:i + batch, : h * scale, : w * scale]
+            t = torch.from_numpy(np.ascontiguousarray(part))
+            red[i:i + batch] = degrade_inplane(t.unsqueeze(1), scale).squeeze(1).numpy()
+    return _report(mapping.inverse(red), mapping.inverse(volume), mapping.scale)
+
+
+def consistency_volume(output: np.ndarray, out_centres: np.ndarray, s: float,
+                       volume: np.ndarray, dz: float, thickness: float,
+                       mapping: IntensityMapping) -> ConsistencyReport:
+    """Average the output over each input slab (box slice profile) and compare with the input."""
+    n = volume.shape[0]
+    ov = slab_weights(out_centres, s, np.arange(n) * dz, thickness)
+    ov = ov / np.maximum(ov.sum(axis=1, keepdims=True), 1e-12)
+    red = np.tensordot(ov.astype(np.float32), output, axes=(1, 0))
+    return _report(red, volume, mapping.scale)
+
+
+def check_consistency(result: EnhanceResult, volume: np.ndarray,
+                      spacing: tuple[float, float, float], slice_thickness: float,
+                      modality: str, mode: str, scale: int) -> ConsistencyReport:
+    """Re-run the consistency check of a (possibly modified) result against its input.
+
+    Parameters
+    ----------
+    result
+        Output of :func:`enhance_volume` (its ``volume`` may have been changed since).
+    volume, spacing, slice_thickness, modality
+        The input given to :func:`enhance_volume`.
+    mode, scale
+        The task.
+
+    Returns
+    -------
+    ConsistencyReport
+        Errors in modality units and PSNR of the re-degraded output against the input.
+    """
+    volume = np.asarray(volume, dtype=np.float32)
+    mapping = mapping_for(volume, modality)
+    if mode == "slice":
+        return consistency_slice(mapping.forward(result.volume), mapping.forward(volume), scale,
+                                 mapping)
+    dz = float(spacing[0])
+    thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
+    return consistency_volume(result.volume, np.asarray(result.slice_offsets), result.spacing[0],
+                              volume, dz, thickness, mapping)
+
+
+def _clip_plausible(out: np.ndarray, volume: np.ndarray, modality: str) -> None:
+    vmin, vmax = float(volume.min()), float(volume.max())
+    margin = 0.1 * max(vmax - vmin, 1e-6)
+    lo, hi = vmin - margin, vmax + margin
+    if modality.upper() == "CT":
+        lo = max(lo, min(vmin, -1024.0))
+    elif vmin >= 0:
+        lo = max(lo, 0.0)
+    np.clip(out, lo, hi, out=out)
+
+
+def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
+                   slice_thickness: float, modality: str, request: EnhanceRequest,
+                   *, weights_dir: Path | None = None) -> EnhanceResult:
+    """Super-resolve a volume in modality units.
+
+    Parameters
+    ----------
+    volume
+        float32 ``(z, y, x)`` in modality units (CT: HU).
+    spacing
+        ``(dz, dy, dx)`` in mm; ``dz`` is the centre-to-centre slice spacing.
+    slice_thickness
+        Nominal slice thickness in mm (``<= 0``: taken as ``dz``).
+    modality
+        DICOM Modality (``CT`` uses the fixed HU mapping; others a per-series factor).
+    request
+        What to do (mode, scale, model, device, tiling).
+    weights_dir
+        Optional folder with weights (default: shipped weights or ``$SRNODE_WEIGHTS_DIR``).
+
+    Returns
+    -------
+    EnhanceResult
+        The enhanced float32 volume, its geometry, provenance and consistency check.
+
+    Raises
+    ------
+    UnsupportedRequestError
+        Bad shape, mode, scale or device.
+    UnknownModelError, WeightsNotFoundError
+        The model cannot be loaded.
+    """
+    t0 = time.perf_counter()
+    volume = np.asarray(volume, dtype=np.float32)
+    if volume.ndim != 3 or min(volume.shape) < 1:
+        raise UnsupportedRequestError(f"volume must be (z, y, x), got shape {volume.shape}")
+    if not np.all(np.isfinite(volume)):
+        raise UnsupportedRequestError("volume contains NaN or infinite values")
+    mode, scale = request.mode, int(request.scale)
+    check_scale(mode, scale)
+    dz, dy, dx = (float(v) for v in spacing)
+    thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
+    device, fallback = resolve_device(request.device)
+    name = resolve_name(request.model, device)
+    model, version = load_model(name, mode, scale, weights_dir)
+    mapping = mapping_for(volume, modality)
+    x = mapping.forward(volume)
+    fy, fx = factors_for(mode, scale)
+    extra: dict[str, object] = {"requested_model": request.model,
+                                "intensity_mapping": {"offset": mapping.offset,
+                                                      "scale": mapping.scale}}
+
+    def run(planes: np.ndarray) -> tuple[np.ndarray, int]:
+        nonlocal device, fallback
+        try:
+            return _run(model, planes, fy, fx, device, request)
+        except torch.OutOfMemoryError:
+            if device != "cuda":
+                raise
+            fallback, device = "CUDA out of memory", "cpu"
+            torch.cuda.empty_cache()
+            return _run(model, planes, fy, fx, device, request)
+
+    n = volume.shape[0]
+    if mode == "slice":
+        out, tiles = run(x)
+        out = mapping.inverse(out)
+        _clip_plausible(out, volume, modality)
+        consistency = consistency_slice(mapping.forward(out), x, scale, mapping)
+        offsets = [i * dz for i in range(n)]
+        contrib = [[i] for i in range(n)]
+        out_spacing = (dz, dy / scale, dx / scale)
+        out_thickness = thickness
+    else:
+        if n < 2:
+            raise UnsupportedRequestError("volume mode needs at least two slices")
+        sag, tiles_s = run(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (X, Z*r, Y)
+        cor, tiles_c = run(np.ascontiguousarray(x.transpose(1, 0, 2)))  # (Y, Z*r, X)
+        fine = 0.5 * (sag.transpose(1, 2, 0) + cor.transpose(1, 0, 2))
+        tiles = tiles_s + tiles_c
+        centres, s = output_grid(n, dz, thickness, scale, request.output_spacing)
+        fine_step = dz / scale
+        fine_centres = (np.arange(n * scale) - (scale - 1) / 2) * fine_step
+        if len(centres) == len(fine_centres) and np.allclose(centres, fine_centres, atol=1e-6):
+            out = fine.astype(np.float32)
+            extra["resampled"] = False
+        else:
+            out = cubic_resample_z(fine.astype(np.float32), (centres - fine_centres[0]) / fine_step)
+            extra["resampled"] = True
+        out = mapping.inverse(out)
+        _clip_plausible(out, volume, modality)
+        consistency = consistency_volume(out, centres, s, volume, dz, thickness, mapping)
+        offsets = [float(c) for c in centres]
+        contrib = contributing(centres, s, n, dz, thickness)
+        out_spacing = (s, dy, dx)
+        out_thickness = s
+    if fallback:
+        extra["device_fallback"] = fallback
+        log.warning("SR engine device fallback: %s", fallback)
+    extra["tiles_per_plane"] = tiles
+    return EnhanceResult(
+        volume=np.ascontiguousarray(out, dtype=np.float32), spacing=out_spacing,
+        slice_thickness=out_thickness, slice_offsets=offsets, contributing_slices=contrib,
+        consistency=consistency, model_name=name, model_version=version, device=device,
+        seconds=time.perf_counter() - t0, extra=extra)

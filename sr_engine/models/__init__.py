@@ -1,0 +1,163 @@
+"""Model registry: every name works in ``slice`` (x2, x4) and ``volume`` (x2, x3, x4) mode.
+
+Learned models keep one weights file per mode and scale,
+``sr_engine/weights/<model>_<mode>_x<scale>.safetensors``; the baselines have no weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..errors import UnknownModelError, UnsupportedRequestError, WeightsNotFoundError
+from .base import (
+    InterpolationNet,
+    SRNet,
+    factors_for,
+    flops_per_output_pixel,
+    parameter_count,
+    receptive_field,
+)
+from .fast import FastNet
+from .residual import ResidualNet
+from .srcnn import SRCNN
+from .srgan import Discriminator, SRGANGenerator
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+SCALES = {"slice": (2, 4), "volume": (2, 3, 4)}
+BEST_MODEL = "residual"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture.
+
+    Attributes
+    ----------
+    name
+        Registry name.
+    build
+        ``build(fy, fx) -> SRNet``.
+    learned
+        Whether the model needs weights.
+    """
+
+    name: str
+    build: Callable[[int, int], SRNet]
+    learned: bool
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "fast": ModelSpec("fast", lambda fy, fx: FastNet(fy, fx), True),
+    "srcnn": ModelSpec("srcnn", lambda fy, fx: SRCNN(fy, fx), True),
+    "residual": ModelSpec("residual", lambda fy, fx: ResidualNet(fy, fx), True),
+    "srgan": ModelSpec("srgan", lambda fy, fx: SRGANGenerator(fy, fx), True),
+    "bicubic": ModelSpec("bicubic", lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
+    "cubic": ModelSpec("cubic", lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
+    "linear": ModelSpec("linear", lambda fy, fx: InterpolationNet(fy, fx, "linear"), False),
+}
+
+
+def available_models() -> list[str]:
+    """Registered model names plus ``auto``."""
+    return [*REGISTRY, "auto"]
+
+
+def resolve_name(name: str, device: str) -> str:
+    """Resolve ``auto`` (``fast`` on CPU, :data:`BEST_MODEL` on CUDA) and validate the name."""
+    if name == "auto":
+        return BEST_MODEL if device == "cuda" else "fast"
+    if name not in REGISTRY:
+        raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(available_models())}")
+    return name
+
+
+def check_scale(mode: str, scale: int) -> None:
+    """Raise :class:`UnsupportedRequestError` unless ``mode``/``scale`` is supported."""
+    if mode not in SCALES:
+        raise UnsupportedRequestError(f"unknown mode {mode!r}")
+    if scale not in SCALES[mode]:
+        raise UnsupportedRequestError(f"{mode} mode supports x{SCALES[mode]}, not x{scale}")
+
+
+def build_model(name: str, mode: str, scale: int) -> SRNet:
+    """Instantiate an untrained model for ``mode`` and ``scale``."""
+    check_scale(mode, scale)
+    spec = REGISTRY.get(name)
+    if spec is None:
+        raise UnknownModelError(f"unknown model {name!r}")
+    fy, fx = factors_for(mode, scale)
+    return spec.build(fy, fx)
+
+
+def weights_path(name: str, mode: str, scale: int, weights_dir: Path | None = None) -> Path:
+    """Path of the weights file (``$SRNODE_WEIGHTS_DIR`` overrides the shipped folder)."""
+    env = os.environ.get("SRNODE_WEIGHTS_DIR")
+    folder = weights_dir or (Path(env) if env else WEIGHTS_DIR)
+    return folder / f"{name}_{mode}_x{scale}.safetensors"
+
+
+_CACHE: dict[tuple[str, float], tuple[SRNet, str]] = {}
+
+
+def load_model(name: str, mode: str, scale: int,
+               weights_dir: Path | None = None) -> tuple[SRNet, str]:
+    """Build a model and load its weights.
+
+    Parameters
+    ----------
+    name
+        Registered name (not ``auto``).
+    mode, scale
+        Task.
+    weights_dir
+        Folder with ``<model>_<mode>_x<scale>.safetensors`` (default: shipped weights).
+
+    Returns
+    -------
+    tuple
+        ``(model in eval mode on the CPU, version string)``.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        A learned model has no weights for this mode and scale.
+    """
+    model = build_model(name, mode, scale)
+    if not REGISTRY[name].learned:
+        return model.eval(), f"{name}-builtin"
+    path = weights_path(name, mode, scale, weights_dir)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"no weights for {name} {mode} x{scale} at {path}")
+    key = (str(path), path.stat().st_mtime)
+    if key not in _CACHE:
+        state = load_file(str(path))
+        model.load_state_dict(state)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        _CACHE[key] = (model.eval(), f"{name}-{mode}-x{scale}-{digest}")
+    cached, version = _CACHE[key]
+    fresh = build_model(name, mode, scale)
+    fresh.load_state_dict(cached.state_dict())
+    return fresh.eval(), version
+
+
+def describe(name: str, mode: str = "slice", scale: int = 2) -> dict[str, float | int | str]:
+    """Receptive field (LR pixels), parameters and FLOPs per output pixel of a model."""
+    model = build_model(name, mode, scale)
+    return {"model": name, "mode": mode, "scale": scale,
+            "receptive_field_lr_px": receptive_field(model),
+            "parameters": parameter_count(model),
+            "flops_per_output_pixel": round(flops_per_output_pixel(model), 1)}
+
+
+__all__ = [
+    "BEST_MODEL", "REGISTRY", "SCALES", "WEIGHTS_DIR", "Discriminator", "ModelSpec", "SRNet",
+    "available_models", "build_model", "check_scale", "describe", "load_model", "resolve_name",
+    "weights_path", "torch",
+]

@@ -1,0 +1,254 @@
+"""Training of the learned models on synthetic LR/HR pairs.
+
+LR/HR pairs are made on the fly with :class:`sr_engine.degrade.RandomDegradation` from the
+patches of :mod:`sr_engine.data`; L1 loss, Adam, cosine learning-rate schedule, checkpoints
+with resume, a tqdm progress bar and deterministic seeds.  ``srgan`` starts from the ``residual``
+weights (L1 pre-training) and is fine-tuned with a relativistic-average GAN loss plus L1.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .data import PatchSampler, training_pool
+from .degrade import RandomDegradation
+from .errors import UnsupportedRequestError, WeightsNotFoundError
+from .models import REGISTRY, Discriminator, build_model, weights_path
+
+LR_PATCH = 24
+
+
+@dataclass
+class TrainReport:
+    """Outcome of :func:`train`.
+
+    Attributes
+    ----------
+    model, mode, scale
+        What was trained.
+    steps
+        Total optimisation steps done (including resumed ones).
+    first_loss, final_loss
+        Mean L1 loss over the first and last 10 % of this run's steps.
+    seconds
+        Wall time of this run.
+    weights
+        Path of the saved ``.safetensors`` file.
+    parameters
+        Trainable parameters of the model.
+    losses
+        L1 loss of every step of this run.
+    """
+
+    model: str
+    mode: str
+    scale: int
+    steps: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+    weights: Path
+    parameters: int
+    losses: list[float] = field(default_factory=list)
+
+
+def _seed_all(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    return torch.Generator().manual_seed(seed)
+
+
+def _patch_hw(mode: str, scale: int, lr_patch: int) -> tuple[int, int]:
+    if mode == "slice":
+        return lr_patch * scale, lr_patch * scale
+    return lr_patch * scale, 2 * lr_patch
+
+
+def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: int = 0,
+          resume: bool = False, *, batch_size: int = 16, lr_patch: int = LR_PATCH,
+          learning_rate: float | None = None, threads: int = 2, checkpoint_every: int = 200,
+          init_weights: Path | None = None, phantoms: int = 24,
+          checkpoint_dir: Path | None = None, progress: bool = True) -> TrainReport:
+    """Train one model for one mode and scale and save its weights.
+
+    Parameters
+    ----------
+    model
+        A learned registry name (``fast``, ``srcnn``, ``residual``, ``srgan``).
+    mode, scale
+        ``slice`` (x2, x4) or ``volume`` (x2, x3, x4).
+    steps
+        Total optimisation steps (a resumed run continues up to this number).
+    out_dir
+        Folder for ``<model>_<mode>_x<scale>.safetensors`` and the checkpoint.
+    seed
+        Seed of data, degradation and initialisation.
+    resume
+        Continue from ``out_dir``'s checkpoint when it exists.
+    batch_size
+        Patches per step.
+    lr_patch
+        LR patch edge in pixels (volume mode: ``lr_patch`` slices by ``2*lr_patch`` pixels).
+    learning_rate
+        Peak Adam learning rate (default per model).
+    threads
+        ``torch.set_num_threads``.
+    checkpoint_every
+        Steps between checkpoints.
+    init_weights
+        Initial weights (``srgan``: defaults to the ``residual`` weights of the same task).
+    phantoms
+        Number of CT and of MR phantoms in the pool.
+    checkpoint_dir
+        Folder of the resumable checkpoint (default ``out_dir``).
+    progress
+        Show the tqdm bar.
+
+    Returns
+    -------
+    TrainReport
+        Losses, timing and the weights path.
+    """
+    if model not in REGISTRY or not REGISTRY[model].learned:
+        raise UnsupportedRequestError(f"{model!r} is not a trainable model")
+    torch.set_num_threads(threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen = _seed_all(seed)
+    net = build_model(model, mode, scale)
+    adversarial = model == "srgan"
+    if adversarial and init_weights is None:
+        init_weights = weights_path("residual", mode, scale, out_dir)
+        if not init_weights.is_file():
+            init_weights = weights_path("residual", mode, scale)
+    if init_weights is not None:
+        if not Path(init_weights).is_file():
+            raise WeightsNotFoundError(f"initial weights {init_weights} not found")
+        net.load_state_dict(load_file(str(init_weights)))
+    base_lr = learning_rate or {"fast": 2e-3, "srcnn": 1e-3, "residual": 5e-4,
+                                "srgan": 5e-5}[model]
+    opt = torch.optim.Adam(net.parameters(), lr=base_lr)
+    disc = Discriminator() if adversarial else None
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.999)) if disc else None
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = ckpt_dir / f"{model}_{mode}_x{scale}.ckpt.pt"
+    start = 0
+    sampler = PatchSampler(training_pool(seed, phantoms), _patch_hw(mode, scale, lr_patch), seed)
+    if resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        if disc is not None:
+            disc.load_state_dict(state["disc"])
+            opt_d.load_state_dict(state["opt_d"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        sampler.rng.bit_generator.state = state["sampler_rng"]
+        start = int(state["step"])
+    degrade = RandomDegradation(mode, scale)
+
+    def save_checkpoint(step: int) -> None:
+        state = {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "sampler_rng": sampler.rng.bit_generator.state, "step": step}
+        if disc is not None:
+            state |= {"disc": disc.state_dict(), "opt_d": opt_d.state_dict()}
+        torch.save(state, ckpt)
+
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    net.train()
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress,
+               desc=f"{model} {mode} x{scale}", unit="step")
+    for step in bar:
+        hr = sampler.sample(batch_size)
+        lr = degrade(hr, gen)
+        sr = net(lr)
+        l1 = F.l1_loss(sr, hr)
+        loss = l1
+        if disc is not None:
+            real, fake = disc(hr), disc(sr.detach())
+            d_loss = 0.5 * (F.softplus(-(real - fake.mean())).mean()
+                            + F.softplus(fake - real.mean()).mean())
+            opt_d.zero_grad()
+            d_loss.backward()
+            opt_d.step()
+            real, fake = disc(hr).detach(), disc(sr)
+            g_adv = 0.5 * (F.softplus(real - fake.mean()).mean()
+                           + F.softplus(-(fake - real.mean())).mean())
+            loss = l1 + 5e-3 * g_adv
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(l1.item())
+        if step % 10 == 0:
+            bar.set_postfix(l1=f"{np.mean(losses[-20:]):.5f}")
+        if (step + 1) % checkpoint_every == 0:
+            save_checkpoint(step + 1)
+    bar.close()
+    save_checkpoint(steps)
+    net.eval()
+    weights = weights_path(model, mode, scale, out_dir)
+    meta = {"model": model, "mode": mode, "scale": str(scale), "steps": str(steps),
+            "seed": str(seed), "data": "skimage natural images + synthetic CT/MR phantoms"}
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights), metadata=meta)
+    k = max(1, len(losses) // 10)
+    return TrainReport(model, mode, scale, steps,
+                       float(np.mean(losses[:k])) if losses else float("nan"),
+                       float(np.mean(losses[-k:])) if losses else float("nan"),
+                       time.perf_counter() - t0, weights, sum(p.numel() for p in net.parameters()),
+                       losses)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: ``python -m sr_engine.training --model fast --mode slice --scale 2 ...``.
+
+    Appends a record to ``<out>/training_log.json``.
+    """
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--mode", required=True, choices=["slice", "volume"])
+    ap.add_argument("--scale", required=True, type=int)
+    ap.add_argument("--steps", required=True, type=int)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--checkpoints", type=Path, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args(argv)
+    rep = train(args.model, args.mode, args.scale, args.steps, args.out, args.seed, args.resume,
+                batch_size=args.batch_size, threads=args.threads,
+                checkpoint_dir=args.checkpoints)
+    log_path = args.out / "training_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {}
+    log[f"{rep.model}_{rep.mode}_x{rep.scale}"] = {
+        "steps": rep.steps, "seconds": round(rep.seconds, 1), "seed": args.seed,
+        "batch_size": args.batch_size, "first_l1": round(rep.first_loss, 5),
+        "final_l1": round(rep.final_loss, 5), "parameters": rep.parameters,
+        "command": " ".join(["python -m sr_engine.training",
+                             *(argv or __import__("sys").argv[1:])])}
+    log_path.write_text(json.dumps(log, indent=1, sort_keys=True))
+    print(json.dumps(log[f"{rep.model}_{rep.mode}_x{rep.scale}"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
