@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30000
+_UPGRADE_LOCK = 0x5352_4E4F_4445  # "SRNODE": advisory lock key held while migrating
 
 
 def normalise_url(url: str) -> str:
@@ -44,7 +45,7 @@ def normalise_url(url: str) -> str:
     """
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg://" + url[len(prefix):]
+            return "postgresql+psycopg://" + url[len(prefix) :]
     return url
 
 
@@ -136,7 +137,7 @@ class Database:
         return cfg
 
     def upgrade(self, revision: str = "head") -> None:
-        """Apply the shipped migrations up to ``revision`` (idempotent).
+        """Apply the shipped migrations up to ``revision`` (idempotent, safe to run concurrently).
 
         Raises
         ------
@@ -146,6 +147,10 @@ class Database:
         cfg = self.alembic_config()
         try:
             with self.engine.begin() as conn:
+                if self.is_postgresql:
+                    # Serialise concurrent upgrades (several processes starting at once);
+                    # SQLite transactions already hold the write lock (BEGIN IMMEDIATE).
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, revision)
         except (OperationalError, PoolTimeoutError) as exc:

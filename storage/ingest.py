@@ -396,7 +396,10 @@ def store_instance(
     DatabaseUnavailableError
         If the index cannot be updated (the file may stay on disk).
     """
-    received_at = received_at or utcnow()
+    if received_at is None:
+        received_at = utcnow()
+    elif received_at.tzinfo is None:
+        raise ValueError("received_at must be timezone-aware")
     path = store.instance_path(
         header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
     )

@@ -40,6 +40,36 @@ def test_upgrade_fresh_then_again(db_url: str) -> None:
         db.dispose()
 
 
+def test_concurrent_upgrades_of_fresh_database(db_url: str) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(3)
+
+    def start_node() -> None:
+        db = Database(db_url)
+        try:
+            barrier.wait()
+            db.upgrade()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            db.dispose()
+
+    threads = [threading.Thread(target=start_node) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    db = Database(db_url)
+    try:
+        assert db.current_revision() is not None
+        assert TABLES <= set(inspect(db.engine).get_table_names())
+    finally:
+        db.dispose()
+
+
 def test_migrations_match_models(database: Database) -> None:
     with database.engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})

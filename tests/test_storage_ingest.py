@@ -125,6 +125,13 @@ def test_store_and_replace_instance(database: Database, tmp_path: Path) -> None:
         assert (patient.patient_id, patient.patient_name) == ("PAT-0001", "Doe^Jane")
 
 
+def test_naive_received_at_rejected(database: Database, tmp_path: Path) -> None:
+    data = synthetic_instance(STUDY, SERIES, _sop(1))
+    with pytest.raises(ValueError, match="timezone"):
+        store_instance(database, FileStore(tmp_path), read_header(data), data, "A",
+                       datetime(2026, 1, 1, 12, 0))
+
+
 def test_failed_file_write_indexes_nothing(database: Database, tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     data = synthetic_instance(STUDY, SERIES, _sop(1))

@@ -145,6 +145,46 @@ def test_two_workers_race_each_job_claimed_once(database: Database, tmp_path: Pa
     assert by == {job_id: name for name, job_id in claims}
 
 
+def _process_worker(url: str, name: str, out: object) -> None:
+    db = Database(url)
+    q = JobQueue(db)
+    try:
+        while (job := q.claim(name, lease_seconds=300)) is not None:
+            out.put((name, job.id))  # type: ignore[attr-defined]
+            q.complete(job.id, name, {"by": name})
+    finally:
+        db.dispose()
+        out.put((name, None))  # type: ignore[attr-defined]
+
+
+def test_two_worker_processes_race(database: Database, tmp_path: Path) -> None:
+    import multiprocessing
+
+    store = FileStore(tmp_path)
+    _ingest(database, store, _series(1), 1)
+    q = JobQueue(database)
+    ids = {q.enqueue(_series(1), f"r{i}", {}) for i in range(50)}
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_process_worker, args=(database.url, f"p{i}", out))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    claims: list[int] = []
+    finished = 0
+    while finished < len(procs):
+        _name, job_id = out.get(timeout=120)
+        if job_id is None:
+            finished += 1
+        else:
+            claims.append(job_id)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(claims) == sorted(ids)
+    assert all(j["state"] == "done" and j["attempts"] == 1 for j in q.list_jobs())
+
+
 def test_lease_expiry_takeover(queue_with_series: tuple[JobQueue, FileStore]) -> None:
     q, _ = queue_with_series
     job_id = q.enqueue(_series(1), "r", {}, max_attempts=3)
