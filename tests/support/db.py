@@ -1,7 +1,9 @@
 """Fresh, throw-away databases for tests: SQLite files and PostgreSQL databases.
 
-``db_url`` is a pytest fixture parametrised over ``sqlite`` and ``postgresql``; import it into
-a test module (``from tests.support.db import db_url  # noqa: F401``). For PostgreSQL a
+``db_url`` is a pytest fixture parametrised over ``sqlite`` and ``postgresql`` and ``database``
+gives an upgraded :class:`storage.db.Database` on it; bind them in a test module with
+``from tests.support import db as db_support`` and ``db_url = db_support.db_url`` (and
+``database = db_support.database``). For PostgreSQL a
 uniquely named database is created on 127.0.0.1:5432 (user postgres, trust auth; override the
 server with ``SRNODE_TEST_PG_ADMIN_URL``) and dropped afterwards, even if connections are left
 open. If the server is unreachable the PostgreSQL cases are skipped with the reason.
@@ -16,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from storage.db import Database
 
 PG_ADMIN_URL = os.environ.get(
     "SRNODE_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -144,10 +148,8 @@ def synthetic_instance(
 
 
 @pytest.fixture
-def database(db_url: str) -> Iterator[object]:
+def database(db_url: str) -> Iterator[Database]:
     """An upgraded :class:`storage.db.Database` on each backend (disposed afterwards)."""
-    from storage.db import Database
-
     db = Database(db_url)
     db.upgrade()
     try:
