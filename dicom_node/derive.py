@@ -246,7 +246,11 @@ def _infer_mode_scale(
     src_off = np.asarray(source.slice_offsets)
     mode = options.mode
     if mode is None:
-        same = nz == source.num_slices and np.allclose(result.slice_offsets, src_off, atol=1e-3)
+        same = (
+            nz == source.num_slices
+            and len(result.slice_offsets) == nz
+            and np.allclose(result.slice_offsets, src_off, atol=1e-3)
+        )
         mode = "slice" if same else "volume"
     if mode not in ("slice", "volume"):
         raise DerivationError(f"unknown mode {mode!r}")
