@@ -1,0 +1,124 @@
+"""Ingest benchmark: 300 CT instances of 512x512 sent by dcmtk storescu to srnode, Orthanc and
+dcmtk storescp, side by side in one run.
+
+srnode answers success only after the file is fsynced and indexed; Orthanc runs with its default
+``SyncStorageArea`` (fsync) and SQLite index; storescp just writes files.  The sender sets
+TCP_NODELAY (dcmtk reads the ``TCP_NODELAY`` environment variable), and so do Orthanc
+(``TcpNoDelay``) and srnode.  Prints a table and the ratios, writes JSON to
+``benchmarks/results/ingest.json``.
+
+Usage: ``.venv/bin/python benchmarks/ingest.py [--instances 300] [--rounds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+from pydicom.uid import generate_uid  # noqa: E402
+from pydicom.valuerep import format_number_as_ds  # noqa: E402
+
+from tests.support.dcmtk import StoreSCP  # noqa: E402
+from tests.support.node import ServeProcess, node_config_dict, sample_file, write_toml  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+
+
+def make_series(out: Path, n: int) -> list[Path]:
+    """``n`` 512x512 CT slices of one series (from pydicom-data's 693_UNCR.dcm, new UIDs)."""
+    out.mkdir(parents=True, exist_ok=True)
+    src = pydicom.dcmread(sample_file("693_UNCR.dcm"))
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    pixels = src.pixel_array
+    paths = []
+    for i in range(n):
+        ds = src.copy()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        ds.ImagePositionPatient = [format_number_as_ds(-100.0), format_number_as_ds(-100.0),
+                                   format_number_as_ds(float(i))]
+        ds.PixelData = np.roll(pixels, i, axis=1).astype(pixels.dtype).tobytes()
+        p = out / f"ct{i:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths
+
+
+def send(port: int, called: str, folder: Path) -> float:
+    """Send every file of ``folder`` with storescu on one association; return seconds."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    t0 = time.perf_counter()
+    r = subprocess.run(
+        ["storescu", "-aet", "BENCH", "-aec", called, "+sd", "-R", "127.0.0.1", str(port),
+         str(folder)], capture_output=True, text=True, env=env,
+    )
+    dt = time.perf_counter() - t0
+    if r.returncode != 0 or "Store Failed" in r.stderr + r.stdout:
+        raise RuntimeError(f"storescu to {called} failed:\n{r.stdout}\n{r.stderr}")
+    return dt
+
+
+def main() -> int:
+    """Run the benchmark."""
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--instances", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
+    args = ap.parse_args()
+    times: dict[str, list[float]] = {"srnode": [], "orthanc": [], "storescp": []}
+    with tempfile.TemporaryDirectory(prefix="srnode-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        files = make_series(tmp / "in", args.instances)
+        mb = sum(p.stat().st_size for p in files) / 1e6
+        for rnd in range(args.rounds):
+            # srnode: a real `srnode serve` process, durable and indexed, worker off
+            work = tmp / f"srnode{rnd}"
+            work.mkdir()
+            data = node_config_dict(work, worker={"enabled": False},
+                                    node={"log_level": "WARNING"})
+            cfg = write_toml(data, work / "config.toml")
+            with ServeProcess(cfg, data["node"]["port"], work / "serve.log"):
+                times["srnode"].append(send(data["node"]["port"], "SRNODE", tmp / "in"))
+            # Orthanc (Debian package): TcpNoDelay, its largest PDU (128 KiB), default fsync
+            with OrthancServer(tmp / f"orthanc{rnd}",
+                               config_overrides={"MaximumPduLength": 131072}) as orthanc:
+                times["orthanc"].append(send(orthanc.dicom_port, "ORTHANC", tmp / "in"))
+            # dcmtk storescp: writes files, no index, no fsync
+            with StoreSCP(tmp / f"storescp{rnd}") as scp:  # dcmtk caps its PDU at 128 KiB
+                times["storescp"].append(send(scp.port, "STORESCP", tmp / "in"))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{args.instances} CT instances 512x512 ({mb:.0f} MB), storescu, median of "
+          f"{args.rounds} rounds, {platform.node()} {os.cpu_count()} CPUs\n")
+    print(f"{'receiver':<10} {'seconds':>8} {'inst/s':>8} {'MB/s':>7}   rounds")
+    for k in ("srnode", "orthanc", "storescp"):
+        print(f"{k:<10} {med[k]:8.2f} {args.instances / med[k]:8.1f} {mb / med[k]:7.1f}   "
+              + " ".join(f"{t:.2f}" for t in times[k]))
+    ratios = {"srnode/orthanc": med["srnode"] / med["orthanc"],
+              "srnode/storescp": med["srnode"] / med["storescp"]}
+    for k, v in ratios.items():
+        print(f"{k:<16} {v:.2f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"instances": args.instances, "megabytes": mb, "rounds": times,
+                               "median_seconds": med, "ratios": ratios,
+                               "cpus": os.cpu_count()}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
