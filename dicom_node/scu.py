@@ -24,6 +24,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AE, build_context
+from pynetdicom import _config as _pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
@@ -129,6 +130,7 @@ class _Instance:
     sop_class_uid: UID
     sop_instance_uid: str
     transfer_syntax_uid: UID
+    streamable: bool  # file meta names SOP class/instance: pynetdicom can send it from disk
 
 
 class _PeerLogCapture(logging.Handler):
@@ -293,7 +295,10 @@ def _read_instances(paths: Sequence[Path]) -> list[_Instance]:
             raise SendError(
                 f"{path}: file meta lacks SOP Class UID, SOP Instance UID or Transfer Syntax UID"
             )
-        instances.append(_Instance(Path(path), UID(sop_class), str(sop_instance), UID(syntax)))
+        streamable = "MediaStorageSOPClassUID" in meta and "MediaStorageSOPInstanceUID" in meta
+        instances.append(
+            _Instance(Path(path), UID(sop_class), str(sop_instance), UID(syntax), streamable)
+        )
     return instances
 
 
@@ -328,8 +333,12 @@ def _accepted_syntaxes(assoc: Association, sop_class: UID) -> set[UID]:
     }
 
 
-def _prepare(inst: _Instance, accepted: set[UID]) -> Path | Dataset:
-    """Return what to hand to pynetdicom: the file itself or a decompressed dataset.
+def _prepare(inst: _Instance, accepted: set[UID]) -> tuple[Path | Dataset, bool]:
+    """Return what to hand to pynetdicom, and whether it was decompressed.
+
+    The file path itself when the destination accepted the file's transfer syntax (pynetdicom
+    then streams the encoded data set from disk), otherwise the data set read into memory,
+    decompressed or inflated when needed (pynetdicom converts between uncompressed syntaxes).
 
     Raises
     ------
@@ -339,24 +348,23 @@ def _prepare(inst: _Instance, accepted: set[UID]) -> Path | Dataset:
         Decompression failed.
     """
     ts = inst.transfer_syntax_uid
-    if ts in accepted:
-        return inst.path
-    has_uncompressed = bool(accepted & set(_UNCOMPRESSED))
-    if not has_uncompressed:
+    if ts in accepted and inst.streamable:
+        return inst.path, False
+    if ts not in accepted and not accepted & set(_UNCOMPRESSED):
         raise LookupError(
             f"destination accepted no presentation context for SOP class {inst.sop_class_uid} "
             f"({inst.sop_class_uid.name}) with {ts.name} or an uncompressed syntax"
         )
-    if not ts.is_compressed and not ts.is_deflated:
-        return inst.path  # pynetdicom converts between the uncompressed syntaxes itself
     ds = dcmread(inst.path)
+    if ts in accepted or not (ts.is_compressed or ts.is_deflated):
+        return ds, False
     if ts.is_compressed:
         try:
             ds.decompress(generate_instance_uid=False)
         except Exception as exc:  # decoders raise assorted exception types
             raise ValueError(f"cannot decompress {ts.name}: {exc}") from exc
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
+    return ds, True
 
 
 def send_instances(
@@ -410,6 +418,10 @@ def send_instances(
     if not todo:
         return report
 
+    # Files whose transfer syntax the destination accepted are handed over as paths and must be
+    # streamed from disk as they are (no decode/re-encode: ~3x faster); _prepare only passes a
+    # path in that case.  The flag only affects send_c_store() calls given a path.
+    _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     ae = _make_ae(calling_ae_title, timeout)
     assoc = _associate(
@@ -423,14 +435,15 @@ def send_instances(
     try:
         for inst in todo:
             uid = inst.sop_instance_uid
+            accepted = _accepted_syntaxes(assoc, inst.sop_class_uid)
             try:
-                payload = _prepare(inst, _accepted_syntaxes(assoc, inst.sop_class_uid))
+                payload, decompressed = _prepare(inst, accepted)
             except (LookupError, ValueError) as exc:
                 report.failed[uid] = STATUS_SOP_CLASS_NOT_SUPPORTED
                 report.errors[uid] = str(exc)
                 LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
                 continue
-            if isinstance(payload, Dataset):
+            if decompressed:
                 report.decompressed.append(uid)
             try:
                 rsp = assoc.send_c_store(payload)

@@ -303,6 +303,43 @@ def test_per_instance_statuses(tmp_path: Path) -> None:
     assert not report.ok
 
 
+def test_lost_association_mid_send_keeps_partial_report() -> None:
+    """The peer stops answering after the first instance: the error carries what was stored."""
+    ct, mr = _testfile(CT), _testfile(MR)
+    release = threading.Event()
+    received: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        received.append(uid)
+        if uid == _uid(mr):
+            release.wait(20)  # longer than the SCU's DIMSE timeout
+        return 0x0000
+
+    ae = AE(ae_title="PYSCP")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(
+        (LOCALHOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    stored: list[str] = []
+    try:
+        with pytest.raises(DestinationUnavailableError) as info:
+            send_instances(
+                _dest("PYSCP", port), [ct, mr], calling_ae_title="SRNODE",
+                on_stored=stored.append, timeout=1,
+            )
+    finally:
+        release.set()
+        server.shutdown()
+    assert received == [_uid(ct), _uid(mr)]
+    assert stored == [_uid(ct)]
+    assert info.value.report is not None
+    assert info.value.report.sent == [_uid(ct)]
+    assert _uid(mr) not in info.value.report.failed
+
+
 def test_sop_class_not_accepted_is_a_recorded_failure(tmp_path: Path) -> None:
     ct = _testfile(CT)
     ae = AE(ae_title="PYSCP")

@@ -21,12 +21,22 @@ from types import TracebackType
 
 __all__ = [
     "StoreSCP",
+    "dcmtk_env",
     "echoscu",
     "free_port",
     "port_is_listening",
     "storescu",
     "wait_until_listening",
 ]
+
+
+def dcmtk_env() -> dict[str, str]:
+    """Environment for dcmtk tools: ``TCP_NODELAY=1`` disables Nagle's algorithm in dcmtk's DUL,
+    which otherwise costs about 50 ms per C-STORE on loopback (20 instead of 400+ instances/s).
+    """
+    env = dict(os.environ)
+    env.setdefault("TCP_NODELAY", "1")
+    return env
 
 
 def free_port() -> int:
@@ -134,7 +144,11 @@ class StoreSCP:
             self.port = free_port()
             log = self.log_path.open("ab")
             self.process = subprocess.Popen(
-                self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=dcmtk_env(),
             )
             log.close()
             try:
@@ -181,7 +195,7 @@ class StoreSCP:
 
 
 def _run(args: list[str], timeout: float) -> tuple[int, str]:
-    env = dict(os.environ)
+    env = dcmtk_env()
     proc = subprocess.run(
         args,
         stdout=subprocess.PIPE,

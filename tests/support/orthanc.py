@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import json
-import os
 import shutil
 import subprocess
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import requests
 
-from tests.support.dcmtk import free_port, wait_until_listening
+from tests.support.dcmtk import dcmtk_env, free_port, wait_until_listening
 
 __all__ = ["ORTHANC_BINARY", "OrthancError", "OrthancServer"]
 
@@ -153,7 +152,7 @@ class OrthancServer:
                 self.http_port = free_port()
             config_path = self.workdir / "orthanc.json"
             config_path.write_text(json.dumps(self.config(), indent=2))
-            env = dict(os.environ)
+            env = dcmtk_env()  # Orthanc's DICOM layer is dcmtk: disable Nagle there too
             log = self.log_path.open("ab")
             self.process = subprocess.Popen(
                 [ORTHANC_BINARY, "--no-jobs", str(config_path)],
