@@ -197,6 +197,7 @@ class JobQueue:
                         finished_at=None,
                         updated_at=now,
                         stage="claimed",
+                        stage_seconds={},
                     )
                     .execution_options(synchronize_session=False)
                 ).rowcount
