@@ -152,6 +152,9 @@ def derive_series(
         software_version=__version__,
         description_suffix=" (CHECK)" if gate == "warn" else "",
         now=datetime.now(UTC),
+        institution_name=config.derived.institution_name,
+        mode=mode,
+        scale=scale,
     )
     datasets = build_derived_series(source, result, options)
     seconds["building"] = time.perf_counter() - t0
@@ -223,6 +226,7 @@ def enhance_path(
     from tqdm import tqdm
 
     from dicom_node.series import SeriesError
+    from sr_engine.errors import EngineError
 
     if not input_path.exists():
         raise EnhanceError(f"{input_path} does not exist")
@@ -235,7 +239,7 @@ def enhance_path(
     for series_uid, paths in bar:
         try:
             d = derive_series(paths, config, mode=mode, scale=scale, model=model)
-        except (SeriesError, ValueError) as exc:
+        except (SeriesError, EngineError, ValueError) as exc:
             errors.append(f"series {series_uid}: {exc}")
             LOGGER.warning("series %s not enhanced: %s", series_uid, exc)
             continue
@@ -263,8 +267,9 @@ def _nifti_case(path: Path) -> tuple[str, np.ndarray, tuple[float, float, float]
 
 def evaluate_paths(paths: Sequence[Path], *, mode: str, scale: int, model: str) -> dict[str, Any]:
     """``srnode evaluate``: PSNR/SSIM of ``model`` against its baseline on DICOM/NIfTI inputs."""
-    from dicom_node.series import SeriesError, load_series
     from sr_engine.evaluation import evaluate_volumes
+
+    from dicom_node.series import SeriesError, load_series
 
     cases: list[tuple[str, np.ndarray, tuple[float, float, float], str]] = []
     for p in paths:
