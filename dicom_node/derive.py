@@ -48,6 +48,7 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 
 from dicom_node import codes as c
+from dicom_node.config import DerivedConfig
 from dicom_node.series import SourceSeries
 from sr_engine.api import EnhanceResult
 
@@ -191,6 +192,44 @@ class DerivationOptions:
     institution_name: str = ""
     mode: str | None = None
     scale: int | None = None
+
+    @classmethod
+    def from_config(
+        cls,
+        derived: DerivedConfig,
+        software_version: str,
+        *,
+        transfer_syntax: str = ExplicitVRLittleEndian,
+        description_suffix: str = "",
+        now: datetime | None = None,
+        mode: str | None = None,
+        scale: int | None = None,
+    ) -> DerivationOptions:
+        """Build options from the ``[derived]`` configuration section.
+
+        Parameters
+        ----------
+        derived
+            The ``[derived]`` section (UID root, series number offset, description prefix,
+            manufacturer, institution name).
+        software_version
+            srnode version.
+        transfer_syntax, description_suffix, now, mode, scale
+            As the attributes of the same names.
+        """
+        return cls(
+            uid_root=derived.uid_root,
+            series_number_offset=derived.series_number_offset,
+            series_description_prefix=derived.series_description_prefix,
+            manufacturer=derived.manufacturer,
+            software_version=software_version,
+            description_suffix=description_suffix,
+            transfer_syntax=transfer_syntax,
+            now=now,
+            institution_name=derived.institution_name,
+            mode=mode,
+            scale=scale,
+        )
 
 
 @dataclass(frozen=True)
@@ -506,7 +545,7 @@ def _series_description(
     suffix = options.description_suffix
     if len(suffix) >= c.LO_MAX_CHARS:
         raise DerivationError("description_suffix is longer than a Series Description allows")
-    text = (prefix + original)[: c.LO_MAX_CHARS - len(suffix)] + suffix
+    text = (prefix + original).rstrip()[: c.LO_MAX_CHARS - len(suffix)].rstrip() + suffix
     return text.replace("\\", "/").strip()
 
 

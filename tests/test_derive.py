@@ -28,6 +28,7 @@ from pydicom.uid import (
 from scipy.ndimage import zoom
 
 from dicom_node import codes as c
+from dicom_node.config import DerivedConfig
 from dicom_node.derive import CT_FLOOR_HU, DerivationOptions, build_derived_series
 from dicom_node.series import SourceSeries, load_series
 from sr_engine.api import ConsistencyReport, EnhanceResult
@@ -208,6 +209,25 @@ def test_series_description_prefix_suffix_and_number(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="transfer syntax"):
         build_derived_series(source, slice_result(source), options(transfer_syntax="1.2.3"))
+
+
+def test_options_from_config(tmp_path: Path) -> None:
+    derived = DerivedConfig(
+        uid_root="1.2.826.0.1.77",
+        series_number_offset=300,
+        series_description_prefix="SR{scale} ",
+        manufacturer="Test Org",
+        institution_name="Test Hospital",
+    )
+    opts = DerivationOptions.from_config(derived, "9.9", now=NOW, description_suffix=" (CHECK)")
+    source = load_series(make_ct_series(tmp_path, n_slices=2, rows=16))
+    out = build_derived_series(source, slice_result(source), opts)
+    assert out[0].SeriesNumber == int(source.datasets[0].SeriesNumber) + 300
+    assert out[0].SeriesDescription == "SR2 (CHECK)"
+    assert out[0].SeriesInstanceUID.startswith("1.2.826.0.1.77.")
+    proc = out[0].ContributingEquipmentSequence[-1]
+    assert proc.Manufacturer == "Test Org" and proc.InstitutionName == "Test Hospital"
+    assert proc.SoftwareVersions == "9.9"
 
 
 def test_invalid_results_are_refused(tmp_path: Path) -> None:
