@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -177,7 +178,8 @@ def _failure_reason(assoc: Association, capture: _PeerLogCapture, where: str) ->
                 f"reason {rj.reason_str}"
             )
         return f"association rejected by {where}"
-    threads = {assoc.ident, getattr(assoc.dul, "ident", None)}
+    # negotiation runs in the calling thread, the transport in the DUL thread
+    threads = {threading.get_ident(), assoc.ident, getattr(assoc.dul, "ident", None)}
     messages = capture.messages(threads)
     details = [m for m in messages if "Error" in m] or messages
     if details:
@@ -198,7 +200,10 @@ def _associate(
     where = f"{called_ae_title}@{host}:{port}"
     tls_args = None
     if tls is not None and tls.enabled:
-        tls_args = (client_ssl_context(tls), host)
+        try:
+            tls_args = (client_ssl_context(tls), host)
+        except ValueError as exc:  # TLSFileError: a configuration problem, not the peer's
+            raise SendError(f"TLS settings for {where}: {exc}") from exc
     with _capture_pynetdicom_errors() as capture:
         try:
             assoc = ae.associate(
@@ -253,13 +258,20 @@ def echo(
     Raises
     ------
     DestinationUnavailableError
-        No association could be established, or it was lost before the response.
+        No association could be established, the peer does not accept Verification, or the
+        association was lost before the response.
+    SendError
+        ``tls`` names certificate/key/CA files that are missing or unreadable.
     """
     ae = _make_ae(calling_ae_title, timeout)
     contexts = [build_context(Verification, list(_UNCOMPRESSED))]
     assoc = _associate(ae, host, port, ae_title, tls, contexts)
     try:
         status = assoc.send_c_echo()
+    except ValueError as exc:  # the Verification context was not accepted
+        raise DestinationUnavailableError(
+            f"{ae_title}@{host}:{port} does not accept Verification (C-ECHO): {exc}"
+        ) from exc
     finally:
         _close(assoc)
     if "Status" not in status:
@@ -405,7 +417,8 @@ def send_instances(
         The association was refused, rejected, aborted or timed out.  ``report`` holds what was
         stored before the association was lost.
     SendError
-        A file cannot be read or the instances need more presentation contexts than fit.
+        A file cannot be read, the instances need more presentation contexts than fit, or the
+        destination's TLS files are missing or unreadable.
     """
     report = SendReport()
     skip = set(skip_sop_instance_uids)

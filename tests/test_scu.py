@@ -34,6 +34,7 @@ from dicom_node.config import Destination, TLSConfig
 from dicom_node.scu import (
     STATUS_SOP_CLASS_NOT_SUPPORTED,
     DestinationUnavailableError,
+    SendError,
     echo,
     send_instances,
 )
@@ -516,6 +517,27 @@ def test_tls_to_dcmtk_storescp(tmp_path: Path, pki: PKI) -> None:
         assert [_uid(p) for p in scp.files()] == report.sent
         with pytest.raises(DestinationUnavailableError):
             echo(scp.aet, LOCALHOST, scp.port, tls=_client_tls(pki, with_cert=False), timeout=5)
+
+
+def test_send_with_missing_tls_files_is_a_send_error(tmp_path: Path) -> None:
+    tls = TLSConfig(enabled=True, ca_file=str(tmp_path / "missing-ca.pem"))
+    with _RecordingSCP() as scp:
+        with pytest.raises(SendError, match="missing-ca.pem"):
+            send_instances(_dest("PYSCP", scp.port, tls), [_testfile(CT)],
+                           calling_ae_title="SRNODE")
+        assert scp.received == []
+
+
+def test_echo_peer_without_verification(tmp_path: Path) -> None:
+    ae = AE(ae_title="NOECHO")
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server((LOCALHOST, port), block=False)
+    try:
+        with pytest.raises(DestinationUnavailableError, match="No accepted presentation"):
+            echo("NOECHO", LOCALHOST, port, timeout=5)
+    finally:
+        server.shutdown()
 
 
 def test_tls_missing_files_are_value_errors(tmp_path: Path, pki: PKI) -> None:
