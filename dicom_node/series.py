@@ -18,6 +18,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
 
 from dicom_node.codes import CLASSIC_IMAGE_STORAGE, ENHANCED_IMAGE_STORAGE, LOSSY_TRANSFER_SYNTAXES
 
@@ -212,6 +213,9 @@ def _classic_frames(ds: Dataset, path: Path) -> list[_Frame]:
     if pixels.ndim != 2:
         raise SeriesError(f"{path.name}: expected one frame, got pixel array shape {pixels.shape}")
     has_rescale = "RescaleSlope" in ds and ds.RescaleSlope not in (None, "")
+    if not has_rescale and ds.get("ModalityLUTSequence"):
+        # A Modality LUT instead of rescale: apply it; the volume is then in modality units.
+        pixels = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float32)
     thickness = _floats(ds.get("SliceThickness"))
     return [
         _Frame(
