@@ -233,3 +233,20 @@ def test_refuses_other_sop_classes() -> None:
 def test_accepts_explicit_little_endian_default(tmp_path: Path) -> None:
     paths = make_ct_series(tmp_path, n_slices=2, rows=16)
     assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_modality_lut_sequence_is_applied(tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path, n_slices=2, rows=16)
+    stored = []
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        stored.append(ds.pixel_array.astype(np.float32))
+        lut = pydicom.Dataset()
+        lut.LUTDescriptor = [4096, 0, 16]
+        lut.ModalityLUTType = "US"
+        lut.add_new(0x00283006, "OW", (2 * np.arange(4096, dtype="<u2")).tobytes())
+        ds.ModalityLUTSequence = [lut]
+        ds.save_as(p)
+    series = load_series(paths)
+    expected = 2 * np.clip(np.stack(stored), 0, 4095)
+    np.testing.assert_array_equal(series.volume, expected)
