@@ -329,7 +329,7 @@ def test_lost_association_mid_send_keeps_partial_report() -> None:
         with pytest.raises(DestinationUnavailableError) as info:
             send_instances(
                 _dest("PYSCP", port), [ct, mr], calling_ae_title="SRNODE",
-                on_stored=stored.append, timeout=1,
+                on_stored=stored.append, timeout=2,
             )
     finally:
         release.set()

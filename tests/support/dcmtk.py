@@ -10,8 +10,10 @@ Example
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -22,12 +24,27 @@ from types import TracebackType
 __all__ = [
     "StoreSCP",
     "dcmtk_env",
+    "die_with_parent",
     "echoscu",
     "free_port",
     "port_is_listening",
     "storescu",
     "wait_until_listening",
 ]
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for helper servers: SIGKILL the child when the test process dies.
+
+    Uses Linux ``PR_SET_PDEATHSIG``, so a server outlives neither a killed pytest nor a crash.
+    The signal fires when the *thread* that started the child exits: start servers from the
+    main thread or a thread that lives as long as they do.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -149,6 +166,7 @@ class StoreSCP:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=dcmtk_env(),
+                preexec_fn=die_with_parent,
             )
             log.close()
             try:

@@ -22,7 +22,7 @@ from typing import Any
 
 import requests
 
-from tests.support.dcmtk import dcmtk_env, free_port, wait_until_listening
+from tests.support.dcmtk import dcmtk_env, die_with_parent, free_port, wait_until_listening
 
 __all__ = ["ORTHANC_BINARY", "OrthancError", "OrthancServer"]
 
@@ -161,6 +161,7 @@ class OrthancServer:
                 stdin=subprocess.DEVNULL,
                 env=env,
                 cwd=self.workdir,
+                preexec_fn=die_with_parent,
             )
             log.close()
             _RUNNING.add(self.process)
