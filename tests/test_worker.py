@@ -1,0 +1,252 @@
+"""The worker against real peers: retries with backoff, dead letter, resume, timeout, safety gate."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from storage.jobs import JobQueue
+from tests.dicom_factory import make_ct_series
+from tests.support.dcmtk import StoreSCP, free_port, storescu
+from tests.support.node import node_config, running_node
+
+
+def _wait(queue: JobQueue, pred, timeout: float = 90.0) -> list[dict]:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = queue.list_jobs()
+        if jobs and pred(jobs):
+            return jobs
+        time.sleep(0.3)
+    raise AssertionError(f"condition not reached: {queue.list_jobs()}")
+
+
+def _audit(cfg) -> list[dict]:  # noqa: ANN001
+    return [json.loads(x) for x in Path(cfg.node.audit_log).read_text().splitlines()]
+
+
+def _dest(name: str, ae: str, port: int) -> dict:
+    return {"name": name, "ae_title": ae, "host": "127.0.0.1", "port": port}
+
+
+def test_destination_down_then_up_is_delivered_and_others_are_served(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=32)
+    down_port = free_port()
+    with StoreSCP(tmp_path / "up") as up:
+        cfg = node_config(
+            tmp_path,
+            worker={"backoff_base_seconds": 2.0, "max_attempts": 5},
+            destinations=[_dest("up", "STORESCP", up.port), _dest("later", "LATER", down_port)],
+            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["up", "later"]}],
+        )
+        with running_node(cfg, run_worker=True) as node:
+            queue = JobQueue(node.db)
+            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+            jobs = _wait(queue, lambda j: j[0]["attempts"] >= 1 and j[0]["state"] == "queued")
+            assert "later" in jobs[0]["error"]
+            assert len(up.files()) == len(ct)  # the working destination was served meanwhile
+            with StoreSCP(tmp_path / "later", aet="LATER") as later_scp:
+                # StoreSCP picks its own free port: point the destination at it via a relay
+                relay = _relay(down_port, later_scp.port)
+                try:
+                    jobs = _wait(queue, lambda j: j[0]["state"] == "done")
+                finally:
+                    relay.shutdown()
+                assert len(later_scp.files()) == len(ct)
+        assert jobs[0]["attempts"] >= 2
+    sent = [e for e in _audit(cfg) if e["event"] == "series_sent"]
+    up_sends = [e for e in sent if e["destination"] == "up"]
+    # the first destination was not sent the series a second time on the retry
+    assert sum(e["sent"] for e in up_sends) == len(ct)
+
+
+class _Relay:
+    """A tiny loopback TCP relay so a destination's fixed port can come up later."""
+
+    def __init__(self, listen: int, target: int) -> None:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", listen))
+        self.target = target
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _pipe(self, a, b) -> None:  # noqa: ANN001
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def _serve(self) -> None:
+        import socket
+
+        self.sock.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def _relay(listen: int, target: int) -> _Relay:
+    return _Relay(listen, target)
+
+
+def test_dead_letter_after_max_attempts_then_retry(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
+    cfg = node_config(
+        tmp_path,
+        worker={"backoff_base_seconds": 0.2, "max_attempts": 2},
+        destinations=[_dest("nowhere", "NOWHERE", free_port())],
+        rules=[{"name": "r", "modalities": ["CT"], "destinations": ["nowhere"]}],
+    )
+    with running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+        assert rc == 0, out
+        jobs = _wait(queue, lambda j: j[0]["state"] == "failed")
+        assert jobs[0]["attempts"] == 2
+        assert "nowhere" in jobs[0]["error"]
+        # the derived series was written once and is reused by every attempt
+        derived = list((Path(cfg.node.storage_dir) / "derived").rglob("*.dcm"))
+        assert len(derived) == len(ct)
+        queue.retry(jobs[0]["id"])
+        assert queue.get(jobs[0]["id"])["state"] in ("queued", "running")
+
+
+def test_partial_send_resumes_with_the_missing_instances_only(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=4, rows=16)
+    received: list[str] = []
+    requests: list[str] = []
+    refuse_left = [2]
+    lock = threading.Lock()
+
+    def handle_store(event: evt.Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with lock:
+            requests.append(uid)
+            if refuse_left[0] > 0:
+                refuse_left[0] -= 1
+                return 0xA700
+            received.append(uid)
+        return 0x0000
+
+    ae = AE(ae_title="FLAKY")
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    try:
+        cfg = node_config(
+            tmp_path, worker={"backoff_base_seconds": 0.5, "max_attempts": 4},
+            destinations=[_dest("flaky", "FLAKY", port)],
+            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["flaky"]}],
+        )
+        with running_node(cfg, run_worker=True) as node:
+            queue = JobQueue(node.db)
+            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+            jobs = _wait(queue, lambda j: j[0]["state"] in ("done", "failed"))
+    finally:
+        server.shutdown()
+    assert jobs[0]["state"] == "done", jobs
+    assert jobs[0]["attempts"] == 2
+    assert len(received) == len(ct) and len(set(received)) == len(ct)
+    assert len(requests) == len(ct) + 2  # only the two refused instances were sent again
+
+
+def test_processing_timeout_stops_a_job(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
+    cfg = node_config(
+        tmp_path,
+        worker={"job_timeout_seconds": 0.2, "max_attempts": 1},
+        rules=[{"name": "r", "modalities": ["CT"]}],
+    )
+    with running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+        assert rc == 0, out
+        jobs = _wait(queue, lambda j: j[0]["state"] == "failed")
+    assert "timeout" in jobs[0]["error"]
+
+
+def test_safety_gate_holds_a_series_and_sends_nothing(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        cfg = node_config(
+            tmp_path,
+            safety={"hold_min_psnr": 1000.0, "warn_min_psnr": 1000.0},
+            destinations=[_dest("pacs", "STORESCP", pacs.port)],
+            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["pacs"]}],
+        )
+        with running_node(cfg, run_worker=True) as node:
+            queue = JobQueue(node.db)
+            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+            jobs = _wait(queue, lambda j: j[0]["state"] in ("held", "done", "failed"))
+        assert jobs[0]["state"] == "held", jobs
+        assert "safety gate" in jobs[0]["error"]
+        assert pacs.files() == []
+
+
+def test_warning_gate_marks_the_description(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        cfg = node_config(
+            tmp_path,
+            safety={"hold_min_psnr": 0.0, "warn_min_psnr": 1000.0},
+            destinations=[_dest("pacs", "STORESCP", pacs.port)],
+            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["pacs"]}],
+        )
+        with running_node(cfg, run_worker=True) as node:
+            queue = JobQueue(node.db)
+            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+            jobs = _wait(queue, lambda j: j[0]["state"] in ("held", "done", "failed"))
+        assert jobs[0]["state"] == "done", jobs
+        descriptions = {str(pydicom.dcmread(f).SeriesDescription) for f in pacs.files()}
+        assert len(descriptions) == 1 and "(CHECK)" in descriptions.pop()
+
+
+def test_inconsistent_series_fails_with_a_clear_error(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=32)
+    odd = make_ct_series(tmp_path / "odd", n_slices=1, rows=16)[0]
+    ds = pydicom.dcmread(odd)
+    ref = pydicom.dcmread(ct[0])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.StudyInstanceUID, ref.SeriesInstanceUID
+    ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
+    ds.save_as(odd, enforce_file_format=True)
+    cfg = node_config(tmp_path, rules=[{"name": "r", "modalities": ["CT"]}])
+    with running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, [*ct, odd], called_ae_title="SRNODE")
+        assert rc == 0, out
+        jobs = _wait(queue, lambda j: j[0]["state"] in ("failed", "done"))
+    assert jobs[0]["state"] == "failed"
+    assert jobs[0]["attempts"] == 1  # permanent: not retried
+    assert "matrix" in jobs[0]["error"].lower() or "rows" in jobs[0]["error"].lower()
