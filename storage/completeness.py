@@ -15,8 +15,9 @@ New instances after a job was created (instance count differs from the job's
 * a series only forced by ``max_age`` (still growing) never gets a second job until it is
   quiet.
 
-Series whose ImageType value 1 is DERIVED, or that this node produced (ImageType token or a
-recorded UID), are never queued, so a PACS routing our output back cannot start a loop.
+Series that this node produced (ImageType token or a recorded UID) are never queued, so a PACS
+routing our output back cannot start a loop.  Other series whose ImageType value 1 is DERIVED
+(reformats, other products' output) are skipped too, unless a rule sets ``include_derived``.
 
 Candidate series rows are locked (``FOR UPDATE`` on PostgreSQL; SQLite transactions hold the
 write lock) and ingest resets ``completeness_checked_at``, so an instance committed during a
@@ -84,6 +85,7 @@ def check_completeness(
         for r in rules
     }
     shortest_quiet = min(quiet_by_rule.values())
+    any_derived = any(r.include_derived for r in rules)
     created: list[int] = []
     with db.session() as session:
         produced = exists().where(ProducedSeries.series_instance_uid == Series.series_instance_uid)
@@ -94,7 +96,7 @@ def check_completeness(
         candidates = session.scalars(
             select(Series)
             .where(
-                Series.is_derived.is_(False),
+                Series.is_derived.is_(False) if not any_derived else Series.is_derived.isnot(None),
                 Series.produced_by_node.is_(False),
                 ~produced,
                 or_(
@@ -130,6 +132,8 @@ def _check_series(
     quiet_for = (now - series.last_received_at).total_seconds()
     forced = (now - series.first_received_at).total_seconds() >= max_age
     for rule in rules:
+        if series.is_derived and not rule.include_derived:
+            continue
         if not rule.matches(
             series.modality,
             series.body_part_examined,

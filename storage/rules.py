@@ -40,6 +40,9 @@ class Rule:
         ``[series]`` default).
     destinations
         Names of ``[[destinations]]`` that receive the derived series.
+    include_derived
+        Also select series whose ImageType is DERIVED (e.g. MPR reformats). Series srnode
+        produced itself are never selected, whatever this says.
     """
 
     name: str
@@ -53,6 +56,7 @@ class Rule:
     output_spacing: float | None = None
     quiet_period_seconds: float | None = None
     destinations: tuple[str, ...] = field(default_factory=tuple)
+    include_derived: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -155,3 +155,24 @@ def test_echo_cli_against_the_running_node(tmp_path: Path) -> None:
     r = subprocess.run([srnode_executable(), "echo", f"SRNODE@127.0.0.1:{node.scp.port}",
                         "--timeout", "2"], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
+
+
+def test_include_derived_rule_selects_reformats_but_never_our_own_output(tmp_path: Path) -> None:
+    mpr = make_ct_series(tmp_path / "mpr", n_slices=2, rows=16)
+    ours = make_ct_series(tmp_path / "ours", n_slices=2, rows=16)
+    for paths, image_type in ((mpr, ["DERIVED", "SECONDARY", "MPR"]),
+                              (ours, ["DERIVED", "SECONDARY", "AXIAL", "SRNODE"])):
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.ImageType = image_type
+            ds.save_as(p, enforce_file_format=True)
+    rules = [{"name": "reformats", "modalities": ["CT"], "include_derived": True}]
+    cfg = node_config(tmp_path, rules=rules)
+    with running_node(cfg) as node:
+        rc, out = storescu("127.0.0.1", node.scp.port, mpr + ours, called_ae_title="SRNODE")
+        assert rc == 0, out
+        queue = JobQueue(node.db)
+        jobs = _wait_for(lambda: queue.list_jobs())
+        time.sleep(1.5)
+        jobs = queue.list_jobs()
+    assert [j["series_instance_uid"] for j in jobs] == [str(pydicom.dcmread(mpr[0]).SeriesInstanceUID)]
