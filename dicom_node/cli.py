@@ -44,14 +44,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     """Send a C-ECHO to a peer."""
-    from dicom_node.scu import DestinationUnavailableError, echo
+    from dicom_node.scu import DestinationUnavailableError, SendError, echo
 
     cfg = _config(args)
     ae, host, port = args.peer
     try:
         status = echo(ae, host, port, calling_ae_title=args.calling_ae or cfg.node.ae_title,
                       timeout=args.timeout)
-    except DestinationUnavailableError as exc:
+    except (DestinationUnavailableError, SendError) as exc:
         print(f"C-ECHO to {ae}@{host}:{port} failed: {exc}", file=sys.stderr)
         return 2
     print(f"C-ECHO to {ae}@{host}:{port}: status 0x{status:04X}"

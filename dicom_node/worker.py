@@ -95,6 +95,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
     """
     from dicom_node.logs import configure_logging
     from dicom_node.scu import DestinationUnavailableError, SendError, send_instances
+    from dicom_node.transcode import transcode_files
 
     configure_logging(config.node.log_level, config.node.log_file or None)
     db = Database(config.node.database_url)
@@ -130,8 +131,12 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
                 queue.record_sent(job.id, name, uid)
 
             try:
+                dest_paths = transcode_files(
+                    paths, dest.transfer_syntax,
+                    job_output_dir(config, job.id) / f"ts-{dest.transfer_syntax}",
+                )
                 report = send_instances(
-                    dest, paths, calling_ae_title=config.node.ae_title,
+                    dest, dest_paths, calling_ae_title=config.node.ae_title,
                     skip_sop_instance_uids=done, on_stored=on_stored,
                 )
             except (DestinationUnavailableError, SendError) as exc:

@@ -250,3 +250,39 @@ def test_inconsistent_series_fails_with_a_clear_error(tmp_path: Path) -> None:
     assert jobs[0]["state"] == "failed"
     assert jobs[0]["attempts"] == 1  # permanent: not retried
     assert "matrix" in jobs[0]["error"].lower() or "rows" in jobs[0]["error"].lower()
+
+
+def test_each_destination_gets_its_configured_transfer_syntax(tmp_path: Path) -> None:
+    import numpy as np
+
+    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
+    with StoreSCP(tmp_path / "a") as rle, StoreSCP(tmp_path / "b") as j2k, \
+            StoreSCP(tmp_path / "c") as plain:
+        cfg = node_config(
+            tmp_path,
+            destinations=[{**_dest("rle", "STORESCP", rle.port), "transfer_syntax": "rle"},
+                          {**_dest("j2k", "STORESCP", j2k.port),
+                           "transfer_syntax": "jpeg2000-lossless"},
+                          _dest("plain", "STORESCP", plain.port)],
+            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["rle", "j2k", "plain"]}],
+        )
+        with running_node(cfg, run_worker=True) as node:
+            queue = JobQueue(node.db)
+            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+            jobs = _wait(queue, lambda j: j[0]["state"] in ("done", "failed"))
+        assert jobs[0]["state"] == "done", jobs
+        got = {}
+        for name, scp in (("rle", rle), ("j2k", j2k), ("plain", plain)):
+            files = scp.files()
+            assert len(files) == len(ct)
+            got[name] = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f) for f in files}
+        assert {str(d.file_meta.TransferSyntaxUID) for d in got["rle"].values()} == {
+            "1.2.840.10008.1.2.5"}
+        assert {str(d.file_meta.TransferSyntaxUID) for d in got["j2k"].values()} == {
+            "1.2.840.10008.1.2.4.90"}
+        assert {str(d.file_meta.TransferSyntaxUID) for d in got["plain"].values()} == {
+            "1.2.840.10008.1.2.1"}
+        for uid, ds in got["plain"].items():  # lossless: identical pixels, same UIDs
+            np.testing.assert_array_equal(ds.pixel_array, got["rle"][uid].pixel_array)
+            np.testing.assert_array_equal(ds.pixel_array, got["j2k"][uid].pixel_array)

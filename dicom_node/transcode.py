@@ -1,0 +1,68 @@
+"""Lossless re-encoding of a written derived series for a destination's transfer syntax.
+
+An x2 in-plane series is four times the size of its source, so a destination may ask for RLE
+or JPEG 2000 lossless (``[[destinations]] transfer_syntax``).  The derived series is written once
+in explicit VR little endian; each other encoding is made once per job, next to it, and reused
+when a send is retried.  SOP Instance UIDs are kept: the pixel values are identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
+
+from storage.filestore import FileStore
+
+#: ``[[destinations]] transfer_syntax`` names and the transfer syntaxes they stand for.
+TRANSFER_SYNTAX_BY_NAME: dict[str, UID] = {
+    "explicit": ExplicitVRLittleEndian,
+    "implicit": ImplicitVRLittleEndian,
+    "deflate": DeflatedExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg2000-lossless": JPEG2000Lossless,
+}
+
+
+def transcode_files(paths: Sequence[Path], name: str, out_dir: Path) -> list[Path]:
+    """Return ``paths`` encoded in the transfer syntax called ``name`` (written under ``out_dir``).
+
+    Files already present in ``out_dir`` (from an earlier attempt) are reused.
+
+    Raises
+    ------
+    ValueError
+        Unknown transfer syntax name.
+    """
+    if name not in TRANSFER_SYNTAX_BY_NAME:
+        raise ValueError(f"unknown transfer syntax {name!r}; use one of {sorted(TRANSFER_SYNTAX_BY_NAME)}")
+    ts = TRANSFER_SYNTAX_BY_NAME[name]
+    if name == "explicit":
+        return list(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = FileStore(out_dir)
+    out = []
+    for path in paths:
+        target = out_dir / path.name
+        if not target.exists():
+            ds = pydicom.dcmread(path)
+            if ts.is_compressed:
+                ds.compress(ts, generate_instance_uid=False)
+            else:
+                ds.file_meta.TransferSyntaxUID = ts
+
+            def _write(fh, ds=ds) -> None:  # noqa: ANN001
+                ds.save_as(fh, enforce_file_format=True)
+
+            store.write_atomic(target, _write)
+        out.append(target)
+    return out

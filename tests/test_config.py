@@ -1,0 +1,57 @@
+"""Configuration: the shipped config.toml, defaults, validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import TRANSFER_SYNTAX_NAMES, ConfigError, load_config, parse_config
+from dicom_node.transcode import TRANSFER_SYNTAX_BY_NAME
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_config_loads_with_the_contract_names() -> None:
+    cfg = load_config(ROOT / "config.toml")
+    assert cfg.node.ae_title == "SRNODE" and cfg.node.port == 11112
+    assert cfg.node.database_url.startswith("sqlite:///") and cfg.node.database_url.endswith(".db")
+    assert Path(cfg.node.storage_dir).is_absolute()
+    assert cfg.series.quiet_period_seconds == 20.0
+    # every option of every section is documented in the shipped file
+    text = (ROOT / "config.toml").read_text()
+    for section in (cfg.node, cfg.series, cfg.worker, cfg.engine, cfg.derived, cfg.safety):
+        for name in vars(section):
+            if name != "tls":
+                assert f"{name} =" in text, name
+
+
+def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None)
+    assert cfg.node.ae_title == "SRNODE" and cfg.rules == []
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"node": {"ae_title": "A" * 17}}, "AE title"),
+        ({"node": {"port": 70000}}, "port"),
+        ({"node": {"bogus": 1}}, "bogus"),
+        ({"nodes": {}}, "unknown section"),
+        ({"series": {"quiet_period_seconds": 0}}, "quiet_period_seconds"),
+        ({"rules": [{"name": "r", "mode": "slice", "scale": 3}]}, "scale"),
+        ({"rules": [{"name": "r", "destinations": ["missing"]}]}, "missing"),
+        ({"rules": [{"name": "r", "series_description": "("}]}, "pattern"),
+        ({"destinations": [{"name": "d", "ae_title": "D", "host": "h", "port": 1,
+                            "transfer_syntax": "jpeg"}]}, "transfer_syntax"),
+        ({"node": {"tls": {"enabled": True}}}, "cert_file"),
+    ],
+)
+def test_invalid_values_give_clear_errors(data: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_transfer_syntax_names_match_the_encoder() -> None:
+    assert set(TRANSFER_SYNTAX_NAMES) == set(TRANSFER_SYNTAX_BY_NAME)
