@@ -142,7 +142,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except EnhanceError as exc:
         print(f"srnode evaluate: {exc}", file=sys.stderr)
         return 2
-    print(f"{'case':<40} {'PSNR':>8} {'base':>8} {'gain':>7} {'SSIM':>7} {'base':>7} {'s/slice':>8}")
+    print(f"{'case':<40} {'PSNR':>8} {'base':>8} {'gain':>7} {'SSIM':>7} {'base':>7} "
+          f"{'s/slice':>8}")
     for c in report["cases"]:
         print(f"{c['name'][:40]:<40} {c['psnr']:8.2f} {c['psnr_baseline']:8.2f} "
               f"{c['psnr'] - c['psnr_baseline']:+7.2f} {c['ssim']:7.4f} {c['ssim_baseline']:7.4f} "
@@ -167,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name: str, func: object, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", default=None, metavar="PATH",
-                       help="configuration file (default: ./config.toml, built-in defaults if absent)")
+                       help="configuration file (default: ./config.toml; built-in defaults "
+                       "if absent)")
         p.set_defaults(func=func)
         return p
 

@@ -24,7 +24,9 @@ _AE_RE = re.compile(r"^[\x20-\x7e]{1,16}$")
 
 def _check_ae(value: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip() or not _AE_RE.match(value) or "\\" in value:
-        raise ConfigError(f"{where}: {value!r} is not a valid AE title (1-16 printable ASCII characters)")
+        raise ConfigError(
+            f"{where}: {value!r} is not a valid AE title (1-16 printable ASCII characters)"
+        )
     return value.strip()
 
 

@@ -6,7 +6,7 @@ load series -> SR engine -> safety gate -> derived-series builder -> files.
 from __future__ import annotations
 
 import logging
-import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,7 +64,9 @@ class Derivation:
         }
 
 
-def safety_gate(consistency: ConsistencyReport, modality: str, safety: SafetyConfig) -> tuple[Gate, str]:
+def safety_gate(
+    consistency: ConsistencyReport, modality: str, safety: SafetyConfig
+) -> tuple[Gate, str]:
     """Decide from the consistency figures whether a derived series may be sent.
 
     The absolute-error bounds are in Hounsfield units and apply to CT only (MR units are
@@ -170,7 +172,7 @@ def derive_series(
 
 
 def write_datasets(datasets: Sequence[Dataset], out_dir: Path) -> list[Path]:
-    """Write data sets as DICOM files ``<SOPInstanceUID>.dcm`` atomically (temp + fsync + rename)."""
+    """Write data sets as ``<SOPInstanceUID>.dcm`` files atomically (temp, fsync, rename)."""
     from storage.filestore import FileStore, validate_uid
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -251,7 +253,7 @@ def enhance_path(
     if not written:
         raise EnhanceError("nothing could be enhanced:\n  " + "\n  ".join(errors))
     for e in errors:
-        print(f"warning: {e}", file=os.sys.stderr)  # type: ignore[attr-defined]
+        print(f"warning: {e}", file=sys.stderr)
     return written
 
 
@@ -267,9 +269,8 @@ def _nifti_case(path: Path) -> tuple[str, np.ndarray, tuple[float, float, float]
 
 def evaluate_paths(paths: Sequence[Path], *, mode: str, scale: int, model: str) -> dict[str, Any]:
     """``srnode evaluate``: PSNR/SSIM of ``model`` against its baseline on DICOM/NIfTI inputs."""
-    from sr_engine.evaluation import evaluate_volumes
-
     from dicom_node.series import SeriesError, load_series
+    from sr_engine.evaluation import evaluate_volumes
 
     cases: list[tuple[str, np.ndarray, tuple[float, float, float], str]] = []
     for p in paths:

@@ -44,7 +44,8 @@ def transcode_files(paths: Sequence[Path], name: str, out_dir: Path) -> list[Pat
         Unknown transfer syntax name.
     """
     if name not in TRANSFER_SYNTAX_BY_NAME:
-        raise ValueError(f"unknown transfer syntax {name!r}; use one of {sorted(TRANSFER_SYNTAX_BY_NAME)}")
+        known = sorted(TRANSFER_SYNTAX_BY_NAME)
+        raise ValueError(f"unknown transfer syntax {name!r}; use one of {known}")
     ts = TRANSFER_SYNTAX_BY_NAME[name]
     if name == "explicit":
         return list(paths)

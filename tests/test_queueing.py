@@ -12,8 +12,13 @@ import pydicom
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series, make_mr_series
 from tests.support.dcmtk import storescu
-from tests.support.node import node_config, node_config_dict, running_node, srnode_executable
-from tests.support.node import write_toml
+from tests.support.node import (
+    node_config,
+    node_config_dict,
+    running_node,
+    srnode_executable,
+    write_toml,
+)
 
 
 def _wait_for(predicate, timeout: float = 20.0, interval: float = 0.2):  # noqa: ANN001, ANN202
@@ -101,7 +106,8 @@ def test_jobs_and_retry_cli(tmp_path: Path) -> None:
     header = read_header(src)
     store_instance(db, FileStore(tmp_path / "storage"), header, src.read_bytes(), "TEST")
     queue = JobQueue(db)
-    job_id = queue.enqueue(header.series_instance_uid, "ct-slice", {"mode": "slice", "scale": 2}, max_attempts=1)
+    job_id = queue.enqueue(header.series_instance_uid, "ct-slice", {"mode": "slice", "scale": 2},
+                           max_attempts=1)
     claimed = queue.claim("w1", 60)
     assert claimed is not None and claimed.id == job_id
     assert queue.fail(job_id, "w1", "boom", retryable=True) == "failed"
@@ -175,4 +181,5 @@ def test_include_derived_rule_selects_reformats_but_never_our_own_output(tmp_pat
         jobs = _wait_for(lambda: queue.list_jobs())
         time.sleep(1.5)
         jobs = queue.list_jobs()
-    assert [j["series_instance_uid"] for j in jobs] == [str(pydicom.dcmread(mpr[0]).SeriesInstanceUID)]
+    mpr_uid = str(pydicom.dcmread(mpr[0]).SeriesInstanceUID)
+    assert [j["series_instance_uid"] for j in jobs] == [mpr_uid]

@@ -1,4 +1,4 @@
-"""The worker against real peers: retries with backoff, dead letter, resume, timeout, safety gate."""
+"""The worker against real peers: retries, backoff, dead letter, resume, timeout, safety gate."""
 
 from __future__ import annotations
 
