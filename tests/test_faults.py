@@ -9,30 +9,25 @@ backoff, other destinations served meanwhile) is covered by
 
 from __future__ import annotations
 
-import shutil
+import json
 import time
 from pathlib import Path
 
 import pydicom
-import pytest
 
-from dicom_node import statuses
 from storage.db import Database
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series
-from tests.support import db as db_support
-from tests.support.dcmtk import StoreSCP, echoscu, free_port, storescu
+from tests.support.dcmtk import echoscu, storescu
 from tests.support.faults import (
     RecordingSender,
     ServedNode,
     indexed_instances,
     orthanc_series_counts,
     send_on_one_association,
-    sqlite_exclusive_lock,
     storage_problems,
     wait_for_jobs,
 )
-from tests.support.node import node_config, running_node
 from tests.support.orthanc import OrthancServer
 
 FINISHED = ("done", "failed", "held")
@@ -48,6 +43,11 @@ def _uid(path: Path) -> str:
 
 def _series_uid(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
+
+
+def _audit(node: ServedNode) -> list[dict]:
+    path = Path(str(node.data["node"]["audit_log"]))
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _queue(url: str) -> tuple[Database, JobQueue]:
@@ -93,3 +93,67 @@ def test_kill9_while_receiving_keeps_every_acknowledged_instance(tmp_path: Path)
         assert storage_problems(node.storage_dir) == []
     finally:
         node.stop()
+
+
+# -- 1b / 1c: kill -9 while a job is enhancing or sending --------------------------------------
+def _pacs_node(tmp_path: Path, pacs: OrthancServer) -> ServedNode:
+    return ServedNode(
+        tmp_path,
+        worker={"lease_seconds": 3.0, "heartbeat_seconds": 0.5, "backoff_base_seconds": 0.5,
+                "max_attempts": 3},
+        destinations=[_dest("pacs", "ORTHANC", pacs.dicom_port)],
+        rules=[{"name": "ct-x2", "modalities": ["CT"], "mode": "slice", "scale": 2,
+                "model": "fast", "destinations": ["pacs"]}],
+    )
+
+
+def _kill_at_stage_then_finish(tmp_path: Path, ct: list[Path], stage: str,
+                               min_sent: int = 0) -> None:
+    with OrthancServer(tmp_path / "orthanc") as pacs:
+        node = _pacs_node(tmp_path, pacs)
+        node.start()
+        db, queue = _queue(node.database_url)
+        try:
+            rc, out = storescu("127.0.0.1", node.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+
+            def at_stage(jobs: list[dict]) -> bool:
+                job = jobs[0]
+                if job["state"] != "running" or job["stage"] != stage:
+                    return False
+                return len(queue.sent_instances(job["id"], "pacs")) >= min_sent
+
+            job = wait_for_jobs(queue, at_stage, timeout=120, interval=0.05,
+                                what=f"stage {stage}")[0]
+            node.kill9()
+            killed_at = queue.get(job["id"])
+            assert killed_at["state"] == "running" and killed_at["attempts"] == 1
+            if min_sent:  # killed mid-way through the series, not before or after it
+                assert min_sent <= len(queue.sent_instances(job["id"], "pacs")) < len(ct)
+            node.start()
+            jobs = wait_for_jobs(queue, lambda j: j[0]["state"] in FINISHED, timeout=120,
+                                 what="job finished after restart")
+        finally:
+            node.stop()
+            db.dispose()
+        assert jobs[0]["state"] == "done", (jobs[0], node.log()[-3000:])
+        assert jobs[0]["attempts"] == 2  # taken over once, after the lease expired
+        derived_uid = jobs[0]["result"]["derived_series_instance_uid"]
+        counts = orthanc_series_counts(pacs)  # the source went from storescu to srnode only
+        assert counts == {derived_uid: len(ct)}, counts  # exactly one derived series
+        assert derived_uid != _series_uid(ct[0])
+        assert len(pacs.instances()) == len(ct)  # no duplicated instance
+        sent = [e for e in _audit(node) if e["event"] == "series_sent"]
+        assert len(sent) == 1 and sent[0]["sent"] + sent[0]["skipped"] == len(ct)
+        if min_sent:  # the restarted attempt sent only what the killed one had not
+            assert sent[0]["skipped"] >= min_sent
+
+
+def test_kill9_while_enhancing_completes_after_the_lease_expires(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=40, rows=256)
+    _kill_at_stage_then_finish(tmp_path, ct, "enhancing")
+
+
+def test_kill9_while_sending_leaves_one_copy_of_the_derived_series(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=120, rows=64)
+    _kill_at_stage_then_finish(tmp_path, ct, "sending", min_sent=10)
