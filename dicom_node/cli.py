@@ -83,6 +83,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Summarise the node's state."""
+    from dicom_node.status import format_status, node_status
+
+    status = node_status(_config(args))
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """Re-queue a failed or held job."""
     from storage.db import Database
@@ -184,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON list")
     p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
     p.add_argument("--limit", type=int, default=500)
+
+    p = add("status", cmd_status, "counts of series, instances and jobs; disk; recent failures")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("retry", cmd_retry, "re-queue a failed or held job")
     p.add_argument("job_id", type=int)

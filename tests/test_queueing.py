@@ -183,3 +183,28 @@ def test_include_derived_rule_selects_reformats_but_never_our_own_output(tmp_pat
         jobs = queue.list_jobs()
     mpr_uid = str(pydicom.dcmread(mpr[0]).SeriesInstanceUID)
     assert [j["series_instance_uid"] for j in jobs] == [mpr_uid]
+
+
+def test_status_cli_reports_counts_and_failures(tmp_path: Path) -> None:
+    data = node_config_dict(tmp_path, rules=RULES)
+    cfg_path = write_toml(data, tmp_path / "config.toml")
+    cfg = node_config(tmp_path, rules=RULES)
+    cfg.node.database_url = data["node"]["database_url"]
+    cfg.node.storage_dir = data["node"]["storage_dir"]
+    ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=16)
+    with running_node(cfg) as node:
+        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+        assert rc == 0, out
+        queue = JobQueue(node.db)
+        jobs = _wait_for(lambda: queue.list_jobs())
+        claimed = queue.claim("w", 30)
+        queue.fail(claimed.id, "w", "destination PACS refused", retryable=False)
+    r = subprocess.run([srnode_executable(), "status", "--json", "--config", str(cfg_path)],
+                       capture_output=True, text=True, check=True)
+    status = json.loads(r.stdout)
+    assert status["series"] == 1 and status["instances"] == 3
+    assert status["jobs"]["failed"] == 1 and len(jobs) == 1
+    assert status["recent_failures"][0]["error"] == "destination PACS refused"
+    text = subprocess.run([srnode_executable(), "status", "--config", str(cfg_path)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "1 series, 3 instances" in text and "failed 1" in text

@@ -1,0 +1,77 @@
+"""Node status: is it receiving, queueing and delivering (what an administrator checks first)."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from dicom_node.app import _redact_url
+from dicom_node.config import Config
+from storage.db import Database
+from storage.jobs import JobQueue
+from storage.models import Instance, Series
+
+
+def node_status(config: Config) -> dict[str, Any]:
+    """Counts of series, instances and jobs, last reception, disk space and recent failures.
+
+    Contains UIDs and counts only, never patient identifiers.
+    """
+    db = Database(config.node.database_url)
+    try:
+        db.upgrade()
+        queue = JobQueue(db)
+        with db.session() as s:
+            n_series = int(s.execute(select(func.count()).select_from(Series)).scalar_one())
+            n_instances = int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
+            last = s.execute(select(func.max(Series.last_received_at))).scalar_one()
+        failed = queue.list_jobs(states=["failed", "held"], limit=10)
+        jobs = queue.counts()
+    finally:
+        db.dispose()
+    storage = Path(config.node.storage_dir)
+    disk = shutil.disk_usage(storage if storage.exists() else storage.parent)
+    return {
+        "ae_title": config.node.ae_title,
+        "port": config.node.port,
+        "database": _redact_url(config.node.database_url),
+        "storage_dir": str(storage),
+        "free_disk_mb": disk.free // (1024 * 1024),
+        "min_free_disk_mb": config.node.min_free_disk_mb,
+        "series": n_series,
+        "instances": n_instances,
+        "last_received_at": last.astimezone(UTC).isoformat() if last else None,
+        "jobs": jobs,
+        "rules": [r.name for r in config.rules],
+        "destinations": [f"{d.name}={d.ae_title}@{d.host}:{d.port}" for d in config.destinations],
+        "recent_failures": [
+            {"id": j["id"], "state": j["state"], "series_instance_uid": j["series_instance_uid"],
+             "error": j["error"]} for j in failed
+        ],
+        "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Human-readable summary of :func:`node_status`."""
+    jobs = ", ".join(f"{k} {v}" for k, v in status["jobs"].items() if v) or "none"
+    lines = [
+        f"node        {status['ae_title']} port {status['port']}",
+        f"database    {status['database']}",
+        f"storage     {status['storage_dir']} ({status['free_disk_mb']} MB free, "
+        f"floor {status['min_free_disk_mb']} MB)",
+        f"received    {status['series']} series, {status['instances']} instances, "
+        f"last {status['last_received_at'] or 'never'}",
+        f"jobs        {jobs}",
+        f"rules       {', '.join(status['rules']) or 'none (series are indexed, not queued)'}",
+        f"destinations {', '.join(status['destinations']) or 'none'}",
+    ]
+    if status["free_disk_mb"] < status["min_free_disk_mb"]:
+        lines.append("WARNING     free disk below the floor: C-STORE answers 0xA700")
+    for f in status["recent_failures"]:
+        lines.append(f"{f['state']:<11} job {f['id']}: {f['error']}")
+    return "\n".join(lines)
