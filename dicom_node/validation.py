@@ -10,7 +10,11 @@ from __future__ import annotations
 import io
 
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+
+from storage.errors import InvalidInstanceError
 
 #: Largest matrix edge accepted (the largest CT/MR matrices in use are 2048).
 MAX_MATRIX = 8192
@@ -18,13 +22,92 @@ MAX_MATRIX = 8192
 MAX_PIXELS = 2**31
 
 
+#: Value Representations the image and identity attributes must have (explicit VR).
+_REQUIRED_VRS: dict[str, tuple[str, ...]] = {
+    "Rows": ("US",), "Columns": ("US",), "BitsAllocated": ("US",), "BitsStored": ("US",),
+    "HighBit": ("US",), "PixelRepresentation": ("US",), "SamplesPerPixel": ("US",),
+    "NumberOfFrames": ("IS",), "StudyInstanceUID": ("UI",), "SeriesInstanceUID": ("UI",),
+    "SOPInstanceUID": ("UI",), "SOPClassUID": ("UI",), "PixelData": ("OB", "OW"),
+}
+_DELIMITERS = (b"\xfe\xff\xdd\xe0", b"\xff\xfe\xe0\xdd")  # (FFFE,E0DD) LE and BE
+
+
 class InvalidImageError(ValueError):
     """The image attributes and pixel data of a received instance are inconsistent."""
 
 
+class MalformedDataSetError(InvalidInstanceError):
+    """The encoded data set is structurally broken.
+
+    Truncated, a length beyond the end, trailing bytes, the wrong encoding or wrong VRs.
+    """
+
+
 def parse_dataset(data: bytes) -> Dataset:
-    """Parse an encoded Part 10 file (pixel data kept as raw bytes, never decoded)."""
-    return pydicom.dcmread(io.BytesIO(data), force=True)
+    """Parse an encoded Part 10 file (pixel data kept as raw bytes, never decoded).
+
+    pydicom reads leniently (a value cut short by the end of the data is silently kept short),
+    so the top-level elements are checked here: every declared length must lie within the
+    data, every undefined length must end with its delimiter, the encoding must be the one the
+    transfer syntax names and the image and identity attributes must have their VRs.
+
+    Raises
+    ------
+    MalformedDataSetError
+        The data set is truncated or inconsistently encoded.
+    """
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    # positions refer to the inflated stream for deflated transfer syntaxes
+    positional = not (ts is not None and ts.is_transfer_syntax and ts.is_deflated)
+    end = -1
+    for tag in list(ds.keys()):
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement):
+            end = -1
+            continue
+        if ts is not None and ts.is_transfer_syntax and not ts.is_deflated and (
+            elem.is_implicit_VR != ts.is_implicit_VR
+            or elem.is_little_endian != ts.is_little_endian
+        ):
+            raise MalformedDataSetError(
+                f"data set is not encoded as its transfer syntax {ts.name} says"
+            )
+        value = elem.value or b""
+        end = elem.value_tell + len(value)
+        if elem.length == 0xFFFFFFFF:
+            if positional and data[end:end + 4] not in _DELIMITERS:
+                raise MalformedDataSetError(
+                    f"element {Tag(tag)} of undefined length has no delimiter (truncated)"
+                )
+            end += 8
+        elif len(value) != elem.length:
+            raise MalformedDataSetError(
+                f"element {Tag(tag)} declares {elem.length} bytes, only {len(value)} present "
+                "(truncated or length beyond the end)"
+            )
+    if positional and 0 <= end != len(data):
+        raise MalformedDataSetError(
+            f"{len(data) - end} bytes after the last element (truncated element header or "
+            "trailing garbage)"
+        )
+    for keyword, vrs in _REQUIRED_VRS.items():
+        if keyword in ds:
+            elem = ds.get_item(keyword)
+            vr = getattr(elem, "VR", None)
+            if vr is not None and vr not in vrs:
+                raise MalformedDataSetError(f"{keyword} has VR {vr}, expected {'/'.join(vrs)}")
+    return ds
+
+
+def _number_of_frames(ds: Dataset) -> int:
+    """Number of Frames (1 when absent); a present value must be a positive integer."""
+    if "NumberOfFrames" not in ds or ds.NumberOfFrames in (None, ""):
+        return 1
+    value = ds.NumberOfFrames
+    if float(value) != int(float(value)):
+        raise ValueError(f"Number of Frames {value} is not an integer")
+    return int(float(value))
 
 
 def check_image(ds: Dataset) -> None:
@@ -44,7 +127,7 @@ def check_image(ds: Dataset) -> None:
         cols = int(ds.Columns)
         bits = int(ds.BitsAllocated)
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = _number_of_frames(ds)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InvalidImageError(f"missing or invalid image attributes: {exc}") from exc
     if rows <= 0 or cols <= 0 or frames <= 0:
