@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 
 import pydicom
+import pytest
 
 from storage.db import Database
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series
-from tests.support.dcmtk import echoscu, storescu
+from tests.support import db as db_support
+from tests.support.dcmtk import StoreSCP, echoscu, storescu
 from tests.support.faults import (
     RecordingSender,
     ServedNode,
@@ -157,3 +159,57 @@ def test_kill9_while_enhancing_completes_after_the_lease_expires(tmp_path: Path)
 def test_kill9_while_sending_leaves_one_copy_of_the_derived_series(tmp_path: Path) -> None:
     ct = make_ct_series(tmp_path / "ct", n_slices=120, rows=64)
     _kill_at_stage_then_finish(tmp_path, ct, "sending", min_sent=10)
+
+
+# -- 2: a dead worker's claimed job is taken over after its lease expires ----------------------
+@pytest.mark.parametrize(
+    "backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+)
+def test_stale_job_of_a_killed_worker_is_taken_over_by_the_other(
+    tmp_path: Path, backend: str
+) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=6, rows=64)
+    with db_support.fresh_database_url(backend, tmp_path) as url, \
+            StoreSCP(tmp_path / "archive") as archive:
+        common = {
+            "worker": {"lease_seconds": 3.0, "heartbeat_seconds": 0.5,
+                       "backoff_base_seconds": 0.5, "max_attempts": 3},
+            "destinations": [_dest("archive", "STORESCP", archive.port)],
+            # an interpolation model: this test is about the lease, not the network weights
+            "rules": [{"name": "ct-x2", "modalities": ["CT"], "mode": "slice", "scale": 2,
+                       "model": "cubic", "destinations": ["archive"]}],
+        }
+        nodes = [
+            ServedNode(tmp_path, name, node={"database_url": url,
+                                             "audit_log": str(tmp_path / f"{name}-audit.log"),
+                                             "log_file": str(tmp_path / f"{name}.log")},
+                       **common)
+            for name in ("a", "b")
+        ]
+        db, queue = _queue(url)
+        try:
+            for n in nodes:
+                n.start()
+            rc, out = storescu("127.0.0.1", nodes[0].port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+            job = wait_for_jobs(queue, lambda j: j[0]["state"] == "running", timeout=60,
+                                interval=0.05, what="job claimed")[0]
+            owner = next(n for n in nodes if f":{n.pid}:" in str(job["worker_id"]))
+            survivor = next(n for n in nodes if n is not owner)
+            owner.kill9()
+            assert queue.get(job["id"])["state"] == "running"  # still leased to the dead one
+            jobs = wait_for_jobs(queue, lambda j: j[0]["state"] in FINISHED, timeout=120,
+                                 what="job finished by the surviving worker")
+        finally:
+            for n in nodes:
+                n.stop()
+            db.dispose()
+        assert len(jobs) == 1, jobs  # two schedulers on one database queued the series once
+        done = jobs[0]
+        assert done["state"] == "done", (done, survivor.log()[-3000:])
+        assert done["attempts"] == 2
+        assert f":{survivor.pid}:" in str(done["worker_id"])
+        received = archive.files()
+        series = {_series_uid(f) for f in received}
+        assert series == {done["result"]["derived_series_instance_uid"]}
+        assert len(received) == len(ct)
