@@ -10,12 +10,17 @@ backoff, other destinations served meanwhile) is covered by
 from __future__ import annotations
 
 import json
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node import statuses
 from storage.db import Database
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series
@@ -26,10 +31,13 @@ from tests.support.faults import (
     ServedNode,
     indexed_instances,
     orthanc_series_counts,
+    scu_ae,
     send_on_one_association,
+    sqlite_exclusive_lock,
     storage_problems,
     wait_for_jobs,
 )
+from tests.support.node import node_config, running_node
 from tests.support.orthanc import OrthancServer
 
 FINISHED = ("done", "failed", "held")
@@ -213,3 +221,107 @@ def test_stale_job_of_a_killed_worker_is_taken_over_by_the_other(
         series = {_series_uid(f) for f in received}
         assert series == {done["result"]["derived_series_instance_uid"]}
         assert len(received) == len(ct)
+
+
+# -- 4: the index database locked ------------------------------------------------------------
+def test_locked_database_answers_a701_and_storing_works_after_the_lock_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import storage.db
+
+    # storage.db waits SQLITE_BUSY_TIMEOUT_MS (30 s) for the lock: longer than pynetdicom's
+    # default DIMSE timeout (30 s) and Orthanc's DicomScuTimeout (10 s).  A shorter wait here
+    # lets the SCP answer before this test's sender (15 s DIMSE timeout) gives up.
+    monkeypatch.setattr(storage.db, "SQLITE_BUSY_TIMEOUT_MS", 1500)
+    ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=16)
+    uids = [_uid(p) for p in ct]
+    cfg = node_config(tmp_path)
+    db_path = Path(cfg.node.database_url.removeprefix("sqlite:///"))
+    with running_node(cfg) as node:
+        assert send_on_one_association(node.scp.port, ct[:1]) == [0]
+        with sqlite_exclusive_lock(db_path):
+            locked = send_on_one_association(node.scp.port, ct[1:])
+        assert locked == [statuses.OUT_OF_RESOURCES_INDEX] * 2
+        indexed = indexed_instances(cfg.node.database_url)
+        assert set(indexed) == {uids[0]}  # nothing acknowledged that is not indexed
+        assert storage_problems(Path(cfg.node.storage_dir)) == []
+        # the lock is gone: the sender's retry is stored and indexed
+        assert send_on_one_association(node.scp.port, ct[1:]) == [0, 0]
+        indexed = indexed_instances(cfg.node.database_url)
+        assert set(indexed) == set(uids)
+        for uid in uids:
+            assert str(pydicom.dcmread(indexed[uid]).SOPInstanceUID) == uid
+    audit = Path(cfg.node.audit_log).read_text()
+    assert audit.count('"instance_refused"') == 2 and "0xA701" in audit
+
+
+def test_briefly_locked_database_is_waited_for(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
+    cfg = node_config(tmp_path)
+    db_path = Path(cfg.node.database_url.removeprefix("sqlite:///"))
+    with running_node(cfg) as node:
+        release = threading.Event()
+        held = threading.Event()
+
+        def hold() -> None:
+            with sqlite_exclusive_lock(db_path):
+                held.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        assert held.wait(10)
+        sender = RecordingSender(node.scp.port, ct)
+        sender.start()
+        time.sleep(1.0)  # the SCP is now waiting for the lock
+        assert sender.statuses == {}  # not acknowledged while it cannot index
+        release.set()
+        sender.join(30)
+        holder.join(10)
+        assert sender.acknowledged() == {_uid(p) for p in ct}, sender.statuses
+        assert set(indexed_instances(cfg.node.database_url)) == {_uid(p) for p in ct}
+
+
+# -- 5: disk floor reached mid-series ------------------------------------------------------
+def test_disk_floor_mid_series_refuses_keeps_and_resumes(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=10, rows=32)
+    uids = [_uid(p) for p in ct]
+    with StoreSCP(tmp_path / "archive") as archive:
+        cfg = node_config(
+            tmp_path,
+            series={"quiet_period_seconds": 5.0},
+            destinations=[_dest("archive", "STORESCP", archive.port)],
+            rules=[{"name": "ct-x2", "modalities": ["CT"], "mode": "slice", "scale": 2,
+                    "model": "cubic", "destinations": ["archive"]}],
+        )
+        with running_node(cfg, run_worker=True) as node:
+            ae = scu_ae()
+            ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SRNODE")
+            assert assoc.is_established
+            try:
+                first = [int(assoc.send_c_store(p).Status) for p in ct[:5]]
+                free_mb = shutil.disk_usage(cfg.node.storage_dir).free // (1024 * 1024)
+                cfg.node.min_free_disk_mb = free_mb + 10_000  # the floor is reached
+                refused = [int(assoc.send_c_store(p).Status) for p in ct[5:]]
+                assert set(indexed_instances(cfg.node.database_url)) == set(uids[:5])
+                assert storage_problems(Path(cfg.node.storage_dir)) == []
+                cfg.node.min_free_disk_mb = 1  # space is back
+                resent = [int(assoc.send_c_store(p).Status) for p in ct[5:]]
+            finally:
+                assoc.release()
+            assert first == [0] * 5
+            assert refused == [statuses.OUT_OF_RESOURCES] * 5
+            assert resent == [0] * 5
+            indexed = indexed_instances(cfg.node.database_url)
+            assert set(indexed) == set(uids)
+            for uid in uids:
+                assert str(pydicom.dcmread(indexed[uid]).SOPInstanceUID) == uid
+            jobs = wait_for_jobs(JobQueue(node.db),
+                                 lambda j: j[0]["state"] in FINISHED, timeout=90)
+        assert [j["state"] for j in jobs] == ["done"], jobs
+        assert jobs[0]["instance_count"] == len(ct)
+        received = archive.files()
+        assert len(received) == len(ct)
+        assert {_series_uid(f) for f in received} == {
+            jobs[0]["result"]["derived_series_instance_uid"]}
