@@ -175,14 +175,18 @@ class PatchSampler:
         Seed of the sampler.
     natural_count
         How many leading images of ``pool`` are natural images (get a random gain/offset).
+    hr_blur
+        Probability of blurring a HR patch with a Gaussian (sigma 0.3-1.2 px) first: real
+        scans are band-limited, so the model must not sharpen beyond what the LR supports.
     """
 
     def __init__(self, pool: list[np.ndarray], patch_hw: tuple[int, int], seed: int,
-                 natural_count: int = len(NATURAL_IMAGES)) -> None:
+                 natural_count: int = len(NATURAL_IMAGES), hr_blur: float = 0.0) -> None:
         self.pool = [p for p in pool if p.shape[0] >= max(patch_hw) and p.shape[1] >= max(patch_hw)]
         self.patch_hw = patch_hw
         self.rng = np.random.default_rng(seed)
         self.natural_count = natural_count
+        self.hr_blur = hr_blur
 
     def sample(self, batch: int) -> torch.Tensor:
         """Return ``(batch, 1, H, W)`` float32 HR patches."""
@@ -204,5 +208,7 @@ class PatchSampler:
                 p = p[::-1]
             if k < self.natural_count:
                 p = p * self.rng.uniform(0.3, 1.0) + self.rng.uniform(0.0, 0.3)
+            if self.hr_blur and self.rng.random() < self.hr_blur:
+                p = ndimage.gaussian_filter(p, self.rng.uniform(0.3, 1.2), mode="reflect")
             out[b, 0] = p
         return torch.from_numpy(out)

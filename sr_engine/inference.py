@@ -19,6 +19,7 @@ from .normalise import IntensityMapping, mapping_for
 from .tiling import upsample_planes
 
 log = logging.getLogger(__name__)
+CT_PADDING_BELOW_HU = -1024.0
 
 
 def resolve_device(requested: str) -> tuple[str, str | None]:
@@ -35,7 +36,7 @@ def resolve_device(requested: str) -> tuple[str, str | None]:
 
 def _run(model: torch.nn.Module, planes: np.ndarray, fy: int, fx: int, device: str,
          request: EnhanceRequest) -> tuple[np.ndarray, int]:
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last)
     return upsample_planes(
         model, planes, fy, fx, device=device, batch_size=request.batch_size,
         tile_size=request.tile_size, tile_overlap=request.tile_overlap,
@@ -101,16 +102,25 @@ def consistency_slice(output: np.ndarray, volume: np.ndarray, scale: int,
                       mapping: IntensityMapping, batch: int = 16) -> ConsistencyReport:
     """Re-degrade in-plane with the nominal operator and compare with the input.
 
-    ``output`` and ``volume`` are in network units; errors are reported in modality units.
+    ``output`` and ``volume`` are in modality units; the operator is linear, so it is applied
+    directly to modality units (no large temporary copies).
     """
     h, w = volume.shape[1:]
-    red = np.empty_like(volume, dtype=np.float32)
+    total = sq = 0.0
+    worst = 0.0
     with torch.inference_mode():
         for i in range(0, output.shape[0], batch):
             part = output[i:i + batch, : h * scale, : w * scale]
             t = torch.from_numpy(np.ascontiguousarray(part))
-            red[i:i + batch] = degrade_inplane(t.unsqueeze(1), scale).squeeze(1).numpy()
-    return _report(mapping.inverse(red), mapping.inverse(volume), mapping.scale)
+            red = degrade_inplane(t.unsqueeze(1), scale).squeeze(1).numpy().astype(np.float64)
+            err = np.abs(red - volume[i:i + batch])
+            total += float(err.sum())
+            sq += float((err**2).sum())
+            worst = max(worst, float(err.max()))
+    count = volume.size
+    mse = sq / count
+    psnr = float("inf") if mse == 0 else 10 * math.log10(mapping.scale**2 / mse)
+    return ConsistencyReport(total / count, worst, psnr)
 
 
 def consistency_volume(output: np.ndarray, out_centres: np.ndarray, s: float,
@@ -146,8 +156,7 @@ def check_consistency(result: EnhanceResult, volume: np.ndarray,
     volume = np.asarray(volume, dtype=np.float32)
     mapping = mapping_for(volume, modality)
     if mode == "slice":
-        return consistency_slice(mapping.forward(result.volume), mapping.forward(volume), scale,
-                                 mapping)
+        return consistency_slice(result.volume, volume, scale, mapping)
     dz = float(spacing[0])
     thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
     return consistency_volume(result.volume, np.asarray(result.slice_offsets), result.spacing[0],
@@ -205,13 +214,20 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
         raise UnsupportedRequestError("volume contains NaN or infinite values")
     mode, scale = request.mode, int(request.scale)
     check_scale(mode, scale)
+    if mode == "volume" and volume.shape[0] < 2:
+        raise UnsupportedRequestError("volume mode needs at least two slices")
     dz, dy, dx = (float(v) for v in spacing)
     thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
     device, fallback = resolve_device(request.device)
     name = resolve_name(request.model, device)
     model, version = load_model(name, mode, scale, weights_dir)
     mapping = mapping_for(volume, modality)
-    x = mapping.forward(volume)
+    # CT values below -1024 HU are padding (outside the reconstruction circle): the network sees
+    # air there and the padding value is restored afterwards (nearest input pixel).
+    padding = volume < CT_PADDING_BELOW_HU if modality.upper() == "CT" else None
+    if padding is not None and not padding.any():
+        padding = None
+    x = mapping.forward(volume if padding is None else np.maximum(volume, CT_PADDING_BELOW_HU))
     fy, fx = factors_for(mode, scale)
     extra: dict[str, object] = {"requested_model": request.model,
                                 "intensity_mapping": {"offset": mapping.offset,
@@ -231,16 +247,19 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
     n = volume.shape[0]
     if mode == "slice":
         out, tiles = run(x)
-        out = mapping.inverse(out)
+        del x
+        mapping.inverse_inplace(out)
+        if padding is not None:
+            for i in np.nonzero(padding.any(axis=(1, 2)))[0]:
+                up = np.repeat(np.repeat(padding[i], scale, 0), scale, 1)
+                out[i][up] = np.repeat(np.repeat(volume[i], scale, 0), scale, 1)[up]
         _clip_plausible(out, volume, modality)
-        consistency = consistency_slice(mapping.forward(out), x, scale, mapping)
+        consistency = consistency_slice(out, volume, scale, mapping)
         offsets = [i * dz for i in range(n)]
         contrib = [[i] for i in range(n)]
         out_spacing = (dz, dy / scale, dx / scale)
         out_thickness = thickness
     else:
-        if n < 2:
-            raise UnsupportedRequestError("volume mode needs at least two slices")
         sag, tiles_s = run(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (X, Z*r, Y)
         cor, tiles_c = run(np.ascontiguousarray(x.transpose(1, 0, 2)))  # (Y, Z*r, X)
         fine = 0.5 * (sag.transpose(1, 2, 0) + cor.transpose(1, 0, 2))
@@ -249,12 +268,16 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
         fine_step = dz / scale
         fine_centres = (np.arange(n * scale) - (scale - 1) / 2) * fine_step
         if len(centres) == len(fine_centres) and np.allclose(centres, fine_centres, atol=1e-6):
-            out = fine.astype(np.float32)
+            out = np.ascontiguousarray(fine, dtype=np.float32)
             extra["resampled"] = False
         else:
             out = cubic_resample_z(fine.astype(np.float32), (centres - fine_centres[0]) / fine_step)
             extra["resampled"] = True
-        out = mapping.inverse(out)
+        mapping.inverse_inplace(out)
+        if padding is not None:
+            near = np.clip(np.rint(centres / dz).astype(int), 0, n - 1)
+            up = padding[near]
+            out[up] = volume[near][up]
         _clip_plausible(out, volume, modality)
         consistency = consistency_volume(out, centres, s, volume, dz, thickness, mapping)
         offsets = [float(c) for c in centres]

@@ -44,6 +44,12 @@ class IntensityMapping:
         return (np.asarray(values, dtype=np.float32) * np.float32(self.scale)
                 - np.float32(self.offset)).astype(np.float32)
 
+    def inverse_inplace(self, values: np.ndarray) -> np.ndarray:
+        """Map a float32 array from network to modality units in place and return it."""
+        values *= np.float32(self.scale)
+        values -= np.float32(self.offset)
+        return values
+
 
 def mapping_for(volume: np.ndarray, modality: str) -> IntensityMapping:
     """Choose the intensity mapping of a series.

@@ -96,6 +96,7 @@ def upsample_planes(model: nn.Module, planes: np.ndarray, fy: int, fx: int, *, d
             batch = np.stack([planes[i, y0:y0 + th, x0:x0 + tw]
                               for i, t in jobs[chunk] for y0, x0 in [tiles[t]]])
             x = torch.from_numpy(np.ascontiguousarray(batch)).unsqueeze(1).to(device)
+            x = x.contiguous(memory_format=torch.channels_last)
             if amp and device == "cuda":
                 with torch.autocast("cuda", dtype=torch.float16):
                     y = model(x)

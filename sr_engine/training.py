@@ -77,7 +77,8 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
           resume: bool = False, *, batch_size: int = 16, lr_patch: int = LR_PATCH,
           learning_rate: float | None = None, threads: int = 2, checkpoint_every: int = 200,
           init_weights: Path | None = None, phantoms: int = 24,
-          checkpoint_dir: Path | None = None, progress: bool = True) -> TrainReport:
+          checkpoint_dir: Path | None = None, pool: list[np.ndarray] | None = None,
+          hr_blur: float = 0.0, progress: bool = True) -> TrainReport:
     """Train one model for one mode and scale and save its weights.
 
     Parameters
@@ -110,6 +111,11 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
         Number of CT and of MR phantoms in the pool.
     checkpoint_dir
         Folder of the resumable checkpoint (default ``out_dir``).
+    pool
+        HR images in network units to train on instead of the default pool (used by
+        :func:`finetune_on_series`).
+    hr_blur
+        Probability of Gaussian pre-blurring a HR patch (band-limited, scanner-like HR).
     progress
         Show the tqdm bar.
 
@@ -145,7 +151,13 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_dir / f"{model}_{mode}_x{scale}.ckpt.pt"
     start = 0
-    sampler = PatchSampler(training_pool(seed, phantoms), _patch_hw(mode, scale, lr_patch), seed)
+    if pool is None:
+        sampler = PatchSampler(training_pool(seed, phantoms), _patch_hw(mode, scale, lr_patch),
+                               seed, hr_blur=hr_blur)
+    else:
+        sampler = PatchSampler(pool, _patch_hw(mode, scale, lr_patch), seed, natural_count=0)
+        if not sampler.pool:
+            raise UnsupportedRequestError("no image of the pool is as large as one patch")
     if resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
         net.load_state_dict(state["model"])
@@ -214,6 +226,47 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
                        losses)
 
 
+def finetune_on_series(volume: np.ndarray, modality: str, model: str, mode: str, scale: int,
+                       out_dir: Path, steps: int = 200, seed: int = 0,
+                       progress: bool = False) -> TrainReport:
+    """Self-supervised fine-tuning on the incoming series itself.
+
+    The series' own in-plane images serve as HR: slice mode degrades them further in-plane,
+    volume mode degrades one in-plane axis by ``scale`` (the in-plane resolution stands in for
+    the missing through-plane resolution).  Starts from the shipped weights; the result is
+    written to ``out_dir`` and used with ``enhance_volume(..., weights_dir=out_dir)``.
+
+    Parameters
+    ----------
+    volume
+        The series ``(z, y, x)`` in modality units.
+    modality
+        DICOM Modality (selects the intensity mapping).
+    model, mode, scale
+        Which shipped model to adapt.
+    out_dir
+        Folder of the adapted weights.
+    steps, seed
+        Optimisation steps and seed.
+    progress
+        Show the tqdm bar.
+
+    Returns
+    -------
+    TrainReport
+        Losses and the adapted weights' path.
+    """
+    from .normalise import mapping_for
+
+    mapping = mapping_for(volume, modality)
+    x = mapping.forward(np.asarray(volume, dtype=np.float32))
+    pool = [np.ascontiguousarray(s) for s in x]
+    return train(model, mode, scale, steps, out_dir, seed, batch_size=8,
+                 lr_patch=min(LR_PATCH, min(volume.shape[1:]) // (2 * scale)),
+                 learning_rate={"fast": 2e-4, "srcnn": 1e-4}.get(model, 5e-5),
+                 init_weights=weights_path(model, mode, scale), pool=pool, progress=progress)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m sr_engine.training --model fast --mode slice --scale 2 ...``.
 
@@ -237,7 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     rep = train(args.model, args.mode, args.scale, args.steps, args.out, args.seed, args.resume,
                 batch_size=args.batch_size, threads=args.threads,
                 checkpoint_dir=args.checkpoints)
+    import fcntl
+    import tempfile
+
     log_path = args.out / "training_log.json"
+    lock = open(Path(tempfile.gettempdir()) / "srnode_training_log.lock", "w")  # noqa: SIM115
+    fcntl.flock(lock, fcntl.LOCK_EX)
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     log[f"{rep.model}_{rep.mode}_x{rep.scale}"] = {
         "steps": rep.steps, "seconds": round(rep.seconds, 1), "seed": args.seed,
@@ -246,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m sr_engine.training",
                              *(argv or __import__("sys").argv[1:])])}
     log_path.write_text(json.dumps(log, indent=1, sort_keys=True))
+    fcntl.flock(lock, fcntl.LOCK_UN)
+    lock.close()
     print(json.dumps(log[f"{rep.model}_{rep.mode}_x{rep.scale}"]))
     return 0
 

@@ -28,7 +28,7 @@ def factors_for(mode: str, scale: int) -> tuple[int, int]:
 def shuffle(x: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
     """Rearrange ``(B, fy*fx, H, W)`` into ``(B, 1, H*fy, W*fx)`` (sub-pixel convolution)."""
     b, _, h, w = x.shape
-    x = x.view(b, fy, fx, h, w).permute(0, 3, 1, 4, 2)
+    x = x.reshape(b, fy, fx, h, w).permute(0, 3, 1, 4, 2)
     return x.reshape(b, 1, h * fy, w * fx)
 
 
@@ -38,15 +38,17 @@ def interpolate(x: torch.Tensor, fy: int, fx: int, kind: str = "cubic") -> torch
     return F.interpolate(x, scale_factor=(fy, fx), mode=mode, align_corners=False)
 
 
-def conv(cin: int, cout: int, k: int = 3) -> nn.Conv2d:
-    """Same-size convolution with replicate padding (keeps tile borders close to a full pass)."""
-    return nn.Conv2d(cin, cout, k, padding=k // 2, padding_mode="replicate")
+def conv(cin: int, cout: int, k: int = 3, same: bool = False) -> nn.Conv2d:
+    """Convolution: ``valid`` (input replicate-padded once) or zero-padded ``same`` size."""
+    return nn.Conv2d(cin, cout, k, padding=k // 2 if same else 0)
 
 
 class SRNet(nn.Module):
-    """Base class: ``output = interpolate(x) + shuffle(body(x))``.
+    """Base class: ``output = interpolate(x) + shuffle(crop(body(replicate_pad(x))))``.
 
-    Subclasses set ``self.body`` producing ``fy*fx`` channels on the LR grid.
+    Subclasses set ``self.body`` producing ``fy*fx`` channels on the LR grid and ``self.pad``:
+    the input is replicate-padded once by ``pad`` pixels (cheaper than padding every layer) and
+    the body output is centre-cropped back to the input size.
 
     Parameters
     ----------
@@ -59,12 +61,18 @@ class SRNet(nn.Module):
     def __init__(self, fy: int, fx: int) -> None:
         super().__init__()
         self.fy, self.fx = fy, fx
+        self.pad = 0
         self.body: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Upsample ``(B, 1, H, W)`` to ``(B, 1, H*fy, W*fx)``."""
         base = interpolate(x, self.fy, self.fx, self.base_kind)
-        return base + shuffle(self.body(x), self.fy, self.fx)
+        h, w = x.shape[-2:]
+        p = self.pad
+        y = self.body(F.pad(x, (p, p, p, p), mode="replicate") if p else x)
+        dy, dx = (y.shape[-2] - h) // 2, (y.shape[-1] - w) // 2
+        y = y[..., dy:dy + h, dx:dx + w]
+        return base + shuffle(y, self.fy, self.fx)
 
 
 class InterpolationNet(SRNet):
@@ -94,7 +102,7 @@ def lr_convs(model: nn.Module) -> list[nn.Conv2d]:
 
 def receptive_field(model: SRNet) -> int:
     """Receptive field of the learned body in LR pixels (edge of the square), >= 4 for cubic."""
-    convs = lr_convs(model)
+    convs = [c for c in lr_convs(model) if c.kernel_size[0] > 1]
     rf = 1 + sum(c.kernel_size[0] - 1 for c in convs)
     return max(rf, 4 if model.base_kind == "cubic" else 2)
 

@@ -31,3 +31,4 @@ class FastNet(SRNet):
             conv(features, features), nn.ReLU(inplace=True),
             conv(features, fy * fx),
         )
+        self.pad = 4

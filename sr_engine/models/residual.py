@@ -26,8 +26,8 @@ class ResBlock(nn.Module):
 
     def __init__(self, features: int, res_scale: float = 0.2) -> None:
         super().__init__()
-        self.branch = nn.Sequential(conv(features, features), nn.ReLU(inplace=True),
-                                    conv(features, features))
+        self.branch = nn.Sequential(conv(features, features, same=True), nn.ReLU(inplace=True),
+                                    conv(features, features, same=True))
         self.res_scale = res_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,10 +48,10 @@ class ResidualBody(nn.Module):
 
     def __init__(self, out_channels: int, features: int = 24, blocks: int = 4) -> None:
         super().__init__()
-        self.head = conv(1, features)
+        self.head = conv(1, features, same=True)
         self.blocks = nn.Sequential(*[ResBlock(features) for _ in range(blocks)])
-        self.mid = conv(features, features)
-        self.tail = conv(features, out_channels)
+        self.mid = conv(features, features, same=True)
+        self.tail = conv(features, out_channels, same=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the body."""
@@ -73,3 +73,4 @@ class ResidualNet(SRNet):
     def __init__(self, fy: int, fx: int, features: int = 24, blocks: int = 4) -> None:
         super().__init__(fy, fx)
         self.body = ResidualBody(fy * fx, features, blocks)
+        self.pad = 4

@@ -31,3 +31,4 @@ class SRCNN(SRNet):
             conv(f1, f2, 3), nn.ReLU(inplace=True),
             conv(f2, fy * fx, 3),
         )
+        self.pad = 4
