@@ -27,9 +27,14 @@ class Node:
         The validated configuration.
     run_worker
         Start the worker loop (``[worker] enabled`` decides when ``None``).
+    receive
+        Start the SCP and the completeness scheduler (``False`` for a worker-only process on
+        another machine that shares the PostgreSQL queue and the storage folder).
     """
 
-    def __init__(self, config: Config, run_worker: bool | None = None) -> None:
+    def __init__(
+        self, config: Config, run_worker: bool | None = None, receive: bool = True
+    ) -> None:
         self.config = config
         Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)
         self.db = Database(config.node.database_url)
@@ -46,17 +51,19 @@ class Node:
             max_attempts=config.worker.max_attempts,
         )
         self.run_worker = config.worker.enabled if run_worker is None else run_worker
+        self.receive = receive
         self.worker = None
         self._worker_thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     def start(self) -> None:
         """Start receiving, the completeness check and (if enabled) the worker."""
-        removed = self.store.remove_stale_temp_files()
-        if removed:
-            LOGGER.info("removed %d incomplete temporary file(s) from an earlier run", removed)
-        self.scp.start()
-        self.scheduler.start()
+        if self.receive:
+            removed = self.store.remove_stale_temp_files()
+            if removed:
+                LOGGER.info("removed %d incomplete temporary file(s) from an earlier run", removed)
+            self.scp.start()
+            self.scheduler.start()
         if self.run_worker:
             from dicom_node.worker import Worker
 
@@ -66,28 +73,36 @@ class Node:
                 daemon=True,
             )
             self._worker_thread.start()
-        if not self.config.rules:
+        if self.receive and not self.config.rules:
             LOGGER.warning("no [[rules]] configured: series are received and indexed, not queued")
 
     def stop(self) -> None:
         """Stop everything; running jobs are left to be resumed (their lease expires)."""
         self._stop.set()
-        self.scp.stop()
-        self.scheduler.shutdown()
+        if self.receive:
+            self.scp.stop()
+            self.scheduler.shutdown()
         if self._worker_thread is not None:
             self._worker_thread.join(timeout=30)
         self.db.dispose()
 
 
-def serve(config: Config) -> int:
+def serve(config: Config, receive: bool = True) -> int:
     """Run the node until SIGINT or SIGTERM.
+
+    Parameters
+    ----------
+    config
+        The configuration.
+    receive
+        ``False`` runs the worker loop only (``srnode worker``).
 
     Returns
     -------
     int
         Process exit status.
     """
-    node = Node(config)
+    node = Node(config, run_worker=True if not receive else None, receive=receive)
     done = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -97,11 +112,15 @@ def serve(config: Config) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
     node.start()
-    LOGGER.info(
-        "srnode serving AE %s on port %d; database %s; storage %s",
-        config.node.ae_title, node.scp.port, _redact_url(config.node.database_url),
-        config.node.storage_dir,
-    )
+    if receive:
+        LOGGER.info(
+            "srnode serving AE %s on port %d; database %s; storage %s",
+            config.node.ae_title, node.scp.port, _redact_url(config.node.database_url),
+            config.node.storage_dir,
+        )
+    else:
+        LOGGER.info("srnode worker %s polling %s", node.worker.worker_id if node.worker else "",
+                    _redact_url(config.node.database_url))
     try:
         while not done.wait(1.0):
             pass

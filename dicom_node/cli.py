@@ -42,6 +42,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(cfg)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run only the worker loop (another machine sharing the queue and the storage folder)."""
+    from dicom_node.app import serve
+    from dicom_node.logs import configure_logging
+
+    cfg = _config(args)
+    configure_logging(cfg.node.log_level, cfg.node.log_file or None)
+    return serve(cfg, receive=False)
+
+
 def cmd_echo(args: argparse.Namespace) -> int:
     """Send a C-ECHO to a peer."""
     from dicom_node.scu import DestinationUnavailableError, SendError, echo
@@ -183,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("serve", cmd_serve, "run the node: receive, queue, enhance and send")
+    add("worker", cmd_worker, "run only the worker loop (extra workers sharing a PostgreSQL queue "
+        "and the storage folder)")
 
     p = add("echo", cmd_echo, "send a C-ECHO (DICOM ping) to a peer")
     p.add_argument("peer", type=_parse_peer, metavar="AE@HOST:PORT")
