@@ -14,8 +14,13 @@ from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series
 from tests.support.db import fresh_database_url, postgres_unavailable_reason
 from tests.support.dcmtk import StoreSCP, storescu
-from tests.support.node import node_config, node_config_dict, running_node, srnode_executable
-from tests.support.node import write_toml
+from tests.support.node import (
+    node_config,
+    node_config_dict,
+    running_node,
+    srnode_executable,
+    write_toml,
+)
 
 
 @pytest.mark.postgres
