@@ -29,6 +29,7 @@ from tests.support.dcmtk import StoreSCP, echoscu, storescu
 from tests.support.faults import (
     RecordingSender,
     ServedNode,
+    StorescuSender,
     indexed_instances,
     orthanc_series_counts,
     scu_ae,
@@ -66,40 +67,57 @@ def _queue(url: str) -> tuple[Database, JobQueue]:
 
 
 # -- 1a: kill -9 while an association is sending -----------------------------------------------
-def test_kill9_while_receiving_keeps_every_acknowledged_instance(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sender_kind", ["pynetdicom", "storescu"])
+def test_kill9_while_receiving_keeps_every_acknowledged_instance(
+    tmp_path: Path, sender_kind: str
+) -> None:
+    """Every instance acknowledged before the kill is on disk and indexed after a restart."""
     ct = make_ct_series(tmp_path / "ct", n_slices=200, rows=16)
+    by_path = {p: _uid(p) for p in ct}
     node = ServedNode(tmp_path)
     node.start()
     try:
-        sender = RecordingSender(node.port, ct)
-        sender.start()
+        if sender_kind == "pynetdicom":
+            sender = RecordingSender(node.port, ct)
+            sender.start()
+
+            def acknowledged() -> set[str]:
+                return sender.acknowledged()
+        else:
+            scu = StorescuSender(node.port, ct, tmp_path / "storescu.log").start()
+
+            def acknowledged() -> set[str]:
+                return {by_path[p] for p in scu.acknowledged()}
         deadline = time.monotonic() + 60
-        while len(sender.statuses) < 60 and sender.is_alive() and time.monotonic() < deadline:
+        while len(acknowledged()) < 60 and time.monotonic() < deadline:
             time.sleep(0.005)
         node.kill9()
-        sender.join(timeout=60)
-        assert not sender.is_alive()
-        acknowledged = sender.acknowledged()
-        assert 60 <= len(acknowledged) < len(ct), (len(acknowledged), sender.error)
-        assert None in sender.statuses.values() or sender.error  # the association died
+        if sender_kind == "pynetdicom":
+            sender.join(timeout=60)
+            assert not sender.is_alive()
+            assert None in sender.statuses.values() or sender.error  # the association died
+        else:
+            assert scu.wait(60) != 0, scu.output()[-2000:]  # storescu saw the association die
+        done = acknowledged()
+        assert 60 <= len(done) < len(ct), len(done)
 
         node.start()  # restart: clean-up of interrupted writes, then serve again
         indexed = indexed_instances(node.database_url)
-        missing = acknowledged - set(indexed)
+        missing = done - set(indexed)
         assert not missing, f"{len(missing)} acknowledged instance(s) lost"
-        for uid in acknowledged:
+        for uid in done:
             assert indexed[uid].is_file()
             assert str(pydicom.dcmread(indexed[uid]).SOPInstanceUID) == uid
         assert storage_problems(node.storage_dir) == []
         # nothing that was not acknowledged is indexed except the one possibly in flight
-        assert len(set(indexed) - acknowledged) <= 1
+        assert len(set(indexed) - done) <= 1
 
         # the node serves again: the rest of the series is stored
-        rest = [p for p in ct if _uid(p) not in acknowledged]
+        rest = [p for p in ct if by_path[p] not in done]
         assert send_on_one_association(node.port, rest) == [0] * len(rest)
         rc, out = echoscu("127.0.0.1", node.port, called_ae_title="SRNODE")
         assert rc == 0, out
-        assert set(indexed_instances(node.database_url)) == {_uid(p) for p in ct}
+        assert set(indexed_instances(node.database_url)) == set(by_path.values())
         assert storage_problems(node.storage_dir) == []
     finally:
         node.stop()

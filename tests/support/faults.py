@@ -4,6 +4,7 @@ a held SQLite lock, and checks of what a node left in its storage folder."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -18,6 +19,7 @@ from sqlalchemy import select
 from storage.db import Database
 from storage.jobs import JobQueue
 from storage.models import Instance
+from tests.support.dcmtk import dcmtk_env
 from tests.support.node import ServeProcess, node_config_dict, write_toml
 
 JobDict = dict[str, Any]
@@ -232,3 +234,46 @@ def orthanc_series_counts(pacs: Any, series_instance_uids: Sequence[str] | None 
         if series_instance_uids is None or uid in series_instance_uids:
             out[uid] = len(info["Instances"])
     return out
+
+
+class StorescuSender:
+    """dcmtk ``storescu -v`` sending files on one association in the background.
+
+    Its verbose output names each file before its C-STORE and reports each response, which is
+    how :meth:`acknowledged` knows which files the SCP answered with success.
+    """
+
+    def __init__(self, port: int, paths: Sequence[Path], log_path: Path,
+                 called: str = "SRNODE") -> None:
+        self.args = ["storescu", "-v", "-aet", "FAULTSCU", "-aec", called, "-R", "-to", "15",
+                     "127.0.0.1", str(port), *[str(p) for p in paths]]
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StorescuSender:
+        """Start storescu (output to ``log_path``)."""
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=dcmtk_env())
+        return self
+
+    def output(self) -> str:
+        """What storescu printed so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def acknowledged(self) -> list[Path]:
+        """Files answered with ``Received Store Response (Success)``, in sending order."""
+        done: list[Path] = []
+        current: Path | None = None
+        for line in self.output().splitlines():
+            if "Sending file: " in line:
+                current = Path(line.split("Sending file: ", 1)[1].strip())
+            elif "Received Store Response (Success)" in line and current is not None:
+                done.append(current)
+                current = None
+        return done
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for storescu to exit; return its exit status."""
+        assert self.proc is not None
+        return int(self.proc.wait(timeout=timeout))
