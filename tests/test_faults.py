@@ -45,23 +45,28 @@ FINISHED = ("done", "failed", "held")
 
 
 def _dest(name: str, ae: str, port: int) -> dict[str, object]:
+    """A ``[[destinations]]`` entry on loopback."""
     return {"name": name, "ae_title": ae, "host": "127.0.0.1", "port": port}
 
 
 def _uid(path: Path) -> str:
+    """SOP Instance UID of a file."""
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def _series_uid(path: Path) -> str:
+    """Series Instance UID of a file."""
     return str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
 
 
 def _audit(node: ServedNode) -> list[dict]:
+    """The node's audit log entries."""
     path = Path(str(node.data["node"]["audit_log"]))
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _queue(url: str) -> tuple[Database, JobQueue]:
+    """A separate connection to the node's job queue (dispose the database afterwards)."""
     db = Database(url)
     return db, JobQueue(db)
 
@@ -125,6 +130,7 @@ def test_kill9_while_receiving_keeps_every_acknowledged_instance(
 
 # -- 1b / 1c: kill -9 while a job is enhancing or sending --------------------------------------
 def _pacs_node(tmp_path: Path, pacs: OrthancServer) -> ServedNode:
+    """A node with a 3 s lease whose CT x2 rule sends to Orthanc."""
     return ServedNode(
         tmp_path,
         worker={"lease_seconds": 3.0, "heartbeat_seconds": 0.5, "backoff_base_seconds": 0.5,
@@ -137,6 +143,10 @@ def _pacs_node(tmp_path: Path, pacs: OrthancServer) -> ServedNode:
 
 def _kill_at_stage_then_finish(tmp_path: Path, ct: list[Path], stage: str,
                                min_sent: int = 0) -> None:
+    """Send ``ct``, kill -9 the node when its job is at ``stage``, restart, check Orthanc.
+
+    With ``min_sent`` the kill waits until that many derived instances were acknowledged.
+    """
     with OrthancServer(tmp_path / "orthanc") as pacs:
         node = _pacs_node(tmp_path, pacs)
         node.start()
@@ -178,11 +188,13 @@ def _kill_at_stage_then_finish(tmp_path: Path, ct: list[Path], stage: str,
 
 
 def test_kill9_while_enhancing_completes_after_the_lease_expires(tmp_path: Path) -> None:
+    """Killed while enhancing: retried after the lease, exactly one derived series arrives."""
     ct = make_ct_series(tmp_path / "ct", n_slices=40, rows=256)
     _kill_at_stage_then_finish(tmp_path, ct, "enhancing")
 
 
 def test_kill9_while_sending_leaves_one_copy_of_the_derived_series(tmp_path: Path) -> None:
+    """Killed mid-send: the retry re-sends only the rest of the same series, one copy in all."""
     ct = make_ct_series(tmp_path / "ct", n_slices=120, rows=64)
     _kill_at_stage_then_finish(tmp_path, ct, "sending", min_sent=10)
 
@@ -194,6 +206,7 @@ def test_kill9_while_sending_leaves_one_copy_of_the_derived_series(tmp_path: Pat
 def test_stale_job_of_a_killed_worker_is_taken_over_by_the_other(
     tmp_path: Path, backend: str
 ) -> None:
+    """Two ``srnode serve`` on one database: kill the job's owner, the other finishes it."""
     ct = make_ct_series(tmp_path / "ct", n_slices=6, rows=64)
     with db_support.fresh_database_url(backend, tmp_path) as url, \
             StoreSCP(tmp_path / "archive") as archive:
@@ -245,6 +258,7 @@ def test_stale_job_of_a_killed_worker_is_taken_over_by_the_other(
 def test_locked_database_answers_a701_and_storing_works_after_the_lock_is_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Index locked past the busy timeout: 0xA701, nothing acknowledged unindexed; then OK."""
     import storage.db
 
     # storage.db waits SQLITE_BUSY_TIMEOUT_MS (30 s) for the lock: longer than pynetdicom's
@@ -274,6 +288,7 @@ def test_locked_database_answers_a701_and_storing_works_after_the_lock_is_gone(
 
 
 def test_briefly_locked_database_is_waited_for(tmp_path: Path) -> None:
+    """A lock shorter than the busy timeout delays the answer; every instance is stored."""
     ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
     cfg = node_config(tmp_path)
     db_path = Path(cfg.node.database_url.removeprefix("sqlite:///"))
@@ -302,6 +317,7 @@ def test_briefly_locked_database_is_waited_for(tmp_path: Path) -> None:
 
 # -- 5: disk floor reached mid-series ------------------------------------------------------
 def test_disk_floor_mid_series_refuses_keeps_and_resumes(tmp_path: Path) -> None:
+    """Floor reached mid-association: 0xA700, stored files intact; resent later and processed."""
     ct = make_ct_series(tmp_path / "ct", n_slices=10, rows=32)
     uids = [_uid(p) for p in ct]
     with StoreSCP(tmp_path / "archive") as archive:
