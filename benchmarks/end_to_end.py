@@ -157,10 +157,14 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "end_to_end.json"))
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]
     r = run(args.instances, args.model, args.quiet, args.timeout)
+    # the CPUs may be shared: record how busy the machine was around the run
+    r["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     print(f"\n{r['instances']} CT 512x512 ({r['megabytes']:.0f} MB) -> srnode x2 "
           f"(model {r['model']}, device {r['device'] or '?'}) -> Orthanc; "
-          f"{r['cpus']} CPUs, {r['host']}\n")
+          f"{r['cpus']} CPUs, {r['host']}, load average {r['load_average_1min']['before']:.1f}"
+          f" before / {r['load_average_1min']['after']:.1f} after\n")
     print(f"{'step':<34} {'seconds':>8}")
     print(f"{'storescu send (not counted)':<34} {r['storescu_seconds']:8.2f}")
     print(f"{'quiet period wait (not counted)':<34} {r['quiet_wait_seconds']:8.2f}")
