@@ -15,18 +15,17 @@ THREADS=${THREADS:-1}
 # are shared).  Lane B starts with the best model (its srgan fine-tuning needs residual weights).
 LANE_A=${LANE_A:-"fast:slice:2 fast:slice:4 fast:volume:2 fast:volume:3 fast:volume:4
 srcnn:slice:2 srcnn:slice:4 srcnn:volume:2 srcnn:volume:3 srcnn:volume:4"}
-LANE_B=${LANE_B:-"residual:slice:2 residual:slice:4 residual:volume:2 residual:volume:3
-residual:volume:4 srgan:slice:2 srgan:slice:4 srgan:volume:2 srgan:volume:3 srgan:volume:4"}
+LANE_B=${LANE_B:-"residual:slice:2 residual:volume:4 residual:slice:4 residual:volume:2
+residual:volume:3 srgan:slice:2 srgan:slice:4 srgan:volume:2 srgan:volume:3 srgan:volume:4"}
 
 steps() {  # model mode scale -> steps
   case "$1:$2:$3" in
-    fast:slice:2) echo 6000 ;;
-    fast:slice:4) echo 2000 ;;
+    fast:slice:2) echo 4000 ;;
     fast:*) echo 1500 ;;
-    srcnn:*) echo 1500 ;;
-    residual:slice:2) echo 3000 ;;
-    residual:*) echo 1200 ;;
-    srgan:*) echo 200 ;;
+    srcnn:*) echo 1200 ;;
+    residual:slice:2) echo 2500 ;;
+    residual:*) echo 1000 ;;
+    srgan:*) echo 150 ;;
   esac
 }
 

@@ -78,7 +78,7 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
           learning_rate: float | None = None, threads: int = 2, checkpoint_every: int = 200,
           init_weights: Path | None = None, phantoms: int = 24,
           checkpoint_dir: Path | None = None, pool: list[np.ndarray] | None = None,
-          hr_blur: float = 0.0, progress: bool = True) -> TrainReport:
+          hr_blur: float = 0.5, progress: bool = True) -> TrainReport:
     """Train one model for one mode and scale and save its weights.
 
     Parameters

@@ -68,3 +68,19 @@ def test_degradation_operators() -> None:
     hr_c, lr_v, sp, thick = make_lr(vol, (1.0, 1.0, 1.0), "volume", 4)
     assert hr_c.shape[0] == 8 and lr_v.shape == (2, 8, 8) and thick == 4.0 and sp[0] == 4.0
     np.testing.assert_allclose(lr_v[1], vol[4:8].mean(axis=0), atol=1e-6)
+
+
+def test_self_supervised_finetuning_on_the_series(tmp_path: Path) -> None:
+    from sr_engine import EnhanceRequest, enhance_volume
+    from sr_engine.training import finetune_on_series
+
+    rng = np.random.default_rng(4)
+    series = np.stack([ct_phantom(96, rng) for _ in range(3)]).astype(np.float32)
+    rep = finetune_on_series(series, "CT", "fast", "slice", 2, tmp_path, steps=20)
+    assert rep.weights.is_file() and len(rep.losses) == 20
+    req = EnhanceRequest(model="fast")
+    tuned = enhance_volume(series[:1], (1.0, 1.0, 1.0), 1.0, "CT", req, weights_dir=tmp_path)
+    shipped = enhance_volume(series[:1], (1.0, 1.0, 1.0), 1.0, "CT", req)
+    assert tuned.volume.shape == shipped.volume.shape
+    assert tuned.model_version != shipped.model_version
+    assert not np.array_equal(tuned.volume, shipped.volume)
