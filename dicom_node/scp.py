@@ -225,14 +225,14 @@ class StorageSCP:
         )
         return statuses.SUCCESS
 
-    def _refuse(self, event: evt.Event, status: int, reason: str, **uids: Any) -> int:
-        req = event.assoc.requestor
+    def _refuse(self, calling_ae: str, address: str, status: int, reason: str,
+                **uids: Any) -> int:
         LOGGER.warning(
-            "C-STORE from %r refused with 0x%04X: %s %s", req.ae_title, status, reason,
+            "C-STORE from %r refused with 0x%04X: %s %s", calling_ae, status, reason,
             " ".join(f"{k}={v}" for k, v in uids.items() if v),
         )
         self.audit.record(
-            "instance_refused", calling_ae=req.ae_title, address=req.address,
+            "instance_refused", calling_ae=calling_ae, address=address,
             status=f"0x{status:04X}", reason=reason, **uids,
         )
         return status
@@ -240,66 +240,102 @@ class StorageSCP:
     def _handle_store(self, event: evt.Event) -> int | tuple[int, Any]:
         req = event.assoc.requestor
         affected = str(event.request.AffectedSOPInstanceUID or "")
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - network edge: never crash the association
+            return self._refuse(req.ae_title, req.address, statuses.CANNOT_UNDERSTAND,
+                                f"cannot read the data set ({type(exc).__name__})",
+                                sop_instance_uid=affected)
+        return self.receive(data, affected, str(event.context.abstract_syntax), req.ae_title,
+                            req.address)
+
+    def receive(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
+                calling_ae: str, address: str) -> int:
+        """Check, store and index one received instance; return the C-STORE status.
+
+        This is the whole per-instance receive path of the C-STORE handler, callable without a
+        network (fuzzing).  It never raises: every problem becomes a failure status, a log line
+        and an ``instance_refused`` audit entry.
+
+        Parameters
+        ----------
+        data
+            The encoded Part 10 file (file meta built from the presentation context).
+        affected_sop_instance_uid
+            Affected SOP Instance UID of the C-STORE request.
+        sop_class_uid
+            Abstract syntax of the presentation context used.
+        calling_ae, address
+            The peer (for the index, the log and the audit log).
+
+        Returns
+        -------
+        int
+            ``statuses.SUCCESS`` once the file is stored and indexed, else a failure status.
+        """
+        affected = affected_sop_instance_uid
+
+        def refuse(status: int, reason: str, **uids: Any) -> int:
+            return self._refuse(calling_ae, address, status, reason, **uids)
+
         floor = self.config.node.min_free_disk_mb * 1024 * 1024
         try:
             free = self.store.free_bytes()
         except OSError as exc:
-            return self._refuse(event, statuses.OUT_OF_RESOURCES, f"cannot stat storage: {exc}")
+            return refuse(statuses.OUT_OF_RESOURCES, f"cannot stat storage: {exc}")
         if free < floor:
-            return self._refuse(
-                event, statuses.OUT_OF_RESOURCES,
+            return refuse(
+                statuses.OUT_OF_RESOURCES,
                 f"free disk {free // (1024 * 1024)} MB below floor "
                 f"{self.config.node.min_free_disk_mb} MB",
                 sop_instance_uid=affected,
             )
         try:
-            data = event.encoded_dataset(include_meta=True)
             ds = parse_dataset(data)
             header = InstanceHeader.from_dataset(ds)
             check_image(ds)
         except InvalidImageError as exc:
-            return self._refuse(event, statuses.INVALID_IMAGE, str(exc), sop_instance_uid=affected)
+            return refuse(statuses.INVALID_IMAGE, str(exc), sop_instance_uid=affected)
         except InvalidUIDError as exc:
-            return self._refuse(event, statuses.INVALID_UID, str(exc), sop_instance_uid=affected)
+            return refuse(statuses.INVALID_UID, str(exc), sop_instance_uid=affected)
         except InvalidInstanceError as exc:
-            return self._refuse(event, statuses.CANNOT_UNDERSTAND, str(exc),
-                                sop_instance_uid=affected)
+            return refuse(statuses.CANNOT_UNDERSTAND, str(exc), sop_instance_uid=affected)
         except Exception as exc:  # noqa: BLE001 - any parse failure is the sender's data
-            return self._refuse(event, statuses.CANNOT_UNDERSTAND,
-                                f"cannot parse data set ({type(exc).__name__})",
-                                sop_instance_uid=affected)
+            return refuse(statuses.CANNOT_UNDERSTAND,
+                          f"cannot parse data set ({type(exc).__name__})",
+                          sop_instance_uid=affected)
         uids = {
             "study_instance_uid": header.study_instance_uid,
             "series_instance_uid": header.series_instance_uid,
             "sop_instance_uid": header.sop_instance_uid,
         }
         if header.sop_instance_uid != affected:
-            return self._refuse(
-                event, statuses.INVALID_UID,
+            return refuse(
+                statuses.INVALID_UID,
                 "SOP Instance UID in the data set differs from Affected SOP Instance UID", **uids,
             )
-        if header.sop_class_uid != event.context.abstract_syntax:
-            return self._refuse(
-                event, statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        if header.sop_class_uid != sop_class_uid:
+            return refuse(
+                statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 f"SOP Class UID {header.sop_class_uid} does not match the presentation context "
-                f"{event.context.abstract_syntax}", **uids,
+                f"{sop_class_uid}", **uids,
             )
         try:
-            outcome = store_instance(self.db, self.store, header, data, req.ae_title)
+            outcome = store_instance(self.db, self.store, header, data, calling_ae)
         except DatabaseUnavailableError as exc:
-            return self._refuse(event, statuses.OUT_OF_RESOURCES_INDEX,
-                                f"index database unavailable: {exc}", **uids)
+            return refuse(statuses.OUT_OF_RESOURCES_INDEX,
+                          f"index database unavailable: {exc}", **uids)
         except OSError as exc:
-            return self._refuse(event, statuses.OUT_OF_RESOURCES,
-                                f"cannot write file: {exc.strerror or exc}", **uids)
+            return refuse(statuses.OUT_OF_RESOURCES,
+                          f"cannot write file: {exc.strerror or exc}", **uids)
         except StorageError as exc:
-            return self._refuse(event, statuses.PROCESSING_FAILURE, str(exc), **uids)
+            return refuse(statuses.PROCESSING_FAILURE, str(exc), **uids)
         except Exception as exc:  # noqa: BLE001 - network edge: never crash the association
             LOGGER.exception("unexpected error storing an instance")
-            return self._refuse(event, statuses.PROCESSING_FAILURE,
-                                f"unexpected error: {type(exc).__name__}", **uids)
+            return refuse(statuses.PROCESSING_FAILURE,
+                          f"unexpected error: {type(exc).__name__}", **uids)
         self.audit.record(
-            "instance_received", calling_ae=req.ae_title, address=req.address,
+            "instance_received", calling_ae=calling_ae, address=address,
             sop_class_uid=header.sop_class_uid, transfer_syntax_uid=header.transfer_syntax_uid,
             modality=header.modality, replaced=outcome.replaced, **uids,
         )
