@@ -530,3 +530,139 @@ def malformed_corpus() -> list[MalformedCase]:
     if len(set(names)) != len(names):
         raise RuntimeError("duplicate case names in the malformed corpus")
     return cases
+
+
+# --------------------------------------------------------------------------- fuzzing support
+#: SOP Instance UID written into fuzz seeds and replaced by a fresh UID of the same length in
+#: every input, so the Affected SOP Instance UID matches unless a mutation hit it.
+SEED_SOP_INSTANCE_UID = "1.2.826.0.1.3680043.10.543." + "9" * 20
+
+
+@dataclass(frozen=True)
+class Seed:
+    """A valid encoded data set to mutate, with the context it is sent under.
+
+    Attributes
+    ----------
+    name
+        Short name.
+    body
+        The data set without preamble and meta, SOP Instance UID :data:`SEED_SOP_INSTANCE_UID`.
+    sop_class_uid, transfer_syntax_uid
+        The presentation context.
+    """
+
+    name: str
+    body: bytes
+    sop_class_uid: str
+    transfer_syntax_uid: str
+
+
+def receive_seeds() -> list[Seed]:
+    """Valid CT/MR data sets in several encodings (explicit/implicit/big endian, RLE, enhanced)."""
+    specs = [("CT_small.dcm", ExplicitVRLittleEndian), ("MR_small.dcm", ImplicitVRLittleEndian),
+             ("CT_small.dcm", ExplicitVRBigEndian), ("MR_small.dcm", RLELossless),
+             ("emri_small.dcm", ExplicitVRLittleEndian)]
+    seeds = []
+    for name, ts in specs:
+        ds = base_dataset(name)
+        ds.SOPInstanceUID = SEED_SOP_INSTANCE_UID
+        if ts == RLELossless:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds.compress(RLELossless, generate_instance_uid=False)
+        seeds.append(Seed(f"{name.removesuffix('.dcm')}-{pydicom.uid.UID(ts).keyword}",
+                          encode(ds, ts), str(ds.SOPClassUID), ts))
+    return seeds
+
+
+def fresh_sop_instance_uid(token: int) -> str:
+    """A UID as long as :data:`SEED_SOP_INSTANCE_UID`, unique per ``token`` (< 10**20)."""
+    return SEED_SOP_INSTANCE_UID[:-20] + f"{token % 10**20:020d}".replace("0", "1", 1)
+
+
+def instance_from(seed: Seed, body: bytes, token: int) -> tuple[bytes, str]:
+    """The Part 10 file of a (mutated) seed body with a fresh SOP Instance UID.
+
+    Returns
+    -------
+    tuple[bytes, str]
+        The file and the Affected SOP Instance UID to send it under.
+    """
+    uid = fresh_sop_instance_uid(token)
+    body = body.replace(SEED_SOP_INSTANCE_UID.encode(), uid.encode())
+    return part10(body, seed.sop_class_uid, uid, seed.transfer_syntax_uid), uid
+
+
+def mutate(body: bytes, ops: list[tuple[str, int, bytes]]) -> bytes:
+    """Apply mutations: ``("flip", pos, b"\\x0N")`` flips bit N, ``("truncate", pos, b"")``,
+    ``("insert", pos, data)``, ``("overwrite", pos, data)``, ``("delete", pos, b"n")``
+    (positions are taken modulo the current length)."""
+    out = bytearray(body)
+    for kind, position, value in ops:
+        if not out:
+            break
+        pos = position % len(out)
+        if kind == "flip":
+            out[pos] ^= 1 << ((value[0] if value else 0) % 8)
+        elif kind == "truncate":
+            del out[pos:]
+        elif kind == "insert":
+            out[pos:pos] = value
+        elif kind == "overwrite":
+            out[pos:pos + len(value)] = value
+        elif kind == "delete":
+            del out[pos:pos + 1 + (value[0] if value else 0)]
+        else:
+            raise ValueError(kind)
+    return bytes(out)
+
+
+#: Statuses the receive path may answer with.
+FAILURE_STATUSES = range(0xA700, 0xD000)
+
+
+def check_received(node: object, data: bytes, sop_instance_uid: str, sop_class_uid: str) -> int:
+    """Run one instance through ``StorageSCP.receive`` and check the receive-path invariants.
+
+    Success only when the stored file parses with pydicom, passes the same checks again and
+    its index row exists; a failure status leaves no row behind.  Nothing may escape.
+
+    Parameters
+    ----------
+    node
+        A :class:`dicom_node.app.Node` (not started: ``node.scp.receive`` needs no network).
+    data, sop_instance_uid, sop_class_uid
+        The Part 10 file and the C-STORE request it would arrive in.
+
+    Returns
+    -------
+    int
+        The status.
+
+    Raises
+    ------
+    AssertionError
+        An invariant does not hold.
+    """
+    from sqlalchemy import select
+
+    from dicom_node.validation import check_image, parse_dataset
+    from storage.models import Instance
+
+    status = node.scp.receive(data, sop_instance_uid, sop_class_uid,  # type: ignore[attr-defined]
+                              "FUZZSCU", "127.0.0.1")
+    with node.db.session() as s:  # type: ignore[attr-defined]
+        path = s.execute(select(Instance.path).where(
+            Instance.sop_instance_uid == sop_instance_uid)).scalar_one_or_none()
+    if status == 0:
+        assert path is not None, "success without an index row"
+        stored = Path(path).read_bytes()
+        assert stored == data, "stored file differs from what was received"
+        ds = pydicom.dcmread(io.BytesIO(stored))
+        assert str(ds.SOPInstanceUID) == sop_instance_uid
+        check_image(parse_dataset(stored))
+    else:
+        assert status in FAILURE_STATUSES, f"status 0x{status:04X} outside 0xA700-0xCFFF"
+        assert path is None, "refused instance was indexed"
+    return status
