@@ -99,7 +99,7 @@ def _report(redegraded: np.ndarray, original: np.ndarray, data_range: float) -> 
 
 
 def consistency_slice(output: np.ndarray, volume: np.ndarray, scale: int,
-                      mapping: IntensityMapping, batch: int = 16) -> ConsistencyReport:
+                      mapping: IntensityMapping, batch: int = 4) -> ConsistencyReport:
     """Re-degrade in-plane with the nominal operator and compare with the input.
 
     ``output`` and ``volume`` are in modality units; the operator is linear, so it is applied

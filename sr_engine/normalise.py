@@ -36,8 +36,10 @@ class IntensityMapping:
 
     def forward(self, values: np.ndarray) -> np.ndarray:
         """Map modality units to network units (float32)."""
-        return ((np.asarray(values, dtype=np.float32) + np.float32(self.offset))
-                / np.float32(self.scale)).astype(np.float32)
+        out = np.array(values, dtype=np.float32, copy=True)
+        out += np.float32(self.offset)
+        out /= np.float32(self.scale)
+        return out
 
     def inverse(self, values: np.ndarray) -> np.ndarray:
         """Map network units back to modality units (float32)."""
