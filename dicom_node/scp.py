@@ -218,6 +218,20 @@ class StorageSCP:
     def _handle_accepted(self, event: evt.Event) -> None:
         req = event.assoc.requestor
         LOGGER.info("association accepted: calling AE %r from %s", req.ae_title, req.address)
+        rejected = [
+            {"context_id": cx.context_id, "abstract_syntax": str(cx.abstract_syntax),
+             "transfer_syntaxes": [str(ts) for ts in cx.transfer_syntax]}
+            for cx in event.assoc.rejected_contexts
+        ]
+        if rejected:
+            LOGGER.warning(
+                "association from %r: %d presentation context(s) rejected (SOP class or "
+                "transfer syntax not accepted): %s", req.ae_title, len(rejected),
+                ", ".join(f"{r['abstract_syntax']} {'/'.join(r['transfer_syntaxes'])}"
+                          for r in rejected),
+            )
+            self.audit.record("contexts_rejected", calling_ae=req.ae_title,
+                              address=req.address, contexts=rejected)
 
     def _handle_echo(self, event: evt.Event) -> int:
         self.audit.record(
