@@ -145,6 +145,11 @@ def test_malformed_corpus_gets_clear_statuses_and_valid_traffic_is_intact(tmp_pa
             if case.expect == "negotiation":
                 assert kind == "negotiation", (case.name, status)
                 assert _stored_path(node, sop_uid) is None, case.name
+                mine = [e for e in _audit_entries(audit_path)[before:]
+                        if e.get("calling_ae") == "BADSCU"]
+                assert [e["event"] for e in mine] == ["contexts_rejected"], (case.name, mine)
+                assert mine[0]["contexts"][0]["transfer_syntaxes"] == [
+                    str(case.meta.TransferSyntaxUID)], mine
                 continue
             assert kind == "status" and status is not None, case.name
             if case.expect == "refuse":
