@@ -52,7 +52,8 @@ def _text(ds: Dataset, keyword: str, limit: int | None = None) -> str:
         return ""
     if isinstance(value, MultiValue):
         value = "\\".join(str(v) for v in value)
-    text = str(value).strip().strip("\x00")
+    # NUL is no valid character in DICOM text; PostgreSQL text columns refuse it
+    text = str(value).replace("\x00", "").strip()
     return text[:limit] if limit else text
 
 
