@@ -19,16 +19,20 @@ from sqlalchemy import func, select
 from storage.jobs import JobQueue
 from storage.models import Instance
 from tests.dicom_factory import make_ct_series
+from tests.support import db as db_support
 from tests.support.dcmtk import storescu
 from tests.support.malformed import (
     MalformedCase,
     base_dataset,
+    check_received,
     encode,
     malformed_corpus,
     part10,
     split_meta,
 )
 from tests.support.node import node_config, running_node
+
+db_url = db_support.db_url
 
 FAILURE_RANGE = range(0xA700, 0xD000)
 
@@ -205,6 +209,24 @@ def test_malformed_corpus_gets_clear_statuses_and_valid_traffic_is_intact(tmp_pa
     # every kind of answer came up: parse failures, bad UIDs, bad images, SOP class mismatch
     answers = {s for _k, s in results.values()}
     assert {0xC000, 0xC001, 0xC002, 0xA900} <= answers, answers
+
+
+def test_malformed_corpus_in_process_on_each_database(tmp_path: Path, db_url: str) -> None:
+    """The receive path (``StorageSCP.receive``) on SQLite and PostgreSQL: same answers."""
+    from dicom_node.app import Node
+
+    node = Node(node_config(tmp_path, node={"database_url": db_url}))
+    try:
+        for case in malformed_corpus():
+            if case.expect == "negotiation":
+                continue
+            meta = case.meta
+            status = check_received(node, case.data, str(meta.MediaStorageSOPInstanceUID),
+                                    str(meta.MediaStorageSOPClassUID))
+            if case.expect == "refuse":
+                assert status in FAILURE_RANGE, (case.name, hex(status))
+    finally:
+        node.db.dispose()
 
 
 def _original_ct(folder: Path, n: int, rows: int) -> list[Path]:

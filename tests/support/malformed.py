@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import io
+import secrets
 import struct
 import warnings
 from collections.abc import Callable, Iterator
@@ -105,9 +106,9 @@ def base_dataset(name: str = "CT_small.dcm") -> Dataset:
     from tests.support.node import sample_file
 
     ds = pydicom.dcmread(sample_file(name))
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = fixed_length_uid()
+    ds.SeriesInstanceUID = fixed_length_uid()
+    ds.SOPInstanceUID = fixed_length_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     if ds.Modality == "MR":
         ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
@@ -218,10 +219,15 @@ def _with(ds: Dataset, **changes: object) -> Dataset:
     return out
 
 
+def fixed_length_uid() -> str:
+    """A new unique UID, always 48 characters long (so encoded offsets do not move)."""
+    return "1.2.826.0.1.3680043.10.543.1." + f"{secrets.randbelow(9 * 10**18) + 10**18:019d}"
+
+
 def _fresh(ds: Dataset) -> Dataset:
-    """A copy with a new SOP Instance UID (meta and data set agree)."""
+    """A copy with a new SOP Instance UID of fixed length (meta and data set agree)."""
     out = copy.deepcopy(ds)
-    out.SOPInstanceUID = generate_uid()
+    out.SOPInstanceUID = fixed_length_uid()
     out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     return out
 
@@ -465,6 +471,8 @@ def _charsets(ct: Dataset) -> Iterator[MalformedCase]:
         ("ascii-declared-high-bytes", "ISO_IR 6", b"Sm\xffth^J\xf6hn"),
         ("utf8-invalid-bytes", "ISO_IR 192", b"Bad\xc3\x28^Utf\xe2\x82"),
         ("iso2022-unterminated-escape", ["", "ISO 2022 IR 87"], b"Yamada^\x1b$B;3"),
+        ("nul-inside-name", "ISO_IR 100", b"Smi\x00th^John"),
+        ("control-characters", "ISO_IR 100", b"Smith\x07\x1b[2J^John\r\n"),
     ]
     for name, charset, name_bytes in specs:
         d = _fresh(ct)
