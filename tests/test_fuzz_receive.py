@@ -18,6 +18,7 @@ from sqlalchemy import func, select
 
 from dicom_node.app import Node
 from storage.models import Instance
+from tests.support import db as db_support
 from tests.support.malformed import (
     FAILURE_STATUSES,
     Seed,
@@ -29,6 +30,7 @@ from tests.support.malformed import (
 from tests.support.node import node_config, running_node
 
 SEEDS = receive_seeds()
+db_url = db_support.db_url
 
 _op = st.tuples(
     st.sampled_from(["flip", "flip", "flip", "truncate", "insert", "overwrite", "delete"]),
@@ -38,8 +40,9 @@ _op = st.tuples(
 
 
 @pytest.fixture()
-def node(tmp_path: Path) -> Iterator[Node]:
-    n = Node(node_config(tmp_path))  # not started: receive() needs no network
+def node(tmp_path: Path, db_url: str) -> Iterator[Node]:
+    """A node on SQLite and on PostgreSQL, not started: ``receive()`` needs no network."""
+    n = Node(node_config(tmp_path, node={"database_url": db_url}))
     try:
         yield n
     finally:
