@@ -138,6 +138,41 @@ def _handshake(port: int, ctx: ssl.SSLContext) -> str:
             return str(tls.version())
 
 
+def _tls11_client(pki: PKI) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(pki.ca_cert))
+    ctx.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    ctx.minimum_version = ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    return ctx
+
+
+def test_tls11_client_works_against_a_permissive_server(pki: PKI) -> None:
+    """Control: the TLS 1.1 client below really speaks TLS 1.1, so the SCP's refusal counts."""
+    import threading
+
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    server.minimum_version = ssl.TLSVersion.TLSv1_1
+    server.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            try:
+                with server.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        assert _handshake(listener.getsockname()[1], _tls11_client(pki)) == "TLSv1.1"
+        thread.join(10)
+
+
 def test_scp_mutual_tls(tmp_path: Path, pki: PKI) -> None:
     from dicom_node.config import parse_config
 
@@ -162,11 +197,7 @@ def test_scp_mutual_tls(tmp_path: Path, pki: PKI) -> None:
         # no client certificate, a certificate from a rogue CA, TLS 1.1, plain TCP: all fail
         no_cert = _client_context(pki, None, None)
         rogue = _client_context(pki, pki.rogue_client_cert, pki.rogue_client_key)
-        tls11 = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        tls11.load_verify_locations(str(pki.ca_cert))
-        tls11.load_cert_chain(str(pki.client_cert), str(pki.client_key))
-        tls11.minimum_version = tls11.maximum_version = ssl.TLSVersion.TLSv1_1
-        tls11.set_ciphers("DEFAULT:@SECLEVEL=0")
+        tls11 = _tls11_client(pki)
         for label, ctx in (("no client cert", no_cert), ("rogue CA", rogue), ("TLS 1.1", tls11)):
             assoc = _associate(port, ssl_context=ctx)
             assert not assoc.is_established, label
