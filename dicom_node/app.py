@@ -37,7 +37,7 @@ class Node:
     ) -> None:
         self.config = config
         Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)
-        self.db = Database(config.node.database_url)
+        self.db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
         self.db.upgrade()
         self.store = FileStore(Path(config.node.storage_dir))
         self.audit = AuditLog(config.node.audit_log or None)

@@ -75,7 +75,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     from storage.jobs import JobQueue
 
     cfg = _config(args)
-    db = Database(cfg.node.database_url)
+    db = Database(cfg.node.database_url, cfg.node.index_busy_timeout_seconds)
     db.upgrade()
     jobs = JobQueue(db).list_jobs(states=args.state or None, limit=args.limit)
     if args.json:
@@ -109,7 +109,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from storage.jobs import JobQueue
 
     cfg = _config(args)
-    db = Database(cfg.node.database_url)
+    db = Database(cfg.node.database_url, cfg.node.index_busy_timeout_seconds)
     db.upgrade()
     try:
         JobQueue(db).retry(args.job_id)

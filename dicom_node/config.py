@@ -74,6 +74,7 @@ class NodeConfig:
     network_timeout: float = 60.0
     max_pdu_size: int = 1048576
     min_free_disk_mb: int = 1024
+    index_busy_timeout_seconds: float = 5.0
     log_level: str = "INFO"
     log_file: str = ""
     audit_log: str = "./var/audit.log"
@@ -218,6 +219,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"[node] port: {n.port} is not a TCP port")
     if n.max_associations < 1:
         raise ConfigError("[node] max_associations must be >= 1")
+    if not 0 < n.index_busy_timeout_seconds < n.dimse_timeout:
+        raise ConfigError("[node] index_busy_timeout_seconds must be > 0 and < dimse_timeout")
     if n.max_pdu_size < 0:
         raise ConfigError("[node] max_pdu_size must be >= 0 (0 = unlimited)")
     if n.tls.enabled and not (n.tls.cert_file and n.tls.key_file):

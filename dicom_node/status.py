@@ -21,7 +21,7 @@ def node_status(config: Config) -> dict[str, Any]:
 
     Contains UIDs and counts only, never patient identifiers.
     """
-    db = Database(config.node.database_url)
+    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
     try:
         db.upgrade()
         queue = JobQueue(db)

@@ -98,7 +98,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
     from dicom_node.transcode import transcode_files
 
     configure_logging(config.node.log_level, config.node.log_file or None)
-    db = Database(config.node.database_url)
+    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
     queue = JobQueue(db)
     audit = AuditLog(config.node.audit_log or None)
     w = config.worker

@@ -26,7 +26,8 @@ from storage.errors import DatabaseUnavailableError, StorageError
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-SQLITE_BUSY_TIMEOUT_MS = 30000
+#: Default seconds to wait for a locked index before giving up (DatabaseUnavailableError).
+DEFAULT_BUSY_TIMEOUT = 5.0
 _UPGRADE_LOCK = 0x5352_4E4F_4445  # "SRNODE": advisory lock key held while migrating
 
 
@@ -61,10 +62,15 @@ class Database:
     ----------
     url
         SQLAlchemy URL: ``sqlite:///path.db`` or ``postgresql[+psycopg]://...``.
+    busy_timeout
+        Seconds to wait for a lock held by another connection before failing. Keep it below the
+        DIMSE timeout of senders, so the SCP answers a failure status they can retry instead of
+        letting them time out.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self.url = normalise_url(url)
+        self.busy_timeout = float(busy_timeout)
         try:
             parsed = make_url(self.url)
         except Exception as exc:
@@ -75,17 +81,26 @@ class Database:
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {
-                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                "timeout": self.busy_timeout,
                 "check_same_thread": False,
             }
         elif self.backend == "postgresql":
             kwargs["pool_pre_ping"] = True
-            kwargs["connect_args"] = {"connect_timeout": 10}
+            lock_ms = int(self.busy_timeout * 1000)
+            kwargs["connect_args"] = {
+                "connect_timeout": 10,
+                "options": f"-c lock_timeout={lock_ms}",
+            }
         else:
             raise StorageError(f"unsupported database backend {self.backend!r}")
         self.engine: Engine = create_engine(self.url, **kwargs)
         if self.backend == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_on_connect)
+            busy_ms = int(self.busy_timeout * 1000)
+
+            def _on_connect(dbapi_connection: Any, record: Any) -> None:
+                _sqlite_on_connect(dbapi_connection, record, busy_ms)
+
+            event.listen(self.engine, "connect", _on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
@@ -168,15 +183,18 @@ class Database:
         self.engine.dispose()
 
 
-def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
-    """Configure a new SQLite connection (WAL, busy timeout, foreign keys, manual BEGIN)."""
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any, busy_ms: int) -> None:
+    """Configure a new SQLite connection (WAL, busy timeout, foreign keys, manual BEGIN).
+
+    ``synchronous=FULL``: a committed index row survives a power loss, not only a crash.
+    """
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA synchronous=FULL")
     finally:
         cursor.close()
 

@@ -305,6 +305,8 @@ class JobQueue:
             job = self._own(session, job_id, worker_id)
             _transition(job, "done", now, error=None)
             job.result = result
+            if isinstance(result.get("stage_seconds"), dict):
+                job.stage_seconds = result["stage_seconds"]
             job.stage = "done"
             job.finished_at = now
             job.lease_expires_at = None

@@ -259,15 +259,11 @@ def test_locked_database_answers_a701_and_storing_works_after_the_lock_is_gone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Index locked past the busy timeout: 0xA701, nothing acknowledged unindexed; then OK."""
-    import storage.db
-
-    # storage.db waits SQLITE_BUSY_TIMEOUT_MS (30 s) for the lock: longer than pynetdicom's
-    # default DIMSE timeout (30 s) and Orthanc's DicomScuTimeout (10 s).  A shorter wait here
-    # lets the SCP answer before this test's sender (15 s DIMSE timeout) gives up.
-    monkeypatch.setattr(storage.db, "SQLITE_BUSY_TIMEOUT_MS", 1500)
+    # [node] index_busy_timeout_seconds must stay below senders' DIMSE timeouts (this test's
+    # sender: 15 s) so that the SCP answers a failure status they can retry.
     ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=16)
     uids = [_uid(p) for p in ct]
-    cfg = node_config(tmp_path)
+    cfg = node_config(tmp_path, node={"index_busy_timeout_seconds": 1.5})
     db_path = Path(cfg.node.database_url.removeprefix("sqlite:///"))
     with running_node(cfg) as node:
         assert send_on_one_association(node.scp.port, ct[:1]) == [0]

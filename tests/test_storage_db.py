@@ -149,21 +149,17 @@ def test_unreachable_postgresql_raises_typed_error() -> None:
 def test_locked_sqlite_raises_typed_error(tmp_path: Path) -> None:
     import sqlite3
 
-    import storage.db as dbmod
 
     url = f"sqlite:///{tmp_path / 'locked.db'}"
     Database(url).upgrade()
     holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
-    old = dbmod.SQLITE_BUSY_TIMEOUT_MS
-    dbmod.SQLITE_BUSY_TIMEOUT_MS = 200
-    db = Database(url)
+    db = Database(url, busy_timeout=0.2)
     try:
         with pytest.raises(DatabaseUnavailableError):
             with db.session() as s:
                 s.execute(text("SELECT 1"))
     finally:
-        dbmod.SQLITE_BUSY_TIMEOUT_MS = old
         holder.rollback()
         holder.close()
         db.dispose()

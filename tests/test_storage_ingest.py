@@ -217,13 +217,10 @@ def test_no_phi_in_logs(database: Database, tmp_path: Path, caplog: pytest.LogCa
 def test_locked_database_reports_unavailable(tmp_path: Path) -> None:
     import sqlite3
 
-    import storage.db as dbmod
 
     url = f"sqlite:///{tmp_path / 'idx.db'}"
     Database(url).upgrade()
-    old = dbmod.SQLITE_BUSY_TIMEOUT_MS
-    dbmod.SQLITE_BUSY_TIMEOUT_MS = 200
-    db = Database(url)
+    db = Database(url, busy_timeout=0.2)
     holder = sqlite3.connect(tmp_path / "idx.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
     store = FileStore(tmp_path / "store")
@@ -234,7 +231,6 @@ def test_locked_database_reports_unavailable(tmp_path: Path) -> None:
         # The file may stay on disk; nothing was indexed.
         assert store.instance_path(STUDY, SERIES, _sop(1)).read_bytes() == data
     finally:
-        dbmod.SQLITE_BUSY_TIMEOUT_MS = old
         holder.rollback()
         holder.close()
     with db.session() as s:
