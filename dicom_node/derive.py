@@ -340,18 +340,26 @@ def _encode_pixels(
     values fit 16 bits with the source's Pixel Representation or the other one; otherwise one
     common slope/intercept is recomputed (unsigned) so that the full range is represented.
     """
-    vol = np.asarray(result.volume, dtype=np.float64)
+    # float32 throughout (exact for integers up to 2**24): a 300-slice 1024x1024 output is
+    # 1.2 GB per copy, so the arithmetic works in place on as few copies as possible.
+    vol = np.asarray(result.volume, dtype=np.float32)
     floor = CT_FLOOR_HU if source.modality == "CT" else MR_FLOOR
     floor = min(floor, float(source.volume.min()))
     clipped = int(np.count_nonzero(vol < floor))
-    vol = np.maximum(vol, floor)
+    vol = np.maximum(vol, np.float32(floor))
     slopes = [source.rescale_slopes[j] for j in nearest]
     intercepts = [source.rescale_intercepts[j] for j in nearest]
     if any(s == 0 for s in slopes):
         raise DerivationError("source Rescale Slope is 0")
-    m = np.asarray(slopes)[:, None, None]
-    b = np.asarray(intercepts)[:, None, None]
-    stored = np.rint((np.rint(vol) - b) / m) if np.all(m == 1) else np.rint((vol - b) / m)
+    m = np.asarray(slopes, dtype=np.float32)[:, None, None]
+    b = np.asarray(intercepts, dtype=np.float32)[:, None, None]
+    if np.all(m == 1):
+        stored = np.rint(vol)
+        stored -= b
+    else:
+        stored = vol - b
+        stored /= m
+    np.rint(stored, out=stored)
     lo, hi = float(stored.min()), float(stored.max())
     ranges = {0: (0, 65535), 1: (-32768, 32767)}
     for pr in (source.pixel_representation, 1 - source.pixel_representation):
