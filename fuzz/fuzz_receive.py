@@ -14,7 +14,6 @@ Run from the repository root (see fuzz/README.md)::
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
 import shutil
@@ -48,8 +47,9 @@ _NODE: Node | None = None
 def _node() -> Node:
     global _NODE
     if _NODE is None:
-        tmp = Path(tempfile.mkdtemp(prefix="srnode-fuzz-"))
-        atexit.register(shutil.rmtree, tmp, True)
+        # libFuzzer ends the process without running atexit handlers: wipe at start instead
+        tmp = Path(tempfile.gettempdir()) / "srnode-fuzz-node"
+        shutil.rmtree(tmp, ignore_errors=True)
         _NODE = Node(node_config(tmp, node={"audit_log": str(tmp / "audit.log")}))
     return _NODE
 
