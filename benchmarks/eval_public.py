@@ -89,7 +89,8 @@ def plane_fusion(model: str, scale: int = 4) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["fast", "srcnn", "residual", "srgan"])
-    ap.add_argument("--tasks", nargs="+", default=["slice:2", "slice:4", "volume:2", "volume:3", "volume:4"])
+    ap.add_argument("--tasks", nargs="+",
+                    default=["slice:2", "slice:4", "volume:2", "volume:3", "volume:4"])
     ap.add_argument("--out", type=Path, default=RESULTS / "eval_public.json")
     ap.add_argument("--weights-dir", type=Path, default=None)
     ap.add_argument("--planes", action="store_true",
