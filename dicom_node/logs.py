@@ -38,5 +38,22 @@ def configure_logging(level: str = "INFO", log_file: str | Path | None = None) -
         root.addHandler(fh)
     root.setLevel(level.upper())
     # Library loggers: their debug output may contain data set elements.
-    for name in ("pynetdicom", "pydicom", "apscheduler", "sqlalchemy", "alembic", "highdicom"):
+    for name in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_pydicom()
+
+
+def quiet_pydicom() -> None:
+    """Keep pydicom from echoing element values (which may be patient data) to logs or stderr.
+
+    pydicom reports an invalid value by quoting it, both as a log record and as a warning.
+    srnode validates what it needs itself and reports by attribute name, so reading stays
+    lenient and silent here.
+    """
+    import warnings
+
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\..*)?")

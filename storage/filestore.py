@@ -48,8 +48,9 @@ def validate_uid(uid: str) -> str:
     if len(uid) > 64:
         raise InvalidUIDError(f"UID is {len(uid)} characters long (at most 64 allowed)")
     if not _UID_RE.match(uid):
+        # The value itself is not quoted: a sender may have built it from patient data.
         raise InvalidUIDError(
-            f"UID {uid[:64]!r} is not digits and dots with non-empty components "
+            f"UID ({len(uid)} characters) is not digits and dots with non-empty components "
             "without leading zeros"
         )
     return uid

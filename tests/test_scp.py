@@ -297,3 +297,24 @@ def test_concurrent_associations_store_everything(tmp_path: Path, n_assoc: int) 
             t.join()
         assert all(v == [0] * 10 for v in results.values()), results
         assert _count(node, Instance) == 10 * n_assoc
+
+
+def test_invalid_uid_values_never_reach_the_logs(tmp_path: Path) -> None:
+    """A sender that builds UIDs from patient data must not leak it through refusal messages."""
+    from tests.support.node import ServeProcess, node_config_dict, write_toml
+
+    data = node_config_dict(tmp_path, node={"log_level": "DEBUG"})
+    cfg_path = write_toml(data, tmp_path / "config.toml")
+    bad = pydicom.dcmread(sample_file("MR_small.dcm"))
+    bad.StudyInstanceUID = "1.2.840.PIDLEAK77"
+    bad.SeriesInstanceUID = generate_uid()
+    bad.SOPInstanceUID = generate_uid()
+    bad.file_meta.MediaStorageSOPInstanceUID = bad.SOPInstanceUID
+    path = tmp_path / "bad.dcm"
+    bad.save_as(path, enforce_file_format=True)
+    with ServeProcess(cfg_path, data["node"]["port"], tmp_path / "serve.out"):
+        assert _send(data["node"]["port"], [path]) == [statuses.INVALID_UID]
+    text = "".join(Path(p).read_text() for p in (tmp_path / "serve.out", data["node"]["log_file"],
+                                                data["node"]["audit_log"]))
+    assert "instance_refused" in text
+    assert "PIDLEAK77" not in text
