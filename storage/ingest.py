@@ -20,7 +20,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from sqlalchemy import case, select, update
+from sqlalchemy import case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -288,6 +288,73 @@ def _get_or_create_series(
     return series
 
 
+def _bump_series(
+    session: Session, series_id: int, added: int, ae: str, received_at: datetime
+) -> None:
+    """Count a stored instance on its series and mark the series for the completeness check."""
+    session.execute(
+        update(Series)
+        .where(Series.id == series_id)
+        .values(
+            num_instances=Series.num_instances + added,
+            last_received_at=case(
+                (Series.last_received_at < received_at, received_at),
+                else_=Series.last_received_at,
+            ),
+            calling_ae_title=ae,
+            completeness_checked_at=None,
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _upsert_known_series(
+    session: Session,
+    h: InstanceHeader,
+    path: Path,
+    size: int,
+    ae: str,
+    received_at: datetime,
+) -> bool | None:
+    """Fast path for the common case (the series is already indexed): a few Core statements.
+
+    Returns whether the instance was replaced, or ``None`` when the general path is needed
+    (new series, or a SOP Instance UID moving between series).
+    """
+    series_id = session.execute(
+        select(Series.id).where(Series.series_instance_uid == h.series_instance_uid)
+    ).scalar()
+    if series_id is None:
+        return None
+    row = session.execute(
+        select(Instance.id, Instance.series_fk).where(
+            Instance.sop_instance_uid == h.sop_instance_uid
+        )
+    ).first()
+    values = {
+        "sop_class_uid": h.sop_class_uid,
+        "transfer_syntax_uid": h.transfer_syntax_uid,
+        "instance_number": h.instance_number,
+        "path": str(path),
+        "size": size,
+        "received_at": received_at,
+        "calling_ae_title": ae,
+    }
+    if row is None:
+        session.execute(
+            insert(Instance).values(
+                sop_instance_uid=h.sop_instance_uid, series_fk=series_id, **values
+            )
+        )
+        _bump_series(session, series_id, 1, ae, received_at)
+        return False
+    if row.series_fk != series_id:
+        return None
+    session.execute(update(Instance).where(Instance.id == row.id).values(**values))
+    _bump_series(session, series_id, 0, ae, received_at)
+    return True
+
+
 def _upsert(
     session: Session,
     h: InstanceHeader,
@@ -297,6 +364,9 @@ def _upsert(
     received_at: datetime,
 ) -> bool:
     """Upsert the rows of one instance; return whether the SOP Instance was already indexed."""
+    fast = _upsert_known_series(session, h, path, size, ae, received_at)
+    if fast is not None:
+        return fast
     patient = _get_or_create_patient(session, h)
     study = _get_or_create_study(session, h, patient)
     series = _get_or_create_series(session, h, study, received_at, ae)
@@ -341,20 +411,7 @@ def _upsert(
         instance.received_at = received_at
         instance.calling_ae_title = ae
     session.flush()
-    session.execute(
-        update(Series)
-        .where(Series.id == series.id)
-        .values(
-            num_instances=Series.num_instances + added,
-            last_received_at=case(
-                (Series.last_received_at < received_at, received_at),
-                else_=Series.last_received_at,
-            ),
-            calling_ae_title=ae,
-            completeness_checked_at=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
+    _bump_series(session, series.id, added, ae, received_at)
     return replaced
 
 
