@@ -18,10 +18,12 @@ ARCHITECTURE = {
              "reconstruction, on the LR grid with pixel-shuffle output over a cubic base.",
     "residual": "EDSR-style: head conv, 4 residual blocks (conv-ReLU-conv, scale 0.2, no batch "
                 "norm), long skip, sub-pixel tail, global skip over a cubic base; 24 features. "
-                "Best model by PSNR (``auto`` on CUDA).",
+                "Best measured model at slice x2 (``auto`` on CUDA there); with the CPU budget "
+                "it is under-trained at x4 and in volume mode (fast is better there).",
     "srgan": "Generator = ``residual`` architecture initialised from the ``residual`` weights "
              "(L1 pre-training), fine-tuned with a relativistic-average GAN loss (weight 5e-3) "
-             "plus L1 against our own small patch discriminator (strided convs, LeakyReLU).",
+             "plus L1 against our own small patch discriminator (strided convs, LeakyReLU). "
+             "Only 150 adversarial steps fit the CPU budget, so it stays close to ``residual``.",
     "bicubic": "Cubic convolution interpolation (PyTorch bicubic, A=-0.75); in volume mode "
                "along z.",
     "cubic": "Same operator as ``bicubic``; the through-plane baseline.",

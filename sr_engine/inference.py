@@ -219,7 +219,7 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
     dz, dy, dx = (float(v) for v in spacing)
     thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
     device, fallback = resolve_device(request.device)
-    name = resolve_name(request.model, device)
+    name = resolve_name(request.model, device, mode, scale)
     model, version = load_model(name, mode, scale, weights_dir)
     mapping = mapping_for(volume, modality)
     # CT values below -1024 HU are padding (outside the reconstruction circle): the network sees

@@ -286,10 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from these weights (warm restart of the schedule)")
+    ap.add_argument("--log-key", default=None, help="training_log.json key (default: weights)")
     args = ap.parse_args(argv)
     rep = train(args.model, args.mode, args.scale, args.steps, args.out, args.seed, args.resume,
                 batch_size=args.batch_size, threads=args.threads,
-                checkpoint_dir=args.checkpoints)
+                checkpoint_dir=args.checkpoints, init_weights=args.init)
     import fcntl
     import tempfile
 
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     lock = open(Path(tempfile.gettempdir()) / "srnode_training_log.lock", "w")  # noqa: SIM115
     fcntl.flock(lock, fcntl.LOCK_EX)
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    log[f"{rep.model}_{rep.mode}_x{rep.scale}"] = {
+    key = args.log_key or f"{rep.model}_{rep.mode}_x{rep.scale}"
+    log[key] = {
         "steps": rep.steps, "seconds": round(rep.seconds, 1), "seed": args.seed,
         "batch_size": args.batch_size, "first_l1": round(rep.first_loss, 5),
         "final_l1": round(rep.final_loss, 5), "parameters": rep.parameters,
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path.write_text(json.dumps(log, indent=1, sort_keys=True))
     fcntl.flock(lock, fcntl.LOCK_UN)
     lock.close()
-    print(json.dumps(log[f"{rep.model}_{rep.mode}_x{rep.scale}"]))
+    print(json.dumps(log[key]))
     return 0
 
 

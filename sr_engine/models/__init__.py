@@ -32,6 +32,12 @@ from .srgan import Discriminator, SRGANGenerator
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 SCALES = {"slice": (2, 4), "volume": (2, 3, 4)}
 BEST_MODEL = "residual"
+# ``auto`` on CUDA: the best measured model per task (benchmarks/eval_public.py, PSNR gain over
+# the baseline on unseen real data; see the model cards).  GAN output is never chosen by default.
+BEST_BY_TASK: dict[tuple[str, int], str] = {
+    ("slice", 2): "residual", ("slice", 4): "fast",
+    ("volume", 2): "fast", ("volume", 3): "fast", ("volume", 4): "fast",
+}
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,10 @@ def available_models() -> list[str]:
     return [*REGISTRY, "auto"]
 
 
-def resolve_name(name: str, device: str) -> str:
-    """Resolve ``auto`` (``fast`` on CPU, :data:`BEST_MODEL` on CUDA) and validate the name."""
+def resolve_name(name: str, device: str, mode: str = "slice", scale: int = 2) -> str:
+    """Resolve ``auto`` (CPU: ``fast``; CUDA: best measured model for the task); validate."""
     if name == "auto":
-        return BEST_MODEL if device == "cuda" else "fast"
+        return BEST_BY_TASK.get((mode, scale), BEST_MODEL) if device == "cuda" else "fast"
     if name not in REGISTRY:
         raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(available_models())}")
     return name
@@ -157,7 +163,8 @@ def describe(name: str, mode: str = "slice", scale: int = 2) -> dict[str, float 
 
 
 __all__ = [
-    "BEST_MODEL", "REGISTRY", "SCALES", "WEIGHTS_DIR", "Discriminator", "ModelSpec", "SRNet",
+    "BEST_BY_TASK", "BEST_MODEL", "REGISTRY", "SCALES", "WEIGHTS_DIR", "Discriminator",
+    "ModelSpec", "SRNet",
     "available_models", "build_model", "check_scale", "describe", "load_model", "resolve_name",
     "weights_path", "torch",
 ]
