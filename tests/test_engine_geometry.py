@@ -138,3 +138,25 @@ def test_typed_errors() -> None:
         enhance_volume(vol[0], (1.0, 1.0, 1.0), 1.0, "CT", EnhanceRequest())  # type: ignore[arg-type]
     with pytest.raises(UnsupportedRequestError):
         enhance_volume(vol[:1], (1.0, 1.0, 1.0), 1.0, "CT", EnhanceRequest(mode="volume"))
+
+
+@pytest.mark.parametrize("mode,scale", [("slice", 2), ("slice", 4), ("volume", 2), ("volume", 3),
+                                        ("volume", 4)])
+@pytest.mark.parametrize("model", ["fast", "srcnn", "residual", "srgan", "bicubic", "cubic",
+                                   "linear"])
+def test_every_model_works_in_every_task(model: str, mode: str, scale: int) -> None:
+    vol = _smooth_volume(3, 12, 14)
+    res = enhance_volume(vol, (2.0, 1.0, 1.0), 2.0, "MR",
+                         EnhanceRequest(mode=mode, scale=scale, model=model))
+    expected = (3, 12 * scale, 14 * scale) if mode == "slice" else (3 * scale, 12, 14)
+    assert res.volume.shape == expected
+    assert np.all(np.isfinite(res.volume))
+    assert res.model_name == model
+
+
+def test_auto_resolution() -> None:
+    from sr_engine.models import BEST_BY_TASK, resolve_name
+
+    assert resolve_name("auto", "cpu", "volume", 4) == "fast"
+    assert resolve_name("auto", "cuda", "slice", 2) == BEST_BY_TASK[("slice", 2)]
+    assert resolve_name("srcnn", "cuda", "slice", 2) == "srcnn"
