@@ -95,6 +95,12 @@ def card(name: str, log: dict, evals: list[dict], planes: dict | None) -> str:
             lines.append(f"| {e['mode']} x{e['scale']} | {e['baseline']} | "
                          f"{e['mean_psnr_gain_db']:+.2f} | {e['mean_ssim_gain']:+.4f} | {cases} |")
         lines.append("")
+    speed_file = Path("benchmarks/results/sr_speed.json")
+    if speed_file.is_file() and name in ("fast", "residual"):
+        speed = json.loads(speed_file.read_text())["results"]
+        lines += ["## Speed (benchmarks/sr_speed.py, 512x512 slices x2, 2 shared CPU threads)", ""]
+        lines += [f"* {k}: {v:.2f}" for k, v in speed.items() if name in k or "600" in k]
+        lines.append("")
     if planes and name in planes:
         lines += ["## Plane fusion measurement (MNI152, volume x4, PSNR dB)", "",
                   "| sagittal only | coronal only | fused (shipped) | cubic |", "|---|---|---|---|",
