@@ -81,7 +81,8 @@ def card(name: str, log: dict, evals: list[dict], planes: dict | None) -> str:
             lines.append(f"| {key} | {r['steps']} | {r['batch_size']} | {r['seconds']} | "
                          f"{r['first_l1']} | {r['final_l1']} | `{r['command']}` |")
         lines.append("")
-    rows = [e for e in evals if e["model"] == name]
+    latest = {(e["mode"], e["scale"]): e for e in evals if e["model"] == name}  # last file wins
+    rows = sorted(latest.values(), key=lambda e: (e["mode"] != "slice", e["mode"], e["scale"]))
     if rows:
         lines += ["## Evaluation (unseen real data, nominal degradation)", "",
                   "PSNR/SSIM on CT clipped to [-1024, 3071] HU / 4095 and MR / p99.5; slice mode:"
