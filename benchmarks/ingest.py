@@ -58,6 +58,39 @@ def make_series(out: Path, n: int) -> list[Path]:
     return paths
 
 
+class NoopSCP:
+    """pynetdicom accepting and discarding every instance: the floor of a Python DICOM stack."""
+
+    def __init__(self) -> None:
+        import socket as _socket
+
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import CTImageStorage
+
+        from tests.support.dcmtk import free_port
+
+        def on_store(event: evt.Event) -> int:
+            event.encoded_dataset()
+            return 0
+
+        def on_open(event: evt.Event) -> None:
+            event.assoc.dul.socket.socket.setsockopt(
+                _socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+
+        ae = AE("NOOP")
+        ae.maximum_pdu_size = 1048576
+        ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.port = free_port()
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_open)])
+
+    def __enter__(self) -> NoopSCP:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+
+
 def send(port: int, called: str, folder: Path) -> float:
     """Send every file of ``folder`` with storescu on one association; return seconds."""
     env = {**os.environ, "TCP_NODELAY": "1"}
@@ -79,7 +112,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
     args = ap.parse_args()
-    times: dict[str, list[float]] = {"srnode": [], "orthanc": [], "storescp": []}
+    times: dict[str, list[float]] = {"srnode": [], "orthanc": [], "storescp": [],
+                                     "pynetdicom-noop": []}
     with tempfile.TemporaryDirectory(prefix="srnode-bench-") as tmpdir:
         tmp = Path(tmpdir)
         files = make_series(tmp / "in", args.instances)
@@ -100,17 +134,21 @@ def main() -> int:
             # dcmtk storescp: writes files, no index, no fsync
             with StoreSCP(tmp / f"storescp{rnd}") as scp:  # dcmtk caps its PDU at 128 KiB
                 times["storescp"].append(send(scp.port, "STORESCP", tmp / "in"))
+            # pynetdicom that discards everything: what the Python DICOM layer alone costs
+            with NoopSCP() as noop:
+                times["pynetdicom-noop"].append(send(noop.port, "NOOP", tmp / "in"))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.instances} CT instances 512x512 ({mb:.0f} MB), storescu, median of "
           f"{args.rounds} rounds, {platform.node()} {os.cpu_count()} CPUs\n")
-    print(f"{'receiver':<10} {'seconds':>8} {'inst/s':>8} {'MB/s':>7}   rounds")
-    for k in ("srnode", "orthanc", "storescp"):
-        print(f"{k:<10} {med[k]:8.2f} {args.instances / med[k]:8.1f} {mb / med[k]:7.1f}   "
+    print(f"{'receiver':<16} {'seconds':>8} {'inst/s':>8} {'MB/s':>7}   rounds")
+    for k in ("srnode", "orthanc", "storescp", "pynetdicom-noop"):
+        print(f"{k:<16} {med[k]:8.2f} {args.instances / med[k]:8.1f} {mb / med[k]:7.1f}   "
               + " ".join(f"{t:.2f}" for t in times[k]))
     ratios = {"srnode/orthanc": med["srnode"] / med["orthanc"],
-              "srnode/storescp": med["srnode"] / med["storescp"]}
+              "srnode/storescp": med["srnode"] / med["storescp"],
+              "pynetdicom-noop/orthanc": med["pynetdicom-noop"] / med["orthanc"]}
     for k, v in ratios.items():
-        print(f"{k:<16} {v:.2f}")
+        print(f"{k:<24} {v:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"instances": args.instances, "megabytes": mb, "rounds": times,
