@@ -139,14 +139,25 @@ def cmd_enhance(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a model (see sr_engine.training)."""
+    """Train a model (see sr_engine.training) on natural images and generated phantoms."""
+    from sr_engine.errors import EngineError
     from sr_engine.training import train
 
-    report = train(
-        model=args.model, mode=args.mode, scale=args.scale, steps=args.steps,
-        out_dir=Path(args.out), seed=args.seed, resume=args.resume,
-    )
-    print(report)
+    cfg = _config(args)
+    out = Path(args.out or cfg.engine.weights_dir or "var/models")
+    try:
+        report = train(
+            model=args.model, mode=args.mode, scale=args.scale, steps=args.steps,
+            out_dir=out, seed=args.seed, resume=args.resume, threads=args.threads,
+            init_weights=Path(args.init) if args.init else None, progress=not args.quiet,
+        )
+    except (EngineError, ValueError) as exc:
+        print(f"srnode train: {exc}", file=sys.stderr)
+        return 2
+    print(f"trained {report.model} {report.mode} x{report.scale}: {report.steps} steps, "
+          f"L1 {report.first_loss:.4f} -> {report.final_loss:.4f} in {report.seconds:.0f} s")
+    print(f"weights: {report.weights}")
+    print(f"use them: set [engine] weights_dir = \"{out}\" (or --weights-dir for evaluate)")
     return 0
 
 
@@ -155,8 +166,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from dicom_node.pipeline import EnhanceError, evaluate_paths
 
     try:
+        cfg = _config(args)
+        wdir = args.weights_dir or cfg.engine.weights_dir
         report = evaluate_paths(
             [Path(p) for p in args.paths], mode=args.mode, scale=args.scale, model=args.model,
+            weights_dir=Path(wdir) if wdir else None,
         )
     except EnhanceError as exc:
         print(f"srnode evaluate: {exc}", file=sys.stderr)
@@ -225,9 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["slice", "volume"], default="slice")
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--out", default="sr_engine/weights", help="output folder for weights")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: [engine] weights_dir, else ./var/models)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="start from these weights (fine-tuning)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("evaluate", cmd_evaluate, "PSNR/SSIM of a model against its baseline")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files/folders or NIfTI files")
@@ -235,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--model", default="auto")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--weights-dir", default=None,
+                   help="folder searched first for weights (default: [engine] weights_dir)")
     return parser
 
 

@@ -112,6 +112,7 @@ class EngineConfig:
     batch_size: int = 8
     tile_size: int = 256
     tile_overlap: int = 16
+    weights_dir: str = ""
 
 
 @dataclass
@@ -280,10 +281,12 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
     _validate(cfg)
     if path is not None:
         base = path.parent
-        for attr in ("storage_dir", "audit_log", "log_file"):
-            value = getattr(cfg.node, attr)
+        for section, attr in (("node", "storage_dir"), ("node", "audit_log"),
+                              ("node", "log_file"), ("engine", "weights_dir")):
+            obj = getattr(cfg, section)
+            value = getattr(obj, attr)
             if value and not Path(value).is_absolute():
-                setattr(cfg.node, attr, str((base / value).resolve()))
+                setattr(obj, attr, str((base / value).resolve()))
         url = cfg.node.database_url
         if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
             rel = url[len("sqlite:///"):]

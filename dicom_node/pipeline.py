@@ -140,7 +140,8 @@ def derive_series(
         output_spacing=output_spacing,
     )
     result = enhance_volume(
-        source.volume, source.spacing, source.slice_thickness, source.modality, request
+        source.volume, source.spacing, source.slice_thickness, source.modality, request,
+        weights_dir=Path(config.engine.weights_dir) if config.engine.weights_dir else None,
     )
     seconds["enhancing"] = time.perf_counter() - t0
     gate, reason = safety_gate(result.consistency, source.modality, config.safety)
@@ -267,7 +268,9 @@ def _nifti_case(path: Path) -> tuple[str, np.ndarray, tuple[float, float, float]
     return path.name, volume, (float(zooms[2]), float(zooms[1]), float(zooms[0])), "MR"
 
 
-def evaluate_paths(paths: Sequence[Path], *, mode: str, scale: int, model: str) -> dict[str, Any]:
+def evaluate_paths(
+    paths: Sequence[Path], *, mode: str, scale: int, model: str, weights_dir: Path | None = None
+) -> dict[str, Any]:
     """``srnode evaluate``: PSNR/SSIM of ``model`` against its baseline on DICOM/NIfTI inputs."""
     from dicom_node.series import SeriesError, load_series
     from sr_engine.evaluation import evaluate_volumes
@@ -292,4 +295,4 @@ def evaluate_paths(paths: Sequence[Path], *, mode: str, scale: int, model: str) 
                     cases.append((f.name, s.volume, s.spacing, s.modality))
     if not cases:
         raise EnhanceError("no evaluable CT/MR images found")
-    return evaluate_volumes(cases, mode=mode, scale=scale, model=model)
+    return evaluate_volumes(cases, mode=mode, scale=scale, model=model, weights_dir=weights_dir)

@@ -84,3 +84,31 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path: Path) -> None:
         assert case["psnr"] != case["psnr_baseline"]
     gains = [c["psnr"] - c["psnr_baseline"] for c in data["cases"]]
     assert abs(np.mean(gains) - data["mean_psnr_gain_db"]) < 0.01  # values are rounded
+
+
+def test_train_then_swap_the_model_through_the_config(tmp_path: Path) -> None:
+    import hashlib
+
+    from sr_engine.models import WEIGHTS_DIR
+
+    shipped = (WEIGHTS_DIR / "fast_slice_x2.safetensors").read_bytes()
+    models = tmp_path / "models"
+    r = _run("train", "--model", "fast", "--mode", "slice", "--scale", "2", "--steps", "20",
+             "--out", str(models), "--threads", "1", "--quiet")
+    assert r.returncode == 0, r.stderr
+    weights = models / "fast_slice_x2.safetensors"
+    assert weights.is_file() and "weights_dir" in r.stdout
+    assert (WEIGHTS_DIR / "fast_slice_x2.safetensors").read_bytes() == shipped  # untouched
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[engine]\nweights_dir = "{models}"\n')
+    make_ct_series(tmp_path / "in", n_slices=2, rows=16)
+    r = _run("enhance", str(tmp_path / "in"), str(tmp_path / "out"), "--model", "fast",
+             "--quiet", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr
+    ds = pydicom.dcmread(next((tmp_path / "out").rglob("*.dcm")))
+    assert digest in ds.DerivationDescription  # provenance names the swapped weights
+    # a model the folder lacks still comes from the shipped weights
+    r = _run("enhance", str(tmp_path / "in"), str(tmp_path / "out4"), "--model", "fast",
+             "--scale", "4", "--quiet", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr

@@ -103,10 +103,19 @@ def build_model(name: str, mode: str, scale: int) -> SRNet:
 
 
 def weights_path(name: str, mode: str, scale: int, weights_dir: Path | None = None) -> Path:
-    """Path of the weights file (``$SRNODE_WEIGHTS_DIR`` overrides the shipped folder)."""
+    """Path of the weights file in ``weights_dir`` (``$SRNODE_WEIGHTS_DIR``, else shipped)."""
     env = os.environ.get("SRNODE_WEIGHTS_DIR")
     folder = weights_dir or (Path(env) if env else WEIGHTS_DIR)
-    return folder / f"{name}_{mode}_x{scale}.safetensors"
+    return Path(folder) / f"{name}_{mode}_x{scale}.safetensors"
+
+
+def find_weights(name: str, mode: str, scale: int, weights_dir: Path | None = None) -> Path:
+    """The weights file to load: ``weights_dir`` (or ``$SRNODE_WEIGHTS_DIR``) first, then shipped.
+
+    An ML engineer can swap one model without copying the others.
+    """
+    path = weights_path(name, mode, scale, weights_dir)
+    return path if path.is_file() else WEIGHTS_DIR / path.name
 
 
 _CACHE: dict[tuple[str, float], tuple[SRNet, str]] = {}
@@ -138,7 +147,7 @@ def load_model(name: str, mode: str, scale: int,
     model = build_model(name, mode, scale)
     if not REGISTRY[name].learned:
         return model.eval(), f"{name}-builtin"
-    path = weights_path(name, mode, scale, weights_dir)
+    path = find_weights(name, mode, scale, weights_dir)
     if not path.is_file():
         raise WeightsNotFoundError(f"no weights for {name} {mode} x{scale} at {path}")
     key = (str(path), path.stat().st_mtime)
