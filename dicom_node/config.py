@@ -110,7 +110,7 @@ class EngineConfig:
 
     device: str = "auto"
     batch_size: int = 8
-    tile_size: int = 256
+    tile_size: int = 512
     tile_overlap: int = 16
     weights_dir: str = ""
 
