@@ -129,10 +129,14 @@ class RandomDegradation:
         ``slice`` or ``volume``.
     factor
         Scale factor.
+    box_probability
+        Volume mode: probability of the nominal profile (contiguous box slabs of ``factor``
+        slices, exactly the evaluation degradation); otherwise a random profile with gaps/blur.
     """
 
     mode: str
     factor: int
+    box_probability: float = 0.5
 
     def __call__(self, hr: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Degrade a batch ``(B, 1, H, W)`` with per-sample random profile and noise."""
@@ -144,7 +148,7 @@ class RandomDegradation:
                 sigma = (0.15 + 0.3 * r[0]) * self.factor
                 y = degrade_inplane(x, self.factor, sigma)
             else:
-                if r[0] < 0.5:
+                if r[0] < self.box_probability:
                     y = degrade_throughplane(x, self.factor)
                 else:
                     width = self.factor * (0.7 + 0.3 * r[1])

@@ -78,7 +78,8 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
           learning_rate: float | None = None, threads: int = 2, checkpoint_every: int = 200,
           init_weights: Path | None = None, phantoms: int = 24,
           checkpoint_dir: Path | None = None, pool: list[np.ndarray] | None = None,
-          hr_blur: float = 0.5, progress: bool = True) -> TrainReport:
+          hr_blur: float = 0.5, progress: bool = True, box_probability: float = 0.5,
+          zero_tail: bool = False, loss: str = "l1") -> TrainReport:
     """Train one model for one mode and scale and save its weights.
 
     Parameters
@@ -118,6 +119,14 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
         Probability of Gaussian pre-blurring a HR patch (band-limited, scanner-like HR).
     progress
         Show the tqdm bar.
+    box_probability
+        Volume mode: fraction of samples degraded with the nominal contiguous box slabs.
+    zero_tail
+        Zero the last convolution of a freshly initialised body, so that training starts from
+        the interpolated (cubic) base exactly.
+    loss
+        Pixel loss optimised: ``l1`` (default) or ``mse`` (PSNR-oriented fine-tuning); the
+        reported losses are L1 either way.
 
     Returns
     -------
@@ -126,6 +135,8 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
     """
     if model not in REGISTRY or not REGISTRY[model].learned:
         raise UnsupportedRequestError(f"{model!r} is not a trainable model")
+    if loss not in ("l1", "mse"):
+        raise UnsupportedRequestError(f"unknown loss {loss!r} (l1 or mse)")
     torch.set_num_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +151,10 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
         if not Path(init_weights).is_file():
             raise WeightsNotFoundError(f"initial weights {init_weights} not found")
         net.load_state_dict(load_file(str(init_weights)))
+    elif zero_tail:
+        last = [m for m in net.body.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.zeros_(last.bias)
     base_lr = learning_rate or {"fast": 2e-3, "srcnn": 1e-3, "residual": 5e-4,
                                 "srgan": 5e-5}[model]
     opt = torch.optim.Adam(net.parameters(), lr=base_lr)
@@ -170,7 +185,7 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
         torch.set_rng_state(state["torch_rng"])
         sampler.rng.bit_generator.state = state["sampler_rng"]
         start = int(state["step"])
-    degrade = RandomDegradation(mode, scale)
+    degrade = RandomDegradation(mode, scale, box_probability)
 
     def save_checkpoint(step: int) -> None:
         state = {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -190,7 +205,8 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
         lr = degrade(hr, gen)
         sr = net(lr)
         l1 = F.l1_loss(sr, hr)
-        loss = l1
+        pixel_loss = l1 if loss == "l1" else F.mse_loss(sr, hr)
+        total = pixel_loss
         if disc is not None:
             real, fake = disc(hr), disc(sr.detach())
             d_loss = 0.5 * (F.softplus(-(real - fake.mean())).mean()
@@ -201,9 +217,9 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
             real, fake = disc(hr).detach(), disc(sr)
             g_adv = 0.5 * (F.softplus(real - fake.mean()).mean()
                            + F.softplus(-(fake - real.mean())).mean())
-            loss = l1 + 5e-3 * g_adv
+            total = pixel_loss + 5e-3 * g_adv
         opt.zero_grad()
-        loss.backward()
+        total.backward()
         opt.step()
         sched.step()
         losses.append(l1.item())
@@ -289,10 +305,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", type=Path, default=None,
                     help="start from these weights (warm restart of the schedule)")
     ap.add_argument("--log-key", default=None, help="training_log.json key (default: weights)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default per model)")
+    ap.add_argument("--box-probability", type=float, default=0.5,
+                    help="volume mode: fraction of nominal contiguous box slabs")
+    ap.add_argument("--zero-tail", action="store_true",
+                    help="zero the last convolution (start exactly at the cubic base)")
+    ap.add_argument("--loss", default="l1", choices=["l1", "mse"], help="pixel loss optimised")
     args = ap.parse_args(argv)
     rep = train(args.model, args.mode, args.scale, args.steps, args.out, args.seed, args.resume,
                 batch_size=args.batch_size, threads=args.threads,
-                checkpoint_dir=args.checkpoints, init_weights=args.init)
+                checkpoint_dir=args.checkpoints, init_weights=args.init,
+                learning_rate=args.lr, box_probability=args.box_probability,
+                zero_tail=args.zero_tail, loss=args.loss)
     import fcntl
     import tempfile
 
