@@ -39,7 +39,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     configure_logging(cfg.node.log_level, cfg.node.log_file or None)
-    return serve(cfg)
+    try:
+        return serve(cfg)
+    except OSError as exc:
+        where = f"{cfg.node.host}:{cfg.node.port}"
+        print(f"srnode serve: cannot listen on {where}: {exc.strerror or exc} "
+              "(is another node running? change [node] port)", file=sys.stderr)
+        return 2
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

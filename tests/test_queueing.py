@@ -208,3 +208,16 @@ def test_status_cli_reports_counts_and_failures(tmp_path: Path) -> None:
     text = subprocess.run([srnode_executable(), "status", "--config", str(cfg_path)],
                           capture_output=True, text=True, check=True).stdout
     assert "1 series, 3 instances" in text and "failed 1" in text
+
+
+def test_serve_on_a_busy_port_fails_clearly(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        data = node_config_dict(tmp_path, node={"port": port})
+        cfg_path = write_toml(data, tmp_path / "config.toml")
+        r = subprocess.run([srnode_executable(), "serve", "--config", str(cfg_path)],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "cannot listen" in r.stderr and str(port) in r.stderr
