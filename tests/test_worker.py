@@ -195,12 +195,13 @@ def test_processing_timeout_stops_a_job(tmp_path: Path) -> None:
     assert "timeout" in jobs[0]["error"]
 
 
-def test_safety_gate_holds_a_series_and_sends_nothing(tmp_path: Path) -> None:
+def _through_the_gate(tmp_path: Path, safety: dict) -> tuple[list[dict], list[Path]]:
+    """Run a small CT series through a node whose [safety] is ``safety``; return jobs, files."""
     ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
     with StoreSCP(tmp_path / "pacs") as pacs:
         cfg = node_config(
             tmp_path,
-            safety={"hold_min_psnr": 1000.0, "warn_min_psnr": 1000.0},
+            safety=safety,
             destinations=[_dest("pacs", "STORESCP", pacs.port)],
             rules=[{"name": "r", "modalities": ["CT"], "destinations": ["pacs"]}],
         )
@@ -209,28 +210,21 @@ def test_safety_gate_holds_a_series_and_sends_nothing(tmp_path: Path) -> None:
             rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
             assert rc == 0, out
             jobs = _wait(queue, lambda j: j[0]["state"] in ("held", "done", "failed"))
-        assert jobs[0]["state"] == "held", jobs
-        assert "safety gate" in jobs[0]["error"]
-        assert pacs.files() == []
+        return jobs, pacs.files()
+
+
+def test_safety_gate_holds_a_series_and_sends_nothing(tmp_path: Path) -> None:
+    jobs, files = _through_the_gate(tmp_path, {"hold_min_psnr": 1000.0, "warn_min_psnr": 1000.0})
+    assert jobs[0]["state"] == "held", jobs
+    assert "safety gate" in jobs[0]["error"]
+    assert files == []
 
 
 def test_warning_gate_marks_the_description(tmp_path: Path) -> None:
-    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
-    with StoreSCP(tmp_path / "pacs") as pacs:
-        cfg = node_config(
-            tmp_path,
-            safety={"hold_min_psnr": 0.0, "warn_min_psnr": 1000.0},
-            destinations=[_dest("pacs", "STORESCP", pacs.port)],
-            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["pacs"]}],
-        )
-        with running_node(cfg, run_worker=True) as node:
-            queue = JobQueue(node.db)
-            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
-            assert rc == 0, out
-            jobs = _wait(queue, lambda j: j[0]["state"] in ("held", "done", "failed"))
-        assert jobs[0]["state"] == "done", jobs
-        descriptions = {str(pydicom.dcmread(f).SeriesDescription) for f in pacs.files()}
-        assert len(descriptions) == 1 and "(CHECK)" in descriptions.pop()
+    jobs, files = _through_the_gate(tmp_path, {"hold_min_psnr": 0.0, "warn_min_psnr": 1000.0})
+    assert jobs[0]["state"] == "done", jobs
+    descriptions = {str(pydicom.dcmread(f).SeriesDescription) for f in files}
+    assert len(descriptions) == 1 and "(CHECK)" in descriptions.pop()
 
 
 def test_inconsistent_series_fails_with_a_clear_error(tmp_path: Path) -> None:
