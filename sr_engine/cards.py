@@ -50,6 +50,9 @@ evaluation data only.  Weights: same licence as this project (Apache-2.0).
   the models over-sharpened real CT/MR (measured: fast slice x2 went from +1.2 to +2.1 dB).
 * Patches: 24 LR pixels (volume: 24 slices x 48), batch 16, random flips/90-degree rotations,
   random gain on natural images; L1 loss, Adam, cosine schedule, seed 0.
+* Volume x4 (`fast`, `residual`): 80 % contiguous box slabs (`--box-probability 0.8`) and a
+  zero-initialised last layer (`--zero-tail`: training starts from plain cubic interpolation),
+  then warm restarts; see the training table and `scripts/train_all.sh`.
 * Evaluation (nominal): slice mode sigma = 0.3N, no noise; volume mode contiguous box slabs.
 
 ## Volume-mode design
