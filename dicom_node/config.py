@@ -191,7 +191,6 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 raise ConfigError(f"[{where}.tls] must be a table")
             kwargs[name] = _build(TLSConfig, value, f"{where}.tls")
             continue
-        default = getattr(cls, name, None) if name in cls.__dict__ else None
         expected = known[name].type
         if isinstance(value, bool) or expected in ("bool",):
             if expected == "bool" and not isinstance(value, bool):
@@ -202,7 +201,6 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"[{where}] {name}: expected a number, got {value!r}")
         elif expected in ("str",) and not isinstance(value, str):
             raise ConfigError(f"[{where}] {name}: expected a string, got {value!r}")
-        del default
         kwargs[name] = float(value) if expected == "float" else value
     try:
         return cls(**kwargs)
