@@ -191,16 +191,24 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
                 raise ConfigError(f"[{where}.tls] must be a table")
             kwargs[name] = _build(TLSConfig, value, f"{where}.tls")
             continue
-        expected = known[name].type
-        if isinstance(value, bool) or expected in ("bool",):
-            if expected == "bool" and not isinstance(value, bool):
-                raise ConfigError(f"[{where}] {name}: expected true/false, got {value!r}")
-        elif expected in ("int",) and not isinstance(value, int):
-            raise ConfigError(f"[{where}] {name}: expected an integer, got {value!r}")
-        elif expected in ("float",) and not isinstance(value, int | float):
-            raise ConfigError(f"[{where}] {name}: expected a number, got {value!r}")
-        elif expected in ("str",) and not isinstance(value, str):
-            raise ConfigError(f"[{where}] {name}: expected a string, got {value!r}")
+        expected = str(known[name].type)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        checks = {
+            "bool": (isinstance(value, bool), "true/false"),
+            "int": (number and isinstance(value, int), "an integer"),
+            "float": (number, "a number"),
+            "str": (isinstance(value, str), "a string"),
+            "list[str]": (isinstance(value, list) and all(isinstance(v, str) for v in value),
+                          "a list of strings"),
+            "dict[str, list[str]]": (
+                isinstance(value, dict) and all(
+                    isinstance(v, list) and all(isinstance(x, str) for x in v)
+                    for v in value.values()),
+                "a table of string lists"),
+        }
+        ok, what = checks.get(expected, (True, ""))
+        if not ok:
+            raise ConfigError(f"[{where}] {name}: expected {what}, got {value!r}")
         kwargs[name] = float(value) if expected == "float" else value
     try:
         return cls(**kwargs)

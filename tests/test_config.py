@@ -37,6 +37,11 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     [
         ({"node": {"ae_title": "A" * 17}}, "AE title"),
         ({"node": {"port": 70000}}, "port"),
+        ({"node": {"port": True}}, "integer"),
+        ({"node": {"max_pdu_size": 1.5}}, "integer"),
+        ({"node": {"allowed_calling_ae_titles": "CT1"}}, "list of strings"),
+        ({"node": {"allowed_hosts": {"CT1": "10.0.0.1"}}}, "table of string lists"),
+        ({"worker": {"enabled": "yes"}}, "true/false"),
         ({"node": {"bogus": 1}}, "bogus"),
         ({"nodes": {}}, "unknown section"),
         ({"series": {"quiet_period_seconds": 0}}, "quiet_period_seconds"),
