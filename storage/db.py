@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: Default seconds to wait for a locked index before giving up (DatabaseUnavailableError).
 DEFAULT_BUSY_TIMEOUT = 5.0
+#: Seconds :meth:`Database.upgrade` waits for a lock (several processes may start together).
+UPGRADE_BUSY_TIMEOUT = 60.0
 _UPGRADE_LOCK = 0x5352_4E4F_4445  # "SRNODE": advisory lock key held while migrating
 
 
@@ -160,8 +162,11 @@ class Database:
             If the database cannot be reached.
         """
         cfg = self.alembic_config()
+        # Start-up, not the C-STORE path: wait long for other processes upgrading at the same time.
+        upgrader = self if self.busy_timeout >= UPGRADE_BUSY_TIMEOUT else Database(
+            self.url, busy_timeout=UPGRADE_BUSY_TIMEOUT)
         try:
-            with self.engine.begin() as conn:
+            with upgrader.engine.begin() as conn:
                 if self.is_postgresql:
                     # Serialise concurrent upgrades (several processes starting at once);
                     # SQLite transactions already hold the write lock (BEGIN IMMEDIATE).
@@ -170,6 +175,9 @@ class Database:
                 command.upgrade(cfg, revision)
         except (OperationalError, PoolTimeoutError) as exc:
             raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
+        finally:
+            if upgrader is not self:
+                upgrader.dispose()
 
     def current_revision(self) -> str | None:
         """Return the Alembic revision the database is at (``None`` when never upgraded)."""
