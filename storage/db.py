@@ -8,6 +8,7 @@ transaction tries to upgrade. PostgreSQL is reached through psycopg 3.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -166,13 +167,23 @@ class Database:
         upgrader = self if self.busy_timeout >= UPGRADE_BUSY_TIMEOUT else Database(
             self.url, busy_timeout=UPGRADE_BUSY_TIMEOUT)
         try:
-            with upgrader.engine.begin() as conn:
-                if self.is_postgresql:
-                    # Serialise concurrent upgrades (several processes starting at once);
-                    # SQLite transactions already hold the write lock (BEGIN IMMEDIATE).
-                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _UPGRADE_LOCK})
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, revision)
+            for attempt in range(8):
+                try:
+                    with upgrader.engine.begin() as conn:
+                        if self.is_postgresql:
+                            # Serialise concurrent upgrades (several processes starting at
+                            # once); SQLite transactions hold the write lock (BEGIN IMMEDIATE).
+                            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                                         {"key": _UPGRADE_LOCK})
+                        cfg.attributes["connection"] = conn
+                        command.upgrade(cfg, revision)
+                    return
+                except OperationalError as exc:
+                    # SQLite answers "locked" at once, without waiting, when several new
+                    # connections switch a fresh file to WAL together: try again shortly.
+                    if self.is_postgresql or "locked" not in str(exc) or attempt == 7:
+                        raise
+                    time.sleep(0.05 * 2**attempt)
         except (OperationalError, PoolTimeoutError) as exc:
             raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
         finally:
