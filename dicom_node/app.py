@@ -115,12 +115,12 @@ def serve(config: Config, receive: bool = True) -> int:
     if receive:
         LOGGER.info(
             "srnode serving AE %s on port %d; database %s; storage %s",
-            config.node.ae_title, node.scp.port, _redact_url(config.node.database_url),
+            config.node.ae_title, node.scp.port, redact_url(config.node.database_url),
             config.node.storage_dir,
         )
     else:
         LOGGER.info("srnode worker %s polling %s", node.worker.worker_id if node.worker else "",
-                    _redact_url(config.node.database_url))
+                    redact_url(config.node.database_url))
     try:
         while not done.wait(1.0):
             pass
@@ -129,8 +129,8 @@ def serve(config: Config, receive: bool = True) -> int:
     return 0
 
 
-def _redact_url(url: str) -> str:
-    """Hide a password in a database URL."""
+def redact_url(url: str) -> str:
+    """Hide a password in a database URL (for logs and ``srnode status``)."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)

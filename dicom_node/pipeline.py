@@ -147,15 +147,11 @@ def derive_series(
     gate, reason = safety_gate(result.consistency, source.modality, config.safety)
 
     t0 = time.perf_counter()
-    options = DerivationOptions(
-        uid_root=config.derived.uid_root,
-        series_number_offset=config.derived.series_number_offset,
-        series_description_prefix=config.derived.series_description_prefix,
-        manufacturer=config.derived.manufacturer,
-        software_version=__version__,
+    options = DerivationOptions.from_config(
+        config.derived,
+        __version__,
         description_suffix=" (CHECK)" if gate == "warn" else "",
         now=datetime.now(UTC),
-        institution_name=config.derived.institution_name,
         mode=mode,
         scale=scale,
     )

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node.app import _redact_url
+from dicom_node.app import redact_url
 from dicom_node.config import Config
 from storage.db import Database
 from storage.jobs import JobQueue
@@ -38,7 +38,7 @@ def node_status(config: Config) -> dict[str, Any]:
     return {
         "ae_title": config.node.ae_title,
         "port": config.node.port,
-        "database": _redact_url(config.node.database_url),
+        "database": redact_url(config.node.database_url),
         "storage_dir": str(storage),
         "free_disk_mb": disk.free // (1024 * 1024),
         "min_free_disk_mb": config.node.min_free_disk_mb,

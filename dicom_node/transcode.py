@@ -21,7 +21,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from storage.filestore import FileStore
+from dicom_node.pipeline import write_datasets
 
 #: ``[[destinations]] transfer_syntax`` names and the transfer syntaxes they stand for.
 TRANSFER_SYNTAX_BY_NAME: dict[str, UID] = {
@@ -49,21 +49,13 @@ def transcode_files(paths: Sequence[Path], name: str, out_dir: Path) -> list[Pat
     ts = TRANSFER_SYNTAX_BY_NAME[name]
     if name == "explicit":
         return list(paths)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = FileStore(out_dir)
-    out = []
     for path in paths:
-        target = out_dir / path.name
-        if not target.exists():
-            ds = pydicom.dcmread(path)
-            if ts.is_compressed:
-                ds.compress(ts, generate_instance_uid=False)
-            else:
-                ds.file_meta.TransferSyntaxUID = ts
-
-            def _write(fh, ds=ds) -> None:  # noqa: ANN001
-                ds.save_as(fh, enforce_file_format=True)
-
-            store.write_atomic(target, _write)
-        out.append(target)
-    return out
+        if (out_dir / path.name).exists():
+            continue
+        ds = pydicom.dcmread(path)
+        if ts.is_compressed:
+            ds.compress(ts, generate_instance_uid=False)
+        else:
+            ds.file_meta.TransferSyntaxUID = ts
+        write_datasets([ds], out_dir)  # one at a time: a series can be large
+    return [out_dir / path.name for path in paths]
