@@ -88,7 +88,7 @@ def ssim(a: np.ndarray, b: np.ndarray, mode: str) -> float:
 
 def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
                      baseline: str | None = None, *, weights_dir: Path | None = None,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", self_ensemble: bool | None = None) -> dict:
     """Compare a model with a baseline on HR cases.
 
     Parameters
@@ -105,6 +105,9 @@ def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
         Optional weights folder.
     device
         Inference device.
+    self_ensemble
+        Geometric self-ensemble of the model (``None``: the mode's default, as in
+        :class:`~sr_engine.api.EnhanceRequest`); interpolation baselines never need it.
 
     Returns
     -------
@@ -115,16 +118,20 @@ def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
     """
     baseline = baseline or ("bicubic" if mode == "slice" else "cubic")
     rows = []
+    used_ensemble = False
     for name, volume, spacing, modality in cases:
         hr, lr, lr_spacing, thickness = make_lr(volume, spacing, mode, scale)
         scores = {}
         for tag, m in (("model", model), ("baseline", baseline)):
-            req = EnhanceRequest(mode=mode, scale=scale, model=m, device=device)  # type: ignore[arg-type]
+            req = EnhanceRequest(mode=mode, scale=scale, model=m, device=device,  # type: ignore[arg-type]
+                                 self_ensemble=self_ensemble)
             res = enhance_volume(lr, lr_spacing, thickness, modality, req, weights_dir=weights_dir)
             sr = res.volume[:, : hr.shape[1], : hr.shape[2]]
             ref = normalise_for_metrics(hr, hr, modality)
             out = normalise_for_metrics(sr, hr, modality)
             scores[tag] = (psnr(out, ref), ssim(out, ref, mode), res.seconds / sr.shape[0])
+            if tag == "model":
+                used_ensemble = bool(res.extra.get("self_ensemble", False))
         rows.append({"name": name, "modality": modality, "shape": list(hr.shape),
                      "psnr": round(scores["model"][0], 3),
                      "psnr_baseline": round(scores["baseline"][0], 3),
@@ -133,6 +140,7 @@ def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
                      "seconds_per_slice": round(scores["model"][2], 5)})
     gains = [r["psnr"] - r["psnr_baseline"] for r in rows]
     sgains = [r["ssim"] - r["ssim_baseline"] for r in rows]
-    return {"mode": mode, "scale": scale, "model": model, "baseline": baseline, "cases": rows,
+    return {"mode": mode, "scale": scale, "model": model, "baseline": baseline,
+            "self_ensemble": used_ensemble if rows else None, "cases": rows,
             "mean_psnr_gain_db": round(float(np.mean(gains)), 3) if rows else 0.0,
             "mean_ssim_gain": round(float(np.mean(sgains)), 4) if rows else 0.0}

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .api import ConsistencyReport, EnhanceRequest, EnhanceResult
+from .api import ConsistencyReport, EnhanceRequest, EnhanceResult, resolve_self_ensemble
 from .degrade import degrade_inplane, slab_weights
 from .errors import UnsupportedRequestError
-from .models import check_scale, load_model, resolve_name
+from .models import REGISTRY, check_scale, load_model, resolve_name
 from .models.base import factors_for, receptive_field
 from .normalise import IntensityMapping, mapping_for
 from .tiling import upsample_planes
@@ -34,13 +34,75 @@ def resolve_device(requested: str) -> tuple[str, str | None]:
     return "cpu", ("CUDA requested but not available" if requested == "cuda" else None)
 
 
+# A geometric variant of a plane stack ``(P, H, W)``: (flip H, flip W, swap H and W).
+Variant = tuple[bool, bool, bool]
+
+
+def ensemble_variants(fy: int, fx: int) -> list[Variant]:
+    """Geometric self-ensemble variants for a network upsampling by ``(fy, fx)``.
+
+    The degradations are symmetric under flips of either plane axis (slab and PSF profiles are
+    symmetric about the sample centre), so a flipped input is an equally valid input: 4 flip
+    variants.  With equal factors (slice mode) the transposed grid is valid as well: 8 variants.
+
+    Parameters
+    ----------
+    fy, fx
+        Upsampling factors along H and W.
+
+    Returns
+    -------
+    list of tuple
+        ``(flip H, flip W, transpose)`` per variant, the identity first.
+    """
+    flips = [(False, False), (False, True), (True, False), (True, True)]
+    swaps = (False, True) if fy == fx else (False,)
+    return [(fh, fw, t) for t in swaps for fh, fw in flips]
+
+
+def _forward_variant(planes: np.ndarray, variant: Variant) -> np.ndarray:
+    fh, fw, t = variant
+    axes = tuple(a for a, f in ((1, fh), (2, fw)) if f)
+    x = np.flip(planes, axes) if axes else planes
+    if t:
+        x = x.transpose(0, 2, 1)
+    return np.ascontiguousarray(x)
+
+
+def _inverse_variant(out: np.ndarray, variant: Variant) -> np.ndarray:
+    fh, fw, t = variant
+    y = out.transpose(0, 2, 1) if t else out
+    axes = tuple(a for a, f in ((1, fh), (2, fw)) if f)
+    return np.flip(y, axes) if axes else y
+
+
 def _run(model: torch.nn.Module, planes: np.ndarray, fy: int, fx: int, device: str,
-         request: EnhanceRequest) -> tuple[np.ndarray, int]:
+         request: EnhanceRequest, ensemble: bool = False) -> tuple[np.ndarray, int]:
     model = model.to(device, memory_format=torch.channels_last)
-    return upsample_planes(
-        model, planes, fy, fx, device=device, batch_size=request.batch_size,
-        tile_size=request.tile_size, tile_overlap=request.tile_overlap,
-        margin=receptive_field(model) // 2 + 1, amp=device == "cuda")
+
+    def once(x: np.ndarray) -> tuple[np.ndarray, int]:
+        return upsample_planes(
+            model, x, fy, fx, device=device, batch_size=request.batch_size,
+            tile_size=request.tile_size, tile_overlap=request.tile_overlap,
+            margin=receptive_field(model) // 2 + 1, amp=device == "cuda")
+
+    if not ensemble:
+        return once(planes)
+    variants = ensemble_variants(fy, fx)
+    total: np.ndarray | None = None
+    tiles = 0
+    for v in variants:
+        out, tiles_v = once(_forward_variant(planes, v))
+        out = _inverse_variant(out, v)
+        tiles = max(tiles, tiles_v)
+        if total is None:
+            total = np.array(out, dtype=np.float32, copy=True)
+        else:
+            total += out
+        del out
+    assert total is not None
+    total *= np.float32(1.0 / len(variants))
+    return total, tiles
 
 
 def cubic_resample_z(fine: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -190,7 +252,7 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
     modality
         DICOM Modality (``CT`` uses the fixed HU mapping; others a per-series factor).
     request
-        What to do (mode, scale, model, device, tiling).
+        What to do (mode, scale, model, device, tiling, self-ensemble).
     weights_dir
         Optional folder with weights (default: shipped weights or ``$SRNODE_WEIGHTS_DIR``).
 
@@ -229,20 +291,25 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
         padding = None
     x = mapping.forward(volume if padding is None else np.maximum(volume, CT_PADDING_BELOW_HU))
     fy, fx = factors_for(mode, scale)
+    # Interpolation baselines are flip-equivariant: the ensemble would only cost time.
+    ensemble = resolve_self_ensemble(mode, request.self_ensemble) and REGISTRY[name].learned
     extra: dict[str, object] = {"requested_model": request.model,
                                 "intensity_mapping": {"offset": mapping.offset,
-                                                      "scale": mapping.scale}}
+                                                      "scale": mapping.scale},
+                                "self_ensemble": ensemble,
+                                "self_ensemble_passes": (len(ensemble_variants(fy, fx))
+                                                         if ensemble else 1)}
 
     def run(planes: np.ndarray) -> tuple[np.ndarray, int]:
         nonlocal device, fallback
         try:
-            return _run(model, planes, fy, fx, device, request)
+            return _run(model, planes, fy, fx, device, request, ensemble)
         except torch.OutOfMemoryError:
             if device != "cuda":
                 raise
             fallback, device = "CUDA out of memory", "cpu"
             torch.cuda.empty_cache()
-            return _run(model, planes, fy, fx, device, request)
+            return _run(model, planes, fy, fx, device, request, ensemble)
 
     n = volume.shape[0]
     if mode == "slice":
