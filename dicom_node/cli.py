@@ -174,9 +174,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args)
         wdir = args.weights_dir or cfg.engine.weights_dir
+        ensemble = (cfg.engine.self_ensemble_request if args.self_ensemble is None
+                    else args.self_ensemble)
         report = evaluate_paths(
             [Path(p) for p in args.paths], mode=args.mode, scale=args.scale, model=args.model,
-            weights_dir=Path(wdir) if wdir else None,
+            weights_dir=Path(wdir) if wdir else None, self_ensemble=ensemble,
         )
     except EnhanceError as exc:
         print(f"srnode evaluate: {exc}", file=sys.stderr)
@@ -262,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")
     p.add_argument("--weights-dir", default=None,
                    help="folder searched first for weights (default: [engine] weights_dir)")
+    p.add_argument("--self-ensemble", action=argparse.BooleanOptionalAction, default=None,
+                   help="geometric self-ensemble of the model (default: [engine] self_ensemble, "
+                   "\"auto\" = on in volume mode, off in slice mode, as when the node enhances)")
     return parser
 
 

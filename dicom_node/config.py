@@ -113,6 +113,19 @@ class EngineConfig:
     tile_size: int = 512
     tile_overlap: int = 16
     weights_dir: str = ""
+    # "auto" (on in volume mode, off in slice mode), true or false: geometric self-ensemble.
+    self_ensemble: str | bool = "auto"
+
+    def __post_init__(self) -> None:
+        """Check ``self_ensemble``."""
+        if not (self.self_ensemble == "auto" or isinstance(self.self_ensemble, bool)):
+            raise ConfigError(f"[engine] self_ensemble: expected \"auto\", true or false, "
+                              f"got {self.self_ensemble!r}")
+
+    @property
+    def self_ensemble_request(self) -> bool | None:
+        """``EnhanceRequest.self_ensemble``: ``None`` for ``"auto"`` (the mode's default)."""
+        return None if self.self_ensemble == "auto" else bool(self.self_ensemble)
 
 
 @dataclass

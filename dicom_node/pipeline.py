@@ -138,6 +138,7 @@ def derive_series(
         tile_size=config.engine.tile_size,
         tile_overlap=config.engine.tile_overlap,
         output_spacing=output_spacing,
+        self_ensemble=config.engine.self_ensemble_request,
     )
     result = enhance_volume(
         source.volume, source.spacing, source.slice_thickness, source.modality, request,
@@ -265,7 +266,8 @@ def _nifti_case(path: Path) -> tuple[str, np.ndarray, tuple[float, float, float]
 
 
 def evaluate_paths(
-    paths: Sequence[Path], *, mode: str, scale: int, model: str, weights_dir: Path | None = None
+    paths: Sequence[Path], *, mode: str, scale: int, model: str, weights_dir: Path | None = None,
+    self_ensemble: bool | None = None,
 ) -> dict[str, Any]:
     """``srnode evaluate``: PSNR/SSIM of ``model`` against its baseline on DICOM/NIfTI inputs."""
     from dicom_node.series import SeriesError, load_series
@@ -291,4 +293,5 @@ def evaluate_paths(
                     cases.append((f.name, s.volume, s.spacing, s.modality))
     if not cases:
         raise EnhanceError("no evaluable CT/MR images found")
-    return evaluate_volumes(cases, mode=mode, scale=scale, model=model, weights_dir=weights_dir)
+    return evaluate_volumes(cases, mode=mode, scale=scale, model=model, weights_dir=weights_dir,
+                            self_ensemble=self_ensemble)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from dicom_node.config import ConfigError, load_config, parse_config
 from sr_engine import EnhanceRequest, enhance_volume
 from sr_engine.api import resolve_self_ensemble
 from sr_engine.inference import _run, ensemble_variants
@@ -112,3 +115,38 @@ def test_flip_symmetric_volume_gives_symmetric_output_close_to_single_pass() -> 
     # averages out.
     assert np.abs(ens - single).mean() < 0.6 * np.abs(single - cubic).mean()
     assert np.abs(ens - cubic).mean() > 0.5 * np.abs(single - cubic).mean()
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", None), (True, True), (False, False)])
+def test_engine_config_self_ensemble(value: object, expected: bool | None) -> None:
+    cfg = parse_config({"engine": {"self_ensemble": value}})
+    assert cfg.engine.self_ensemble_request is expected
+
+
+@pytest.mark.parametrize("value", ["yes", 1, 0])
+def test_engine_config_rejects_bad_self_ensemble(value: object) -> None:
+    with pytest.raises(ConfigError, match="self_ensemble"):
+        parse_config({"engine": {"self_ensemble": value}})
+
+
+def test_shipped_config_documents_self_ensemble_auto() -> None:
+    root = Path(__file__).resolve().parents[1]
+    assert load_config(root / "config.toml").engine.self_ensemble_request is None
+
+
+def test_evaluate_cli_passes_self_ensemble(monkeypatch: pytest.MonkeyPatch,
+                                           tmp_path: Path) -> None:
+    import dicom_node.pipeline as pipeline
+    from dicom_node import cli
+
+    seen: list[object] = []
+
+    def fake(paths: list[Path], **kw: object) -> dict:
+        seen.append(kw["self_ensemble"])
+        return {"cases": [], "mean_psnr_gain_db": 0.0, "mean_ssim_gain": 0.0}
+
+    monkeypatch.setattr(pipeline, "evaluate_paths", fake)
+    monkeypatch.chdir(tmp_path)
+    for flag in ([], ["--self-ensemble"], ["--no-self-ensemble"]):
+        assert cli.main(["evaluate", "--mode", "volume", "--scale", "4", *flag, "x.nii"]) == 0
+    assert seen == [None, True, False]
