@@ -5,7 +5,10 @@ T1 1 mm template (4 mm slabs for x4).  Prints a table and writes
 benchmarks/results/eval_public.json.
 
 Usage: .venv/bin/python benchmarks/eval_public.py [--models fast residual]
-       [--tasks slice:2 volume:4]
+       [--tasks slice:2 volume:4] [--self-ensemble auto|on|off] [--threads 1]
+
+Decisions (training length, self-ensemble) are taken on the held-out synthetic validation set
+(``benchmarks/eval_validation.py``), not here: run this once for the final figures.
 """
 
 from __future__ import annotations
@@ -95,8 +98,13 @@ def main() -> None:
     ap.add_argument("--weights-dir", type=Path, default=None)
     ap.add_argument("--planes", action="store_true",
                     help="also measure sagittal/coronal/fused volume x4 on MNI152")
+    ap.add_argument("--self-ensemble", choices=["auto", "on", "off"], default="auto",
+                    help="geometric self-ensemble (auto: on in volume mode, off in slice mode, "
+                    "as in the node)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    ensemble = {"auto": None, "on": True, "off": False}[args.self_ensemble]
     slice_cases = [load_dicom_case(f) for f in SLICE_FILES]
     volume_cases = [load_mni_case()]
     results = []
@@ -107,7 +115,8 @@ def main() -> None:
         cases = slice_cases if mode == "slice" else volume_cases
         for model in args.models:
             t0 = time.perf_counter()
-            res = evaluate_volumes(cases, mode, int(scale), model, weights_dir=args.weights_dir)
+            res = evaluate_volumes(cases, mode, int(scale), model, weights_dir=args.weights_dir,
+                                   self_ensemble=ensemble)
             res["wall_seconds"] = round(time.perf_counter() - t0, 1)
             results.append(res)
             gains = [c["psnr"] - c["psnr_baseline"] for c in res["cases"]]

@@ -1,12 +1,16 @@
 """Model cards: ``sr_engine/weights/<model>.md`` from the training log and evaluation results.
 
-``python -m sr_engine.cards [--eval benchmarks/results/eval_public.json]`` rewrites the cards.
+``python -m sr_engine.cards [--eval benchmarks/results/eval_public.json]
+[--validation benchmarks/results/eval_validation.json]`` rewrites the cards.  Evaluation rows,
+validation, speed and plane-fusion sections for which no new result file is given are kept from
+the current cards, so a partial benchmark run (say ``--tasks volume:4``) updates only its rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 from .models import REGISTRY, SCALES, WEIGHTS_DIR, describe
@@ -55,6 +59,13 @@ evaluation data only.  Weights: same licence as this project (Apache-2.0).
   then warm restarts; see the training table and `scripts/train_all.sh`.
 * Evaluation (nominal): slice mode sigma = 0.3N, no noise; volume mode contiguous box slabs.
 
+## Inference
+Volume mode uses a geometric self-ensemble by default (``[engine] self_ensemble = "auto"``): the
+network also runs on every plane stack flipped along z, along the in-plane axis and both, the
+flips are undone and the 4 results averaged (4x the network time).  Chosen on the held-out
+synthetic validation volumes (``benchmarks/eval_validation.py``), not on the public benchmark.
+Slice mode runs a single pass by default (8 flip/transpose passes would break the CPU budget).
+
 ## Volume-mode design
 Volume mode runs a 2-D network on every sagittal and every coronal plane (upsampling along z
 only) and averages the two.  A 3-D network was not trained: the only 3-D HR data we may train
@@ -63,8 +74,98 @@ choice is measured (see ``benchmarks/eval_public.py --planes``; table below when
 """
 
 
-def card(name: str, log: dict, evals: list[dict], planes: dict | None) -> str:
-    """Markdown model card of one model."""
+def _sections(text: str) -> dict[str, str]:
+    """``{"## heading": block}`` of a Markdown card (each block starts with its heading)."""
+    out: dict[str, str] = {}
+    for block in re.split(r"(?m)^(?=## )", text):
+        if block.startswith("## "):
+            out[block.splitlines()[0].strip()] = block.rstrip("\n") + "\n"
+    return out
+
+
+def _find(sections: dict[str, str], prefix: str) -> str | None:
+    return next((v for k, v in sections.items() if k.startswith(prefix)), None)
+
+
+def parse_evaluation_rows(text: str, name: str) -> list[dict]:
+    """Evaluation results of an existing card, as ``evaluate_volumes``-like dicts.
+
+    Parameters
+    ----------
+    text
+        The card's Markdown.
+    name
+        The model.
+
+    Returns
+    -------
+    list of dict
+        ``{"mode", "scale", "model", "baseline", "self_ensemble", "mean_psnr_gain_db",
+        "mean_ssim_gain", "cases": [{"name", "psnr", "psnr_baseline"}]}`` per table row.
+    """
+    block = _find(_sections(text), "## Evaluation")
+    rows = []
+    for line in (block or "").splitlines():
+        m = re.match(r"\| (slice|volume) x(\d) \| (\w+) \|(.*)\|\s*$", line)
+        if not m:
+            continue
+        cells = [c.strip() for c in m.group(4).split("|")]
+        ens = cells.pop(0) == "on" if len(cells) == 4 else False
+        cases = []
+        for part in cells[2].split(";"):
+            c = re.match(r"\s*(\S+) ([-\d.]+) vs ([-\d.]+)", part)
+            if c:
+                cases.append({"name": c.group(1), "psnr": float(c.group(2)),
+                              "psnr_baseline": float(c.group(3))})
+        rows.append({"mode": m.group(1), "scale": int(m.group(2)), "model": name,
+                     "baseline": m.group(3), "self_ensemble": ens,
+                     "mean_psnr_gain_db": float(cells[0]), "mean_ssim_gain": float(cells[1]),
+                     "cases": cases})
+    return rows
+
+
+def _validation_section(name: str, validation: list[dict]) -> list[str]:
+    rows = [v for v in validation if v["model"] == name]
+    if not rows:
+        return []
+    lines = ["## Validation (held-out synthetic 3-D phantoms; decisions are taken here)", "",
+             "`benchmarks/eval_validation.py`: 3 CT-like and 3 MR-like 3-D phantom volumes "
+             "(96x128x128, 1 mm) from `sr_engine.data.validation_volumes` with a seed disjoint "
+             "from training; training only sees 2-D images.", "",
+             "| task | self-ensemble | mean PSNR gain (dB) | CT | MR | mean SSIM gain |",
+             "|---|---|---|---|---|---|"]
+    for v in rows:
+        lines.append(f"| {v['mode']} x{v['scale']} | {'on' if v.get('self_ensemble') else 'off'}"
+                     f" | {v['mean_psnr_gain_db']:+.2f} | {v['mean_psnr_gain_ct_db']:+.2f} | "
+                     f"{v['mean_psnr_gain_mr_db']:+.2f} | {v['mean_ssim_gain']:+.4f} |")
+    return [*lines, ""]
+
+
+def card(name: str, log: dict, evals: list[dict], planes: dict | None,
+         previous: str = "", validation: list[dict] | None = None) -> str:
+    """Markdown model card of one model.
+
+    Parameters
+    ----------
+    name
+        The model.
+    log
+        ``training_log.json`` content.
+    evals
+        New evaluation results (override the rows of ``previous`` for the same task).
+    planes
+        Plane-fusion measurements per model.
+    previous
+        The current card, whose sections are kept where no new data are given.
+    validation
+        Results of ``benchmarks/eval_validation.py``.
+
+    Returns
+    -------
+    str
+        The card.
+    """
+    old = _sections(previous)
     lines = [f"# Model card: `{name}`", "", ARCHITECTURE.get(name, ""), "",
              "## Size and cost", "",
              "| mode | scale | receptive field (LR px) | parameters | FLOPs / output pixel |",
@@ -84,38 +185,55 @@ def card(name: str, log: dict, evals: list[dict], planes: dict | None) -> str:
             lines.append(f"| {key} | {r['steps']} | {r['batch_size']} | {r['seconds']} | "
                          f"{r['first_l1']} | {r['final_l1']} | `{r['command']}` |")
         lines.append("")
-    latest = {(e["mode"], e["scale"]): e for e in evals if e["model"] == name}  # last file wins
+    latest = {(e["mode"], e["scale"]): e for e in parse_evaluation_rows(previous, name)}
+    latest |= {(e["mode"], e["scale"]): e for e in evals if e["model"] == name}  # last wins
     rows = sorted(latest.values(), key=lambda e: (e["mode"] != "slice", e["mode"], e["scale"]))
     if rows:
         lines += ["## Evaluation (unseen real data, nominal degradation)", "",
                   "PSNR/SSIM on CT clipped to [-1024, 3071] HU / 4095 and MR / p99.5; slice mode:"
                   " pydicom + pydicom-data CT/MR images; volume mode: nilearn MNI152 T1 1 mm "
                   "(slabs of r slices).", "",
-                  "| task | baseline | mean PSNR gain (dB) | mean SSIM gain | cases |",
-                  "|---|---|---|---|---|"]
+                  "| task | baseline | self-ensemble | mean PSNR gain (dB) | mean SSIM gain "
+                  "| cases |",
+                  "|---|---|---|---|---|---|"]
         for e in rows:
             cases = "; ".join(f"{c['name']} {c['psnr']:.2f} vs {c['psnr_baseline']:.2f}"
                               for c in e["cases"])
             lines.append(f"| {e['mode']} x{e['scale']} | {e['baseline']} | "
+                         f"{'on' if e.get('self_ensemble') else 'off'} | "
                          f"{e['mean_psnr_gain_db']:+.2f} | {e['mean_ssim_gain']:+.4f} | {cases} |")
         lines.append("")
+    new_validation = _validation_section(name, validation or [])
+    kept_validation = _find(old, "## Validation")
+    if new_validation:
+        lines += new_validation
+    elif kept_validation:
+        lines += [kept_validation]
     speed_file = Path("benchmarks/results/sr_speed.json")
     if speed_file.is_file() and name in ("fast", "residual"):
         speed = json.loads(speed_file.read_text())["results"]
         lines += ["## Speed (benchmarks/sr_speed.py, 512x512 slices x2, 2 shared CPU threads)", ""]
         lines += [f"* {k}: {v:.2f}" for k, v in speed.items() if name in k or "600" in k]
         lines.append("")
+    elif _find(old, "## Speed"):
+        lines += [_find(old, "## Speed") or ""]
     if planes and name in planes:
         lines += ["## Plane fusion measurement (MNI152, volume x4, PSNR dB)", "",
                   "| sagittal only | coronal only | fused (shipped) | cubic |", "|---|---|---|---|",
                   "| {sagittal:.2f} | {coronal:.2f} | {fused:.2f} | {cubic:.2f} |".format(
                       **planes[name]), ""]
+    elif _find(old, "## Plane fusion"):
+        lines += [_find(old, "## Plane fusion") or ""]
     return "\n".join(lines)
 
 
 def write_model_cards(eval_json: Path | list[Path] | None = None,
-                      out_dir: Path = WEIGHTS_DIR) -> list[Path]:
-    """Write one card per registered model from evaluation JSON file(s); returns the paths."""
+                      out_dir: Path = WEIGHTS_DIR,
+                      validation_json: Path | None = None) -> list[Path]:
+    """Write one card per registered model from evaluation JSON file(s); returns the paths.
+
+    Rows and sections without new results are kept from the existing cards.
+    """
     log_path = out_dir / "training_log.json"
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
     evals: list[dict] = []
@@ -126,10 +244,14 @@ def write_model_cards(eval_json: Path | list[Path] | None = None,
             data = json.loads(Path(f).read_text())
             evals += data.get("results", [])
             planes |= data.get("planes") or {}
+    validation: list[dict] = []
+    if validation_json is not None and Path(validation_json).is_file():
+        validation = json.loads(Path(validation_json).read_text()).get("results", [])
     paths = []
     for name in REGISTRY:
         path = out_dir / f"{name}.md"
-        path.write_text(card(name, log, evals, planes))
+        previous = path.read_text() if path.is_file() else ""
+        path.write_text(card(name, log, evals, planes, previous, validation))
         paths.append(path)
     return paths
 
@@ -138,6 +260,8 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--eval", type=Path, nargs="+",
                     default=[Path("benchmarks/results/eval_public.json")])
+    ap.add_argument("--validation", type=Path, default=None,
+                    help="benchmarks/eval_validation.py JSON (held-out validation table)")
     args = ap.parse_args()
-    for p in write_model_cards(args.eval):
+    for p in write_model_cards(args.eval, validation_json=args.validation):
         print(p)
