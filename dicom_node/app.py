@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -16,6 +17,10 @@ from storage.db import Database
 from storage.filestore import FileStore
 
 LOGGER = logging.getLogger("srnode.node")
+
+
+#: GIL switch interval of a receiving node (seconds); see :meth:`Node.start`.
+RECEIVE_SWITCH_INTERVAL_S = 0.0005
 
 
 class Node:
@@ -59,6 +64,11 @@ class Node:
     def start(self) -> None:
         """Start receiving, the completeness check and (if enabled) the worker."""
         if self.receive:
+            # Each association is one thread that hands the disk work to a writer thread and
+            # waits for it; with Python's default 5 ms GIL switch interval a thread coming back
+            # from fsync can wait that long behind a parsing thread.  0.5 ms measured 20-25 %
+            # faster receiving (benchmarks/ingest.py); the SR work runs in child processes.
+            sys.setswitchinterval(RECEIVE_SWITCH_INTERVAL_S)
             removed = self.store.remove_stale_temp_files()
             if removed:
                 LOGGER.info("removed %d incomplete temporary file(s) from an earlier run", removed)

@@ -1,17 +1,15 @@
 """The Storage SCP: association policy and C-ECHO / C-STORE handlers.
 
 This is the network edge: typed errors from ``storage`` become DIMSE statuses here.  The
-C-STORE fast path never decodes the pixel data: the encoded data set is taken as received
-(``event.encoded_dataset()``), its header parsed, the file written atomically and fsynced, and
-the index row committed, and only then is success returned.
+associations themselves run on :mod:`dicom_node.upper_layer` (one thread each).  The C-STORE
+path never decodes the pixel data: the encoded data set is taken as received, its header parsed,
+the file written atomically and fsynced while the index rows are prepared, the index committed,
+and only then is success returned.
 """
 
 from __future__ import annotations
 
 import logging
-import socket
-import threading
-from collections.abc import Sequence
 from typing import Any
 
 from pydicom.uid import (
@@ -30,8 +28,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -41,11 +38,11 @@ from pynetdicom.sop_class import (
     MRImageStorage,
     Verification,
 )
-from pynetdicom.transport import AssociationServer
 
 from dicom_node import statuses
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
 from dicom_node.validation import InvalidImageError, check_image, parse_dataset
 from storage.db import Database
 from storage.errors import (
@@ -54,7 +51,7 @@ from storage.errors import (
     InvalidUIDError,
     StorageError,
 )
-from storage.filestore import FileStore
+from storage.filestore import FileStore, PendingWrite
 from storage.ingest import InstanceHeader, store_instance
 
 LOGGER = logging.getLogger("srnode.scp")
@@ -88,39 +85,7 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
 )
 
 
-class _PolicyAE(AE):
-    """An AE whose calling-AE allow-list depends on the peer's address.
-
-    pynetdicom reads ``require_calling_aet`` inside the association thread while negotiating, so
-    answering per peer here turns a host mismatch into a proper A-ASSOCIATE-RJ (calling AE title
-    not recognised) instead of an abort after acceptance.
-    """
-
-    def __init__(self, ae_title: str, allowed: Sequence[str], hosts: dict[str, list[str]]) -> None:
-        super().__init__(ae_title=ae_title)
-        self._allowed = [a.strip() for a in allowed]
-        self._hosts = {k.strip(): list(v) for k, v in hosts.items()}
-
-    @property  # type: ignore[override]
-    def require_calling_aet(self) -> list[str]:
-        """Calling AE titles allowed for the peer of the current association."""
-        if not self._allowed and not self._hosts:
-            return []
-        candidates = self._allowed or list(self._hosts)
-        thread = threading.current_thread()
-        if not isinstance(thread, Association):
-            return candidates
-        address = thread.requestor.address
-        allowed = [a for a in candidates if a not in self._hosts or address in self._hosts[a]]
-        # An empty list would mean "anyone": use a title no peer can send instead.
-        return allowed or ["\\"]
-
-    @require_calling_aet.setter
-    def require_calling_aet(self, ae_titles: list[str]) -> None:
-        self._allowed = [a.strip() for a in ae_titles]
-
-
-class StorageSCP:
+class StorageSCP(StorageService):
     """C-ECHO and C-STORE service class provider for CT and MR images.
 
     Parameters
@@ -140,19 +105,22 @@ class StorageSCP:
         self.db = db
         self.store = store
         self.audit = audit
-        self._server: AssociationServer | None = None
+        self._server: StorageAcceptor | None = None
         node = config.node
-        ae = _PolicyAE(node.ae_title, node.allowed_calling_ae_titles, node.allowed_hosts)
-        ae.require_called_aet = node.require_called_ae_title
-        ae.maximum_associations = node.max_associations
-        ae.acse_timeout = node.acse_timeout
-        ae.dimse_timeout = node.dimse_timeout
-        ae.network_timeout = node.network_timeout
-        ae.maximum_pdu_size = node.max_pdu_size
-        ae.add_supported_context(Verification)
-        for sop_class in STORAGE_SOP_CLASSES:
-            ae.add_supported_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
-        self.ae = ae
+        contexts = [build_context(Verification)]
+        contexts += [build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
+                     for sop_class in STORAGE_SOP_CLASSES]
+        self.policy = AcceptorPolicy(
+            ae_title=node.ae_title,
+            require_called_ae_title=node.require_called_ae_title,
+            allowed_calling_ae_titles=list(node.allowed_calling_ae_titles),
+            allowed_hosts={k: list(v) for k, v in node.allowed_hosts.items()},
+            max_associations=node.max_associations,
+            acse_timeout=node.acse_timeout,
+            network_timeout=node.network_timeout,
+            max_pdu_size=node.max_pdu_size,
+            contexts=contexts,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,19 +131,8 @@ class StorageSCP:
             from dicom_node.tls import server_ssl_context
 
             ssl_context = server_ssl_context(node.tls)
-        handlers = [
-            (evt.EVT_C_ECHO, self._handle_echo),
-            (evt.EVT_C_STORE, self._handle_store),
-            (evt.EVT_CONN_OPEN, self._handle_conn_open),
-            (evt.EVT_REJECTED, self._handle_rejected),
-            (evt.EVT_ACCEPTED, self._handle_accepted),
-        ]
-        self._server = self.ae.start_server(
-            (node.host, node.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=ssl_context,
-        )
+        self._server = StorageAcceptor((node.host, node.port), self.policy, self, ssl_context)
+        self._server.start()
         LOGGER.info(
             "SCP %s listening on %s:%d%s", node.ae_title, node.host, self.port,
             " (TLS)" if ssl_context else "",
@@ -191,53 +148,49 @@ class StorageSCP:
     def stop(self) -> None:
         """Stop listening and close open associations."""
         if self._server is not None:
-            self._server.shutdown()
+            self._server.stop()
             self._server = None
 
-    # -- handlers ----------------------------------------------------------------------------
-    def _handle_conn_open(self, event: evt.Event) -> None:
-        sock = getattr(event.assoc.dul.socket, "socket", None)
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:  # pragma: no cover - platform dependent
-                pass
-
-    def _handle_rejected(self, event: evt.Event) -> None:
-        req = event.assoc.requestor
+    # -- StorageService ----------------------------------------------------------------------
+    def on_rejected(self, peer: Peer, reason: str) -> None:
+        """Log and audit a rejected association request."""
         LOGGER.warning(
-            "association rejected: calling AE %r from %s:%s, called AE %r "
-            "(not in the allow-list, wrong host or called AE title, or too many associations)",
-            req.ae_title, req.address, req.port, event.assoc.acceptor.ae_title,
+            "association rejected: calling AE %r from %s:%s, called AE %r (%s)",
+            peer.ae_title, peer.address, peer.port, peer.called_ae_title, reason,
         )
         self.audit.record(
-            "association_rejected", calling_ae=req.ae_title, address=req.address,
-            called_ae=getattr(req.primitive, "called_ae_title", None),
+            "association_rejected", calling_ae=peer.ae_title, address=peer.address,
+            called_ae=peer.called_ae_title, reason=reason,
         )
 
-    def _handle_accepted(self, event: evt.Event) -> None:
-        req = event.assoc.requestor
-        LOGGER.info("association accepted: calling AE %r from %s", req.ae_title, req.address)
-        rejected = [
+    def on_accepted(self, peer: Peer, rejected: list[PresentationContext]) -> None:
+        """Log an accepted association and audit the presentation contexts it was refused."""
+        LOGGER.info("association accepted: calling AE %r from %s", peer.ae_title, peer.address)
+        refused = [
             {"context_id": cx.context_id, "abstract_syntax": str(cx.abstract_syntax),
              "transfer_syntaxes": [str(ts) for ts in cx.transfer_syntax]}
-            for cx in event.assoc.rejected_contexts
+            for cx in rejected
         ]
-        if rejected:
+        if refused:
             LOGGER.warning(
                 "association from %r: %d presentation context(s) rejected (SOP class or "
-                "transfer syntax not accepted): %s", req.ae_title, len(rejected),
+                "transfer syntax not accepted): %s", peer.ae_title, len(refused),
                 ", ".join(f"{r['abstract_syntax']} {'/'.join(r['transfer_syntaxes'])}"
-                          for r in rejected),
+                          for r in refused),
             )
-            self.audit.record("contexts_rejected", calling_ae=req.ae_title,
-                              address=req.address, contexts=rejected)
+            self.audit.record("contexts_rejected", calling_ae=peer.ae_title,
+                              address=peer.address, contexts=refused)
 
-    def _handle_echo(self, event: evt.Event) -> int:
-        self.audit.record(
-            "echo", calling_ae=event.assoc.requestor.ae_title, address=event.assoc.requestor.address
-        )
+    def on_echo(self, peer: Peer) -> int:
+        """Answer a C-ECHO (and audit it)."""
+        self.audit.record("echo", calling_ae=peer.ae_title, address=peer.address)
         return statuses.SUCCESS
+
+    def on_store(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
+                 peer: Peer) -> int:
+        """Store one received instance (see :meth:`receive`)."""
+        return self.receive(data, affected_sop_instance_uid, sop_class_uid, peer.ae_title,
+                            peer.address)
 
     def _refuse(self, calling_ae: str, address: str, status: int, reason: str,
                 **uids: Any) -> int:
@@ -250,18 +203,6 @@ class StorageSCP:
             status=f"0x{status:04X}", reason=reason, **uids,
         )
         return status
-
-    def _handle_store(self, event: evt.Event) -> int | tuple[int, Any]:
-        req = event.assoc.requestor
-        affected = str(event.request.AffectedSOPInstanceUID or "")
-        try:
-            data = event.encoded_dataset(include_meta=True)
-        except Exception as exc:  # noqa: BLE001 - network edge: never crash the association
-            return self._refuse(req.ae_title, req.address, statuses.CANNOT_UNDERSTAND,
-                                f"cannot read the data set ({type(exc).__name__})",
-                                sop_instance_uid=affected)
-        return self.receive(data, affected, str(event.context.abstract_syntax), req.ae_title,
-                            req.address)
 
     def receive(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
                 calling_ae: str, address: str) -> int:
@@ -304,6 +245,22 @@ class StorageSCP:
                 f"{self.config.node.min_free_disk_mb} MB",
                 sop_instance_uid=affected,
             )
+        # Start writing and fsyncing the bytes now; parsing and indexing overlap with the disk.
+        try:
+            pending = self.store.begin_write(data)
+        except Exception as exc:  # noqa: BLE001 - cannot even start (thread pool gone)
+            return refuse(statuses.OUT_OF_RESOURCES, f"cannot write file: {exc}")
+        try:
+            return self._check_and_store(pending, data, affected, sop_class_uid, calling_ae,
+                                         address)
+        finally:
+            pending.discard()  # no-op once stored
+
+    def _check_and_store(self, pending: PendingWrite, data: bytes, affected: str,
+                         sop_class_uid: str, calling_ae: str, address: str) -> int:
+        def refuse(status: int, reason: str, **uids: Any) -> int:
+            return self._refuse(calling_ae, address, status, reason, **uids)
+
         try:
             ds = parse_dataset(data)
             header = InstanceHeader.from_dataset(ds)
@@ -335,7 +292,7 @@ class StorageSCP:
                 f"{sop_class_uid}", **uids,
             )
         try:
-            outcome = store_instance(self.db, self.store, header, data, calling_ae)
+            outcome = store_instance(self.db, self.store, header, pending, calling_ae)
         except DatabaseUnavailableError as exc:
             return refuse(statuses.OUT_OF_RESOURCES_INDEX,
                           f"index database unavailable: {exc}", **uids)

@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,6 +22,19 @@ from storage.errors import InvalidUIDError, StorageError, StorageIOError
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 TEMP_PREFIX = ".tmp-"
 TEMP_SUFFIX = ".part"
+#: Folder under the root where received bytes are written before their final name is known.
+SPOOL_DIR = ".incoming"
+_WRITER: ThreadPoolExecutor | None = None
+_WRITER_LOCK = threading.Lock()
+
+
+def _writer() -> ThreadPoolExecutor:
+    """Threads that write and fsync received files while the caller parses and indexes."""
+    global _WRITER
+    with _WRITER_LOCK:
+        if _WRITER is None:
+            _WRITER = ThreadPoolExecutor(max_workers=16, thread_name_prefix="srnode-write")
+        return _WRITER
 
 
 def validate_uid(uid: str) -> str:
@@ -68,6 +83,94 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class PendingWrite:
+    """A file being written and fsynced in the background under a temporary name.
+
+    Created by :meth:`FileStore.begin_write`; :meth:`commit` gives it its final name (atomic
+    rename, then the folder is fsynced), :meth:`discard` removes it.  One of the two must be
+    called; both are idempotent once the file is committed or discarded.
+    """
+
+    def __init__(self, store: FileStore, data: bytes | bytearray | memoryview) -> None:
+        self.store = store
+        self.size = len(data)
+        self._done = False
+        self._discarded = False
+        self._future: Future[Path] = _writer().submit(self._spool, data)
+
+    def _spool(self, data: bytes | bytearray | memoryview) -> Path:
+        spool = self.store.root / SPOOL_DIR
+        try:
+            spool.mkdir(exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=spool)
+        except OSError as exc:
+            raise StorageIOError(
+                exc.errno, f"cannot create a temporary file in {spool}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise StorageIOError(
+                exc.errno, f"cannot write {name}: {exc.strerror or exc}"
+            ) from exc
+        return Path(name)
+
+    def commit(self, path: Path) -> int:
+        """Wait until the bytes are on disk, move them to ``path`` and fsync its folder.
+
+        Returns
+        -------
+        int
+            Bytes written.
+
+        Raises
+        ------
+        StorageIOError
+            Writing or renaming failed (the temporary file is removed).
+        StorageError
+            ``path`` is outside the root, or the write was already committed or discarded.
+        """
+        if self._done:
+            raise StorageError("pending write already committed or discarded")
+        path = Path(path)
+        if not path.resolve().is_relative_to(self.store.root):
+            self.discard()
+            raise StorageError(f"{path} is outside the storage root")
+        tmp = self._future.result()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+        except OSError as exc:
+            self.discard()
+            raise StorageIOError(exc.errno, f"cannot store {path}: {exc.strerror or exc}") from exc
+        self._done = True
+        _fsync_dir(path.parent)
+        return self.size
+
+    @property
+    def committed(self) -> bool:
+        """Whether :meth:`commit` has moved the file to its final name."""
+        return self._done and self._future.done() and not self._discarded
+
+    def discard(self) -> None:
+        """Remove the temporary file (no-op once committed or discarded)."""
+        if self._done:
+            return
+        self._done = True
+        self._discarded = True
+        try:
+            tmp = self._future.result()
+        except Exception:  # noqa: BLE001 - the failed write left nothing behind
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 class FileStore:
@@ -173,6 +276,14 @@ class FileStore:
             raise
         _fsync_dir(directory)
         return size
+
+    def begin_write(self, data: bytes | bytearray | memoryview) -> PendingWrite:
+        """Start writing received bytes (temporary name, fsync) in a background thread.
+
+        The caller parses and indexes meanwhile and then calls :meth:`PendingWrite.commit`
+        with the final path (or :meth:`PendingWrite.discard`).
+        """
+        return PendingWrite(self, data)
 
     def free_bytes(self) -> int:
         """Return the bytes available to this process on the root's file system."""

@@ -20,7 +20,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from sqlalchemy import case, insert, select, update
+from sqlalchemy import bindparam, case, insert, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,8 +32,16 @@ from storage.errors import (
     InvalidUIDError,
     StorageError,
 )
-from storage.filestore import FileStore, validate_uid
-from storage.models import Instance, Patient, ProducedSeries, Series, Study, utcnow
+from storage.filestore import FileStore, PendingWrite, validate_uid
+from storage.models import (
+    Instance,
+    Patient,
+    ProducedSeries,
+    Series,
+    Study,
+    UTCDateTime,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -308,51 +317,78 @@ def _bump_series(
     )
 
 
+# Prebuilt statements of the known-series fast path: built once, compiled once per dialect, so
+# a received instance costs a few cached executions instead of building Core expressions.
+_AT = bindparam("b_at", type_=UTCDateTime())
+_SELECT_SERIES_ID = select(Series.id).where(Series.series_instance_uid == bindparam("b_series"))
+_SELECT_INSTANCE_ROW = select(Instance.id, Instance.series_fk).where(
+    Instance.sop_instance_uid == bindparam("b_sop")
+)
+_INSTANCE_VALUES = {
+    "sop_class_uid": bindparam("b_class"),
+    "transfer_syntax_uid": bindparam("b_ts"),
+    "instance_number": bindparam("b_number"),
+    "path": bindparam("b_path"),
+    "size": bindparam("b_size"),
+    "received_at": _AT,
+    "calling_ae_title": bindparam("b_ae"),
+}
+_INSERT_INSTANCE = insert(Instance).values(
+    sop_instance_uid=bindparam("b_sop"), series_fk=bindparam("b_series_id"), **_INSTANCE_VALUES
+)
+_UPDATE_INSTANCE = (
+    update(Instance).where(Instance.id == bindparam("b_row_id")).values(**_INSTANCE_VALUES)
+)
+_BUMP_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("b_series_id"))
+    .values(
+        num_instances=Series.num_instances + bindparam("b_added"),
+        last_received_at=case((Series.last_received_at < _AT, _AT), else_=Series.last_received_at),
+        calling_ae_title=bindparam("b_ae"),
+        completeness_checked_at=None,
+    )
+)
+
+
 def _upsert_known_series(
-    session: Session,
+    conn: Connection,
     h: InstanceHeader,
     path: Path,
     size: int,
     ae: str,
     received_at: datetime,
 ) -> bool | None:
-    """Fast path for the common case (the series is already indexed): a few Core statements.
+    """Fast path for the common case (the series is already indexed): four cached statements.
 
-    Returns whether the instance was replaced, or ``None`` when the general path is needed
-    (new series, or a SOP Instance UID moving between series).
+    Returns whether the instance was replaced, or ``None`` (nothing written) when the general
+    path is needed (new series, or a SOP Instance UID moving between series).
     """
-    series_id = session.execute(
-        select(Series.id).where(Series.series_instance_uid == h.series_instance_uid)
-    ).scalar()
+    series_id = conn.execute(_SELECT_SERIES_ID, {"b_series": h.series_instance_uid}).scalar()
     if series_id is None:
         return None
-    row = session.execute(
-        select(Instance.id, Instance.series_fk).where(
-            Instance.sop_instance_uid == h.sop_instance_uid
-        )
-    ).first()
-    values = {
-        "sop_class_uid": h.sop_class_uid,
-        "transfer_syntax_uid": h.transfer_syntax_uid,
-        "instance_number": h.instance_number,
-        "path": str(path),
-        "size": size,
-        "received_at": received_at,
-        "calling_ae_title": ae,
+    row = conn.execute(_SELECT_INSTANCE_ROW, {"b_sop": h.sop_instance_uid}).first()
+    params = {
+        "b_sop": h.sop_instance_uid,
+        "b_series_id": series_id,
+        "b_class": h.sop_class_uid,
+        "b_ts": h.transfer_syntax_uid,
+        "b_number": h.instance_number,
+        "b_path": str(path),
+        "b_size": size,
+        "b_at": received_at,
+        "b_ae": ae,
     }
     if row is None:
-        session.execute(
-            insert(Instance).values(
-                sop_instance_uid=h.sop_instance_uid, series_fk=series_id, **values
-            )
-        )
-        _bump_series(session, series_id, 1, ae, received_at)
-        return False
-    if row.series_fk != series_id:
+        conn.execute(_INSERT_INSTANCE, params)
+        added = 1
+    elif row.series_fk != series_id:
         return None
-    session.execute(update(Instance).where(Instance.id == row.id).values(**values))
-    _bump_series(session, series_id, 0, ae, received_at)
-    return True
+    else:
+        conn.execute(_UPDATE_INSTANCE, {**params, "b_row_id": row.id})
+        added = 0
+    conn.execute(_BUMP_SERIES, {**params, "b_added": added})
+    return row is not None
 
 
 def _upsert(
@@ -364,9 +400,6 @@ def _upsert(
     received_at: datetime,
 ) -> bool:
     """Upsert the rows of one instance; return whether the SOP Instance was already indexed."""
-    fast = _upsert_known_series(session, h, path, size, ae, received_at)
-    if fast is not None:
-        return fast
     patient = _get_or_create_patient(session, h)
     study = _get_or_create_study(session, h, patient)
     series = _get_or_create_series(session, h, study, received_at, ae)
@@ -419,7 +452,7 @@ def store_instance(
     db: Database,
     store: FileStore,
     header: InstanceHeader,
-    data: bytes | Callable[[BinaryIO], None],
+    data: bytes | Callable[[BinaryIO], None] | PendingWrite,
     calling_ae_title: str,
     received_at: datetime | None = None,
 ) -> StoreOutcome:
@@ -434,7 +467,8 @@ def store_instance(
     header
         The instance's header (validated UIDs).
     data
-        The Part 10 file bytes, or a callable writing them.
+        The Part 10 file bytes, a callable writing them, or a write started with
+        :meth:`FileStore.begin_write` (committed or discarded here in every case).
     calling_ae_title
         AE title of the sender.
     received_at
@@ -461,12 +495,52 @@ def store_instance(
     path = store.instance_path(
         header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
     )
-    size = store.write_atomic(path, data)
+    if isinstance(data, bytes | bytearray | memoryview):
+        data = store.begin_write(data)
+    pending = data if isinstance(data, PendingWrite) else None
+    try:
+        if pending is None:
+            size = store.write_atomic(path, data)  # type: ignore[arg-type]
+        else:
+            # The file is being written and fsynced in a helper thread while the index rows are
+            # prepared here; it gets its final name just before the index commits, and is
+            # removed if indexing fails (nothing is left behind).
+            size = pending.size
+            replaced: bool | None = None
+            try:
+                with db.transaction() as conn:
+                    replaced = _upsert_known_series(
+                        conn, header, path, size, calling_ae_title, received_at
+                    )
+                    if replaced is not None:
+                        pending.commit(path)
+            except IntegrityError:
+                replaced = None  # a concurrent association indexed it first: general path
+            if replaced is not None:
+                return StoreOutcome(path=path, replaced=replaced)
+        return _store_general(db, header, path, size, pending, calling_ae_title, received_at)
+    finally:
+        if pending is not None:
+            pending.discard()  # no-op once committed
+
+
+def _store_general(
+    db: Database,
+    header: InstanceHeader,
+    path: Path,
+    size: int,
+    pending: PendingWrite | None,
+    calling_ae_title: str,
+    received_at: datetime,
+) -> StoreOutcome:
+    """Index an instance with the ORM (new patient/study/series), retrying lost races."""
     last_exc: Exception | None = None
     for attempt in range(_MAX_UPSERT_ATTEMPTS):
         try:
             with db.session() as session:
                 replaced = _upsert(session, header, path, size, calling_ae_title, received_at)
+                if pending is not None and not pending.committed:
+                    pending.commit(path)
             return StoreOutcome(path=path, replaced=replaced)
         except IntegrityError as exc:
             # Another association created the same patient/study/series/instance first.

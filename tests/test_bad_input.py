@@ -16,6 +16,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import func, select
 
+from storage.filestore import SPOOL_DIR
 from storage.jobs import JobQueue
 from storage.models import Instance
 from tests.dicom_factory import make_ct_series
@@ -200,7 +201,11 @@ def test_malformed_corpus_gets_clear_statuses_and_valid_traffic_is_intact(tmp_pa
     dcm_files = [p for p in storage.rglob("*") if p.is_file()]
     assert all(p.suffix == ".dcm" and not p.name.startswith(".tmp-") for p in dcm_files), dcm_files
     assert len(dcm_files) == len(valid.files) + len(accepted)
+    # the spool folder holds nothing once every instance is answered
+    assert list((storage / SPOOL_DIR).iterdir()) == []
     for p in storage.rglob("*"):  # every component under the root is a UID (or UID.dcm)
+        if p == storage / SPOOL_DIR:
+            continue
         assert all(part.replace(".", "").isdigit() for part in
                    p.relative_to(storage).with_suffix("").parts), p
     outside_after = {p for p in tmp_path.parent.rglob("*") if not p.is_relative_to(node_dir)}

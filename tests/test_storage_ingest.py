@@ -228,8 +228,9 @@ def test_locked_database_reports_unavailable(tmp_path: Path) -> None:
     try:
         with pytest.raises(DatabaseUnavailableError):
             store_instance(db, store, read_header(data), data, "A")
-        # The file may stay on disk; nothing was indexed.
-        assert store.instance_path(STUDY, SERIES, _sop(1)).read_bytes() == data
+        # Nothing was indexed and nothing is left on disk (not even a temporary file).
+        assert not store.instance_path(STUDY, SERIES, _sop(1)).exists()
+        assert [p for p in store.root.rglob("*") if p.is_file()] == []
     finally:
         holder.rollback()
         holder.close()
