@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 
 import pydicom
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -28,6 +29,10 @@ _REQUIRED_VRS: dict[str, tuple[str, ...]] = {
     "HighBit": ("US",), "PixelRepresentation": ("US",), "SamplesPerPixel": ("US",),
     "NumberOfFrames": ("IS",), "StudyInstanceUID": ("UI",), "SeriesInstanceUID": ("UI",),
     "SOPInstanceUID": ("UI",), "SOPClassUID": ("UI",), "PixelData": ("OB", "OW"),
+}
+_REQUIRED_VR_TAGS: dict[int, tuple[str, tuple[str, ...]]] = {
+    int(tag_for_keyword(keyword)): (keyword, vrs)  # type: ignore[arg-type]
+    for keyword, vrs in _REQUIRED_VRS.items()
 }
 _DELIMITERS = (b"\xfe\xff\xdd\xe0", b"\xff\xfe\xe0\xdd")  # (FFFE,E0DD) LE and BE
 
@@ -58,17 +63,20 @@ def parse_dataset(data: bytes) -> Dataset:
     """
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    known = ts is not None and ts.is_transfer_syntax
+    deflated = known and ts.is_deflated
     # positions refer to the inflated stream for deflated transfer syntaxes
-    positional = not (ts is not None and ts.is_transfer_syntax and ts.is_deflated)
+    positional = not deflated
+    check_encoding = known and not deflated
+    implicit = bool(known and ts.is_implicit_VR)
+    little = bool(known and ts.is_little_endian)
     end = -1
-    for tag in list(ds.keys()):
-        elem = ds.get_item(tag)
+    for elem in ds.elements():
         if not isinstance(elem, RawDataElement):
             end = -1
             continue
-        if ts is not None and ts.is_transfer_syntax and not ts.is_deflated and (
-            elem.is_implicit_VR != ts.is_implicit_VR
-            or elem.is_little_endian != ts.is_little_endian
+        if check_encoding and (
+            elem.is_implicit_VR != implicit or elem.is_little_endian != little
         ):
             raise MalformedDataSetError(
                 f"data set is not encoded as its transfer syntax {ts.name} says"
@@ -78,22 +86,22 @@ def parse_dataset(data: bytes) -> Dataset:
         if elem.length == 0xFFFFFFFF:
             if positional and data[end:end + 4] not in _DELIMITERS:
                 raise MalformedDataSetError(
-                    f"element {Tag(tag)} of undefined length has no delimiter (truncated)"
+                    f"element {Tag(elem.tag)} of undefined length has no delimiter (truncated)"
                 )
             end += 8
         elif len(value) != elem.length:
             raise MalformedDataSetError(
-                f"element {Tag(tag)} declares {elem.length} bytes, only {len(value)} present "
-                "(truncated or length beyond the end)"
+                f"element {Tag(elem.tag)} declares {elem.length} bytes, only {len(value)} "
+                "present (truncated or length beyond the end)"
             )
     if positional and 0 <= end != len(data):
         raise MalformedDataSetError(
             f"{len(data) - end} bytes after the last element (truncated element header or "
             "trailing garbage)"
         )
-    for keyword, vrs in _REQUIRED_VRS.items():
-        if keyword in ds:
-            elem = ds.get_item(keyword)
+    for tag, (keyword, vrs) in _REQUIRED_VR_TAGS.items():
+        elem = ds.get_item(tag)
+        if elem is not None:
             vr = getattr(elem, "VR", None)
             if vr is not None and vr not in vrs:
                 raise MalformedDataSetError(f"{keyword} has VR {vr}, expected {'/'.join(vrs)}")
