@@ -238,4 +238,16 @@ def test_locked_database_reports_unavailable(tmp_path: Path) -> None:
         assert s.scalar(select(func.count()).select_from(Instance)) == 0
     # Lock released: the re-sent instance is indexed.
     assert not store_instance(db, store, read_header(data), data, "A").replaced
+    # The same on the fast path for a series already indexed.
+    second = synthetic_instance(STUDY, SERIES, _sop(2))
+    holder = sqlite3.connect(tmp_path / "idx.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(DatabaseUnavailableError):
+            store_instance(db, store, read_header(second), second, "A")
+        files = sorted(p.name for p in store.root.rglob("*") if p.is_file())
+        assert files == [store.instance_path(STUDY, SERIES, _sop(1)).name]
+    finally:
+        holder.rollback()
+        holder.close()
     db.dispose()
