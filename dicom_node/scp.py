@@ -118,6 +118,7 @@ class StorageSCP(StorageService):
             max_associations=node.max_associations,
             acse_timeout=node.acse_timeout,
             network_timeout=node.network_timeout,
+            dimse_timeout=node.dimse_timeout,
             max_pdu_size=node.max_pdu_size,
             contexts=contexts,
         )

@@ -113,7 +113,9 @@ class AcceptorPolicy:
     acse_timeout
         Seconds to wait for the A-ASSOCIATE-RQ (and the TLS handshake).
     network_timeout
-        Seconds of silence after which an established association is closed.
+        Seconds of silence between messages after which an established association is closed.
+    dimse_timeout
+        Seconds to wait for the next fragment of a message already started.
     max_pdu_size
         Maximum PDU length announced to requestors (0 = unlimited).
     contexts
@@ -128,6 +130,7 @@ class AcceptorPolicy:
     acse_timeout: float
     network_timeout: float
     max_pdu_size: int
+    dimse_timeout: float = 60.0
     contexts: Sequence[PresentationContext] = field(default_factory=list)
 
     def check_requestor(self, calling: str, called: str, address: str) -> tuple[int, ...] | None:
@@ -412,12 +415,19 @@ class Association:
 
     def serve(self) -> None:
         """Run the data-transfer phase until release, abort or timeout."""
-        self.sock.settimeout(self.policy.network_timeout or None)
+        idle_timeout = self.policy.network_timeout or None
+        busy_timeout = self.policy.dimse_timeout or None
+        timeout = idle_timeout
+        self.sock.settimeout(timeout)
         limit = self.policy.max_pdu_size + 6 if self.policy.max_pdu_size else MAX_UNLIMITED_PDU
         command: list[memoryview] = []
         dataset: list[memoryview] = []
         pending: tuple[int, dict[int, bytes]] | None = None  # context id, command awaiting data
         while True:
+            wanted = busy_timeout if (pending is not None or command) else idle_timeout
+            if wanted != timeout:
+                timeout = wanted
+                self.sock.settimeout(timeout)
             pdu_type, body = read_pdu(self.sock, limit)
             if pdu_type == A_RELEASE_RQ_PDU:
                 if pending is not None or command:
@@ -507,9 +517,8 @@ class Association:
             else:
                 LOGGER.info("association with %r ended: %s", who, exc)
         except TimeoutError:
-            LOGGER.warning("association with %r timed out (no data for %s s)",
-                           self.peer.ae_title if self.peer else self.address[0],
-                           self.policy.network_timeout)
+            LOGGER.warning("association with %r timed out (no data within the timeout)",
+                           self.peer.ae_title if self.peer else self.address[0])
             with contextlib.suppress(OSError):
                 self.sock.sendall(encode_abort(0x00))
         except (OSError, ssl.SSLError) as exc:

@@ -286,3 +286,27 @@ def test_stop_closes_open_associations(tmp_path: Path) -> None:
     sock.settimeout(5)
     assert _read_pdu(sock) == (0, b"")
     sock.close()
+
+
+def test_message_left_half_sent_is_dropped_after_the_dimse_timeout() -> None:
+    from dicom_node.upper_layer import encode_command
+
+    service = RecordingService()
+    server = StorageAcceptor(("127.0.0.1", 0),
+                             _policy(network_timeout=30.0, dimse_timeout=0.5), service)
+    server.start()
+    try:
+        sock = _raw_association(server.server_address[1])
+        store = encode_command([
+            (0x0002, b"1.2.840.10008.5.1.4.1.1.2\0"), (0x0100, struct.pack("<H", 0x0001)),
+            (0x0110, struct.pack("<H", 1)), (0x0700, struct.pack("<H", 0)),
+            (0x0800, struct.pack("<H", 0x0000)), (0x1000, b"1.2.3.4\0"),
+        ])
+        sock.sendall(_p_data(3, 0x03, store))  # the command; its data set never comes
+        t0 = time.monotonic()
+        assert _read_pdu(sock)[0] == 0x07
+        assert time.monotonic() - t0 < 10  # the dimse timeout, not the 30 s idle one
+        sock.close()
+        assert service.stored == []
+    finally:
+        server.stop()
