@@ -320,9 +320,12 @@ def _bump_series(
 # Prebuilt statements of the known-series fast path: built once, compiled once per dialect, so
 # a received instance costs a few cached executions instead of building Core expressions.
 _AT = bindparam("b_at", type_=UTCDateTime())
-_SELECT_SERIES_ID = select(Series.id).where(Series.series_instance_uid == bindparam("b_series"))
-_SELECT_INSTANCE_ROW = select(Instance.id, Instance.series_fk).where(
-    Instance.sop_instance_uid == bindparam("b_sop")
+# series id plus the instance row (if any, in whatever series) in one round trip
+_SELECT_SERIES_AND_INSTANCE = (
+    select(Series.id, Instance.id, Instance.series_fk)
+    .select_from(Series)
+    .outerjoin(Instance, Instance.sop_instance_uid == bindparam("b_sop"))
+    .where(Series.series_instance_uid == bindparam("b_series"))
 )
 _INSTANCE_VALUES = {
     "sop_class_uid": bindparam("b_class"),
@@ -359,15 +362,18 @@ def _upsert_known_series(
     ae: str,
     received_at: datetime,
 ) -> bool | None:
-    """Fast path for the common case (the series is already indexed): four cached statements.
+    """Fast path for the common case (the series is already indexed): three cached statements.
 
     Returns whether the instance was replaced, or ``None`` (nothing written) when the general
     path is needed (new series, or a SOP Instance UID moving between series).
     """
-    series_id = conn.execute(_SELECT_SERIES_ID, {"b_series": h.series_instance_uid}).scalar()
-    if series_id is None:
+    found = conn.execute(
+        _SELECT_SERIES_AND_INSTANCE,
+        {"b_series": h.series_instance_uid, "b_sop": h.sop_instance_uid},
+    ).first()
+    if found is None:
         return None
-    row = conn.execute(_SELECT_INSTANCE_ROW, {"b_sop": h.sop_instance_uid}).first()
+    series_id, row_id, row_series = found
     params = {
         "b_sop": h.sop_instance_uid,
         "b_series_id": series_id,
@@ -379,16 +385,16 @@ def _upsert_known_series(
         "b_at": received_at,
         "b_ae": ae,
     }
-    if row is None:
+    if row_id is None:
         conn.execute(_INSERT_INSTANCE, params)
         added = 1
-    elif row.series_fk != series_id:
+    elif row_series != series_id:
         return None
     else:
-        conn.execute(_UPDATE_INSTANCE, {**params, "b_row_id": row.id})
+        conn.execute(_UPDATE_INSTANCE, {**params, "b_row_id": row_id})
         added = 0
     conn.execute(_BUMP_SERIES, {**params, "b_added": added})
-    return row is not None
+    return row_id is not None
 
 
 def _upsert(
