@@ -249,8 +249,12 @@ class StorageSCP(StorageService):
         # Start writing and fsyncing the bytes now; parsing and indexing overlap with the disk.
         try:
             pending = self.store.begin_write(data)
-        except Exception as exc:  # noqa: BLE001 - cannot even start (thread pool gone)
-            return refuse(statuses.OUT_OF_RESOURCES, f"cannot write file: {exc}")
+        except OSError as exc:
+            return refuse(statuses.OUT_OF_RESOURCES,
+                          f"cannot write file: {exc.strerror or exc}", sop_instance_uid=affected)
+        except Exception as exc:  # noqa: BLE001 - network edge: never crash the association
+            return refuse(statuses.PROCESSING_FAILURE, f"cannot write file: {exc}",
+                          sop_instance_uid=affected)
         try:
             return self._check_and_store(pending, data, affected, sop_class_uid, calling_ae,
                                          address)

@@ -12,6 +12,7 @@ import re
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ TEMP_PREFIX = ".tmp-"
 TEMP_SUFFIX = ".part"
 #: Folder under the root where received bytes are written before their final name is known.
 SPOOL_DIR = ".incoming"
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _WRITER: ThreadPoolExecutor | None = None
 _WRITER_LOCK = threading.Lock()
 
@@ -98,29 +100,43 @@ class PendingWrite:
         self.size = len(data)
         self._done = False
         self._discarded = False
-        self._future: Future[Path] = _writer().submit(self._spool, data)
-
-    def _spool(self, data: bytes | bytearray | memoryview) -> Path:
-        spool = self.store.root / SPOOL_DIR
+        # Creating and writing the file is quick (page cache); only the fsync, which waits for
+        # the disk, runs in the helper thread.  Creation errors (disk full) raise here.
+        spool = store.root / SPOOL_DIR
+        name = spool / f"{TEMP_PREFIX}{uuid.uuid4().hex}{TEMP_SUFFIX}"
         try:
-            spool.mkdir(exist_ok=True)
-            fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=TEMP_SUFFIX, dir=spool)
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                spool.mkdir(exist_ok=True)
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o644)
         except OSError as exc:
             raise StorageIOError(
                 exc.errno, f"cannot create a temporary file in {spool}: {exc.strerror or exc}"
             ) from exc
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+            view = memoryview(data).cast("B")
+            written = 0
+            while written < self.size:
+                written += os.write(fd, view[written:])
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+            raise StorageIOError(exc.errno, f"cannot write {name}: {exc.strerror or exc}") from exc
+        self._future: Future[Path] = _writer().submit(self._sync, fd, name)
+
+    @staticmethod
+    def _sync(fd: int, name: Path) -> Path:
+        try:
+            os.fsync(fd)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(name)
-            raise StorageIOError(
-                exc.errno, f"cannot write {name}: {exc.strerror or exc}"
-            ) from exc
-        return Path(name)
+            raise StorageIOError(exc.errno, f"cannot write {name}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+        return name
 
     def commit(self, path: Path) -> int:
         """Wait until the bytes are on disk, move them to ``path`` and fsync its folder.
