@@ -310,3 +310,44 @@ def test_message_left_half_sent_is_dropped_after_the_dimse_timeout() -> None:
         assert service.stored == []
     finally:
         server.stop()
+
+
+def test_random_pdus_after_association_never_break_the_acceptor() -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    service = RecordingService()
+    server = StorageAcceptor(("127.0.0.1", 0), _policy(network_timeout=2.0, dimse_timeout=0.3),
+                             service)
+    server.start()
+    port = server.server_address[1]
+
+    @settings(max_examples=60, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(pdu_type=st.sampled_from([1, 2, 3, 4, 4, 4, 5, 6, 7, 0x55]),
+           body=st.binary(max_size=300),
+           context_id=st.sampled_from([1, 3, 5]), control=st.integers(0, 255))
+    def one(pdu_type: int, body: bytes, context_id: int, control: int) -> None:
+        sock = _raw_association(port)
+        try:
+            if pdu_type == 4 and control % 2:
+                payload = _p_data(context_id, control, body)
+            else:
+                payload = struct.pack(">BBI", pdu_type, 0, len(body)) + body
+            sock.sendall(payload)
+            sock.settimeout(5)
+            # the acceptor answers (P-DATA, A-RELEASE-RP, A-ABORT) or waits for more / closes
+            try:
+                pdu, _ = _read_pdu(sock)
+                assert pdu in (0, 0x04, 0x06, 0x07)
+            except TimeoutError:
+                pass
+        finally:
+            sock.close()
+
+    try:
+        one()
+        _still_serving(port)
+        assert service.stored == []
+    finally:
+        server.stop()
