@@ -91,6 +91,24 @@ class NoopSCP:
         self.server.shutdown()
 
 
+def fsync_latency_ms(folder: Path, size: int = 525_000, n: int = 50) -> float:
+    """Median milliseconds to create, write and fsync a file of ``size`` bytes in ``folder``.
+
+    Durable receivers pay this per instance, so it says how disk-bound the run was.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = os.urandom(size)
+    times = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        fd = os.open(folder / f"probe{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, payload)
+        os.fsync(fd)
+        os.close(fd)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
 def send(port: int, called: str, folder: Path) -> float:
     """Send every file of ``folder`` with storescu on one association; return seconds."""
     env = {**os.environ, "TCP_NODELAY": "1"}
@@ -118,6 +136,7 @@ def main() -> int:
         tmp = Path(tmpdir)
         files = make_series(tmp / "in", args.instances)
         mb = sum(p.stat().st_size for p in files) / 1e6
+        fsync_ms = fsync_latency_ms(tmp / "probe")
         for rnd in range(args.rounds):
             # srnode: a real `srnode serve` process, durable and indexed, worker off
             work = tmp / f"srnode{rnd}"
@@ -139,7 +158,8 @@ def main() -> int:
                 times["pynetdicom-noop"].append(send(noop.port, "NOOP", tmp / "in"))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.instances} CT instances 512x512 ({mb:.0f} MB), storescu, median of "
-          f"{args.rounds} rounds, {platform.node()} {os.cpu_count()} CPUs\n")
+          f"{args.rounds} rounds, {platform.node()} {os.cpu_count()} CPUs; create+write+fsync "
+          f"of a 0.5 MB file: {fsync_ms:.2f} ms\n")
     print(f"{'receiver':<16} {'seconds':>8} {'inst/s':>8} {'MB/s':>7}   rounds")
     for k in ("srnode", "orthanc", "storescp", "pynetdicom-noop"):
         print(f"{k:<16} {med[k]:8.2f} {args.instances / med[k]:8.1f} {mb / med[k]:7.1f}   "
@@ -153,7 +173,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"instances": args.instances, "megabytes": mb, "rounds": times,
                                "median_seconds": med, "ratios": ratios,
-                               "cpus": os.cpu_count()}, indent=2))
+                               "cpus": os.cpu_count(), "fsync_ms": fsync_ms}, indent=2))
     print(f"\nwrote {out}")
     return 0
 
