@@ -73,6 +73,7 @@ class NodeConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_pdu_size: int = 1048576
+    scp_engine: str = "srnode"
     min_free_disk_mb: int = 1024
     index_busy_timeout_seconds: float = 5.0
     log_level: str = "INFO"
@@ -243,6 +244,10 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("[node] index_busy_timeout_seconds must be > 0 and < dimse_timeout")
     if n.max_pdu_size < 0:
         raise ConfigError("[node] max_pdu_size must be >= 0 (0 = unlimited)")
+    if n.scp_engine not in ("srnode", "pynetdicom"):
+        raise ConfigError(
+            f"[node] scp_engine: {n.scp_engine!r} is not one of \"srnode\", \"pynetdicom\""
+        )
     if n.tls.enabled and not (n.tls.cert_file and n.tls.key_file):
         raise ConfigError("[node.tls] enabled needs cert_file and key_file")
     if cfg.series.quiet_period_seconds <= 0:

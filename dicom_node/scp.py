@@ -10,7 +10,7 @@ and only then is success returned.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -53,6 +53,9 @@ from storage.errors import (
 )
 from storage.filestore import FileStore, PendingWrite
 from storage.ingest import InstanceHeader, store_instance
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dicom_node.scp_pynetdicom import PynetdicomServer
 
 LOGGER = logging.getLogger("srnode.scp")
 
@@ -105,7 +108,7 @@ class StorageSCP(StorageService):
         self.db = db
         self.store = store
         self.audit = audit
-        self._server: StorageAcceptor | None = None
+        self._server: StorageAcceptor | PynetdicomServer | None = None
         node = config.node
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
@@ -132,11 +135,18 @@ class StorageSCP(StorageService):
             from dicom_node.tls import server_ssl_context
 
             ssl_context = server_ssl_context(node.tls)
-        self._server = StorageAcceptor((node.host, node.port), self.policy, self, ssl_context)
-        self._server.start()
+        if node.scp_engine == "pynetdicom":
+            from dicom_node.scp_pynetdicom import PynetdicomServer
+
+            self._server = PynetdicomServer((node.host, node.port), self.policy, self,
+                                            ssl_context)
+        else:
+            acceptor = StorageAcceptor((node.host, node.port), self.policy, self, ssl_context)
+            acceptor.start()
+            self._server = acceptor
         LOGGER.info(
-            "SCP %s listening on %s:%d%s", node.ae_title, node.host, self.port,
-            " (TLS)" if ssl_context else "",
+            "SCP %s listening on %s:%d%s (%s associations)", node.ae_title, node.host, self.port,
+            " (TLS)" if ssl_context else "", node.scp_engine,
         )
 
     @property

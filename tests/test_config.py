@@ -39,6 +39,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ({"node": {"port": 70000}}, "port"),
         ({"node": {"port": True}}, "integer"),
         ({"node": {"max_pdu_size": 1.5}}, "integer"),
+        ({"node": {"scp_engine": "dcmtk"}}, "scp_engine"),
         ({"node": {"allowed_calling_ae_titles": "CT1"}}, "list of strings"),
         ({"node": {"allowed_hosts": {"CT1": "10.0.0.1"}}}, "table of string lists"),
         ({"worker": {"enabled": "yes"}}, "true/false"),

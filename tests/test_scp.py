@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -14,15 +16,35 @@ from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptur
 from sqlalchemy import func, select
 
 from dicom_node import statuses
+from dicom_node.config import Config
 from storage.models import Instance, Series
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.node import (
-    node_config,
+    node_config as _node_config,
+)
+from tests.support.node import (
     running_node,
     sample_file,
     transfer_syntax_variants,
     with_new_uids,
 )
+
+_ENGINE: list[str] = ["srnode"]
+
+
+@pytest.fixture(autouse=True, params=["srnode", "pynetdicom"])
+def scp_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run every test on both association engines (``[node] scp_engine``)."""
+    _ENGINE[0] = request.param
+    yield request.param
+    _ENGINE[0] = "srnode"
+
+
+def node_config(tmp: Path, **sections: Any) -> Config:
+    """A test node configuration on the association engine of the current parameter."""
+    node = dict(sections.pop("node", None) or {})
+    node.setdefault("scp_engine", _ENGINE[0])
+    return _node_config(tmp, node=node, **sections)
 
 
 @pytest.fixture(autouse=True)
