@@ -42,6 +42,7 @@ from pynetdicom.sop_class import (
 from dicom_node import statuses
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.header_scan import scan_instance
 from dicom_node.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
 from dicom_node.validation import InvalidImageError, check_image, parse_dataset
 from storage.db import Database
@@ -276,10 +277,14 @@ class StorageSCP(StorageService):
         def refuse(status: int, reason: str, **uids: Any) -> int:
             return self._refuse(calling_ae, address, status, reason, **uids)
 
+        # Clean, common instances are vouched for by a single fast scan; anything else (and
+        # every refusal, with its reason) goes through pydicom.
+        header = scan_instance(data)
         try:
-            ds = parse_dataset(data)
-            header = InstanceHeader.from_dataset(ds)
-            check_image(ds)
+            if header is None:
+                ds = parse_dataset(data)
+                header = InstanceHeader.from_dataset(ds)
+                check_image(ds)
         except InvalidImageError as exc:
             return refuse(statuses.INVALID_IMAGE, str(exc), sop_instance_uid=affected)
         except InvalidUIDError as exc:
