@@ -56,11 +56,11 @@ evaluation data only.  Weights: same licence as this project (Apache-2.0).
   random gain on natural images; L1 loss, Adam, cosine schedule, seed 0.
 * Volume x4 (`fast`, `residual`): 80 % contiguous box slabs (`--box-probability 0.8`) and a
   zero-initialised last layer (`--zero-tail`: training starts from plain cubic interpolation),
-  then warm restarts (`fast`: stages 2 and 3; `residual`: stages 2 and 3); `srgan` volume x4 is
-  fine-tuned from the final `residual` volume x4 weights.  See the training table and
-  `scripts/train_all.sh`.  The later choices (fast stage 3, srgan from the final residual,
-  self-ensemble) were taken on the held-out validation set; the earlier stages had been chosen
-  by comparing runs on MNI152.
+  then warm restarts (`fast`: stage 2 and 3 with L1, stages 4-5 with an MSE loss, which is
+  what PSNR measures; `residual`: stages 2 and 3); `srgan` volume x4 is fine-tuned from the
+  final `residual` volume x4 weights.  See the training table and `scripts/train_all.sh`.  The
+  later choices (fast stages 3-5, srgan from the final residual, self-ensemble) were taken on
+  the held-out validation set; the earlier stages had been chosen by comparing runs on MNI152.
 * Evaluation (nominal): slice mode sigma = 0.3N, no noise; volume mode contiguous box slabs.
 
 ## Inference
