@@ -19,21 +19,34 @@ from __future__ import annotations
 import re
 import struct
 
-from pydicom.datadict import DicomDictionary
+from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from dicom_node.validation import MAX_MATRIX, MAX_PIXELS
 from storage.errors import InvalidUIDError
 from storage.filestore import validate_uid
 from storage.ingest import InstanceHeader
 
-_EXPLICIT_LE = "1.2.840.10008.1.2.1"
-_IMPLICIT_LE = "1.2.840.10008.1.2"
+_EXPLICIT_LE = str(ExplicitVRLittleEndian)
+_IMPLICIT_LE = str(ImplicitVRLittleEndian)
 #: Transfer syntaxes whose data set is explicit VR little endian with encapsulated pixel data.
-_ENCAPSULATED = frozenset({
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-    "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81",
-    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.5",
-})
+_ENCAPSULATED = frozenset(
+    str(ts) for ts in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
+                       JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
+                       RLELossless)
+)
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
@@ -44,33 +57,18 @@ _INT_RE = re.compile(r"^[+-]?[0-9]+$")
 _MAX_DEPTH = 16
 _DICTIONARY = DicomDictionary
 
-#: Header attributes read by tag: keyword, the VR it must have in explicit VR.
+#: Header attributes read by tag: keyword, and the VR (from the data dictionary) it must have
+#: in explicit VR.
 _WANTED: dict[int, tuple[str, bytes]] = {
-    0x00080005: ("SpecificCharacterSet", b"CS"),
-    0x00080008: ("ImageType", b"CS"),
-    0x00080016: ("SOPClassUID", b"UI"),
-    0x00080018: ("SOPInstanceUID", b"UI"),
-    0x00080020: ("StudyDate", b"DA"),
-    0x00080050: ("AccessionNumber", b"SH"),
-    0x00080060: ("Modality", b"CS"),
-    0x00081030: ("StudyDescription", b"LO"),
-    0x0008103E: ("SeriesDescription", b"LO"),
-    0x00100010: ("PatientName", b"PN"),
-    0x00100020: ("PatientID", b"LO"),
-    0x00100030: ("PatientBirthDate", b"DA"),
-    0x00180015: ("BodyPartExamined", b"CS"),
-    0x0020000D: ("StudyInstanceUID", b"UI"),
-    0x0020000E: ("SeriesInstanceUID", b"UI"),
-    0x00200011: ("SeriesNumber", b"IS"),
-    0x00200013: ("InstanceNumber", b"IS"),
-    0x00280002: ("SamplesPerPixel", b"US"),
-    0x00280008: ("NumberOfFrames", b"IS"),
-    0x00280010: ("Rows", b"US"),
-    0x00280011: ("Columns", b"US"),
-    0x00280100: ("BitsAllocated", b"US"),
-    0x00280101: ("BitsStored", b"US"),
-    0x00280102: ("HighBit", b"US"),
-    0x00280103: ("PixelRepresentation", b"US"),
+    int(tag_for_keyword(keyword)): (keyword, dictionary_VR(keyword).encode())  # type: ignore[arg-type]
+    for keyword in (
+        "SpecificCharacterSet", "ImageType", "SOPClassUID", "SOPInstanceUID", "StudyDate",
+        "AccessionNumber", "Modality", "StudyDescription", "SeriesDescription", "PatientName",
+        "PatientID", "PatientBirthDate", "BodyPartExamined", "StudyInstanceUID",
+        "SeriesInstanceUID", "SeriesNumber", "InstanceNumber", "SamplesPerPixel",
+        "NumberOfFrames", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+        "PixelRepresentation",
+    )
 }
 
 

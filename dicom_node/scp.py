@@ -10,6 +10,7 @@ and only then is success returned.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from pydicom.uid import (
@@ -241,9 +242,7 @@ class StorageSCP(StorageService):
             ``statuses.SUCCESS`` once the file is stored and indexed, else a failure status.
         """
         affected = affected_sop_instance_uid
-
-        def refuse(status: int, reason: str, **uids: Any) -> int:
-            return self._refuse(calling_ae, address, status, reason, **uids)
+        refuse = partial(self._refuse, calling_ae, address)
 
         floor = self.config.node.min_free_disk_mb * 1024 * 1024
         try:
@@ -274,8 +273,7 @@ class StorageSCP(StorageService):
 
     def _check_and_store(self, pending: PendingWrite, data: bytes, affected: str,
                          sop_class_uid: str, calling_ae: str, address: str) -> int:
-        def refuse(status: int, reason: str, **uids: Any) -> int:
-            return self._refuse(calling_ae, address, status, reason, **uids)
+        refuse = partial(self._refuse, calling_ae, address)
 
         # Clean, common instances are vouched for by a single fast scan; anything else (and
         # every refusal, with its reason) goes through pydicom.

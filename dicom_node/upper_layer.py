@@ -33,6 +33,7 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.sop_class import Verification
 
 from dicom_node import __version__
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
@@ -41,7 +42,7 @@ LOGGER = logging.getLogger("srnode.scp")
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_VERSION_NAME = (IMPLEMENTATION_VERSION_PREFIX + __version__)[:16]
-VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+VERIFICATION_SOP_CLASS = str(Verification)
 
 # PDU types (PS3.8 9.3)
 A_ASSOCIATE_RQ_PDU = 0x01

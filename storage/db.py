@@ -58,6 +58,17 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError | PoolTimeoutError)
 
 
+@contextmanager
+def _unavailable_as_storage_error() -> Iterator[None]:
+    """Re-raise driver errors that mean "cannot use the database now" as a typed error."""
+    try:
+        yield
+    except BaseException as exc:
+        if _is_unavailable(exc):
+            raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
+        raise
+
+
 class Database:
     """A database holding the index and the job queue.
 
@@ -123,13 +134,13 @@ class Database:
         """
         session = self._sessionmaker()
         try:
-            yield session
-            session.commit()
-        except BaseException as exc:
-            session.rollback()
-            if _is_unavailable(exc):
-                raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
-            raise
+            with _unavailable_as_storage_error():
+                try:
+                    yield session
+                    session.commit()
+                except BaseException:
+                    session.rollback()
+                    raise
         finally:
             session.close()
 
@@ -145,13 +156,8 @@ class Database:
         DatabaseUnavailableError
             If the driver reports an operational error (cannot connect, locked too long).
         """
-        try:
-            with self.engine.begin() as conn:
-                yield conn
-        except BaseException as exc:
-            if _is_unavailable(exc):
-                raise DatabaseUnavailableError(f"database unavailable: {exc}") from exc
-            raise
+        with _unavailable_as_storage_error(), self.engine.begin() as conn:
+            yield conn
 
     def check(self) -> None:
         """Open a connection and run ``SELECT 1``.

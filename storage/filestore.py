@@ -98,8 +98,7 @@ class PendingWrite:
     def __init__(self, store: FileStore, data: bytes | bytearray | memoryview) -> None:
         self.store = store
         self.size = len(data)
-        self._done = False
-        self._discarded = False
+        self._state = "pending"  # -> "committed" or "discarded"
         # Creating and writing the file is quick (page cache); only the fsync, which waits for
         # the disk, runs in the helper thread.  Creation errors (disk full) raise here.
         spool = store.root / SPOOL_DIR
@@ -153,12 +152,13 @@ class PendingWrite:
         StorageError
             ``path`` is outside the root, or the write was already committed or discarded.
         """
-        if self._done:
-            raise StorageError("pending write already committed or discarded")
-        path = Path(path)
-        if not path.resolve().is_relative_to(self.store.root):
+        if self._state != "pending":
+            raise StorageError(f"pending write already {self._state}")
+        try:
+            path = self.store.check_inside(path)
+        except StorageError:
             self.discard()
-            raise StorageError(f"{path} is outside the storage root")
+            raise
         tmp = self._future.result()
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,21 +166,20 @@ class PendingWrite:
         except OSError as exc:
             self.discard()
             raise StorageIOError(exc.errno, f"cannot store {path}: {exc.strerror or exc}") from exc
-        self._done = True
+        self._state = "committed"
         _fsync_dir(path.parent)
         return self.size
 
     @property
     def committed(self) -> bool:
         """Whether :meth:`commit` has moved the file to its final name."""
-        return self._done and self._future.done() and not self._discarded
+        return self._state == "committed"
 
     def discard(self) -> None:
         """Remove the temporary file (no-op once committed or discarded)."""
-        if self._done:
+        if self._state != "pending":
             return
-        self._done = True
-        self._discarded = True
+        self._state = "discarded"
         try:
             tmp = self._future.result()
         except Exception:  # noqa: BLE001 - the failed write left nothing behind
@@ -258,9 +257,7 @@ class FileStore:
         Exception
             Whatever the writer callable raises; the temporary file is removed first.
         """
-        path = Path(path)
-        if not path.resolve().is_relative_to(self.root):
-            raise StorageError(f"{path} is outside the storage root")
+        path = self.check_inside(path)
         directory = path.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
@@ -292,6 +289,13 @@ class FileStore:
             raise
         _fsync_dir(directory)
         return size
+
+    def check_inside(self, path: Path) -> Path:
+        """Return ``path`` if it resolves to a place under the root, else raise StorageError."""
+        path = Path(path)
+        if not path.resolve().is_relative_to(self.root):
+            raise StorageError(f"{path} is outside the storage root")
+        return path
 
     def begin_write(self, data: bytes | bytearray | memoryview) -> PendingWrite:
         """Start writing received bytes (temporary name, fsync) in a background thread.
