@@ -11,7 +11,7 @@ from types import FrameType
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
-from dicom_node.scp import StorageSCP
+from dicom_node.network.scp import StorageSCP
 from storage.completeness import CompletenessScheduler
 from storage.db import Database
 from storage.filestore import FileStore

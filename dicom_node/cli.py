@@ -60,7 +60,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     """Send a C-ECHO to a peer."""
-    from dicom_node.scu import DestinationUnavailableError, SendError, echo
+    from dicom_node.network.scu import DestinationUnavailableError, SendError, echo
 
     cfg = _config(args)
     ae, host, port = args.peer

@@ -189,7 +189,7 @@ class Config:
         raise ConfigError(f"unknown destination {name!r}")
 
 
-#: Must match ``dicom_node.transcode.TRANSFER_SYNTAX_BY_NAME`` (a test checks it).
+#: Must match ``dicom_node.derive.transcode.TRANSFER_SYNTAX_BY_NAME`` (a test checks it).
 TRANSFER_SYNTAX_NAMES = ("explicit", "implicit", "rle", "jpeg2000-lossless", "deflate")
 
 

@@ -107,13 +107,13 @@ def derive_series(
 
     Raises
     ------
-    dicom_node.series.SeriesError
+    dicom_node.derive.series.SeriesError
         The series cannot be loaded as one consistent volume.
     """
     import time
 
-    from dicom_node.derive import DerivationOptions, build_derived_series
-    from dicom_node.series import load_series
+    from dicom_node.derive.builder import DerivationOptions, build_derived_series
+    from dicom_node.derive.series import load_series
     from sr_engine import enhance_volume
 
     seconds: dict[str, float] = {}
@@ -225,7 +225,7 @@ def enhance_path(
     """
     from tqdm import tqdm
 
-    from dicom_node.series import SeriesError
+    from dicom_node.derive.series import SeriesError
     from sr_engine.errors import EngineError
 
     if not input_path.exists():
@@ -270,7 +270,7 @@ def evaluate_paths(
     self_ensemble: bool | None = None,
 ) -> dict[str, Any]:
     """``srnode evaluate``: PSNR/SSIM of ``model`` against its baseline on DICOM/NIfTI inputs."""
-    from dicom_node.series import SeriesError, load_series
+    from dicom_node.derive.series import SeriesError, load_series
     from sr_engine.evaluation import evaluate_volumes
 
     cases: list[tuple[str, np.ndarray, tuple[float, float, float], str]] = []

@@ -45,8 +45,8 @@ def _derive_or_reuse(
     seconds: dict[str, float],
 ) -> tuple[list[Path], dict[str, Any]]:
     """Derive the series (or reuse what an earlier attempt wrote) and return files + summary."""
+    from dicom_node.derive.series import SeriesError
     from dicom_node.pipeline import derive_series, write_datasets
-    from dicom_node.series import SeriesError
     from storage.ingest import mark_produced_series
 
     out_dir = job_output_dir(config, job.id)
@@ -93,9 +93,9 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
 
     Runs in the child process.  Every outcome is written to the job store.
     """
+    from dicom_node.derive.transcode import transcode_files
     from dicom_node.logs import configure_logging
-    from dicom_node.scu import DestinationUnavailableError, SendError, send_instances
-    from dicom_node.transcode import transcode_files
+    from dicom_node.network.scu import DestinationUnavailableError, SendError, send_instances
 
     configure_logging(config.node.log_level, config.node.log_file or None)
     db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)

@@ -27,8 +27,8 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 with atheris.instrument_imports():
-    import dicom_node.scp  # noqa: F401
-    import dicom_node.validation  # noqa: F401
+    import dicom_node.network.scp  # noqa: F401
+    import dicom_node.receive.validation  # noqa: F401
     import storage.ingest  # noqa: F401
 
 from dicom_node.app import Node  # noqa: E402

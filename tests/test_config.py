@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import TRANSFER_SYNTAX_NAMES, ConfigError, load_config, parse_config
-from dicom_node.transcode import TRANSFER_SYNTAX_BY_NAME
+from dicom_node.derive.transcode import TRANSFER_SYNTAX_BY_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 

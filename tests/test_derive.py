@@ -29,8 +29,8 @@ from scipy.ndimage import zoom
 
 from dicom_node import codes as c
 from dicom_node.config import DerivedConfig
-from dicom_node.derive import CT_FLOOR_HU, DerivationOptions, build_derived_series
-from dicom_node.series import SourceSeries, load_series
+from dicom_node.derive.builder import CT_FLOOR_HU, DerivationOptions, build_derived_series
+from dicom_node.derive.series import SourceSeries, load_series
 from sr_engine.api import ConsistencyReport, EnhanceResult
 from tests.dicom_factory import make_ct_series, make_mr_series, source_path
 

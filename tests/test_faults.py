@@ -20,7 +20,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node import statuses
+from dicom_node.network import statuses
 from storage.db import Database
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicom_node.header_scan import scan_instance
-from dicom_node.validation import check_image, parse_dataset
+from dicom_node.receive.header_scan import scan_instance
+from dicom_node.receive.validation import check_image, parse_dataset
 from storage.ingest import InstanceHeader
 from tests.dicom_factory import make_ct_series, make_mr_series
 from tests.support.malformed import (

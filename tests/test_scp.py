@@ -15,8 +15,8 @@ from pynetdicom import AE, build_context
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, SecondaryCaptureImageStorage
 from sqlalchemy import func, select
 
-from dicom_node import statuses
 from dicom_node.config import Config
+from dicom_node.network import statuses
 from storage.models import Instance, Series
 from tests.support.dcmtk import echoscu, storescu
 from tests.support.node import (

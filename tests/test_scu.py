@@ -31,14 +31,14 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Destination, TLSConfig
-from dicom_node.scu import (
+from dicom_node.network.scu import (
     STATUS_SOP_CLASS_NOT_SUPPORTED,
     DestinationUnavailableError,
     SendError,
     echo,
     send_instances,
 )
-from dicom_node.tls import client_ssl_context, server_ssl_context
+from dicom_node.network.tls import client_ssl_context, server_ssl_context
 from tests.support.certs import PKI, make_pki
 from tests.support.dcmtk import StoreSCP, echoscu, free_port, storescu
 from tests.support.orthanc import OrthancServer

@@ -18,7 +18,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicom_node.series import SeriesError, SourceSeries, load_series
+from dicom_node.derive.series import SeriesError, SourceSeries, load_series
 from tests.dicom_factory import make_ct_series, make_mr_series, source_path
 
 warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")

@@ -655,7 +655,7 @@ def check_received(node: object, data: bytes, sop_instance_uid: str, sop_class_u
     """
     from sqlalchemy import select
 
-    from dicom_node.validation import check_image, parse_dataset
+    from dicom_node.receive.validation import check_image, parse_dataset
     from storage.models import Instance
 
     status = node.scp.receive(data, sop_instance_uid, sop_class_uid,  # type: ignore[attr-defined]

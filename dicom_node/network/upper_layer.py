@@ -148,7 +148,7 @@ class AcceptorPolicy:
 
 
 class StorageService:
-    """What the acceptor calls; :class:`dicom_node.scp.StorageSCP` implements it."""
+    """What the acceptor calls; :class:`dicom_node.network.scp.StorageSCP` implements it."""
 
     def on_rejected(self, peer: Peer, reason: str) -> None:
         """An association request was rejected."""

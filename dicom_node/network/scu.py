@@ -31,7 +31,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Destination, TLSConfig
-from dicom_node.tls import client_ssl_context
+from dicom_node.network.tls import client_ssl_context
 
 __all__ = [
     "MAX_PDU_SIZE",

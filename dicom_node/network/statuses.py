@@ -1,6 +1,6 @@
 """DIMSE status codes srnode answers with (PS3.4 Annex B.2.3, PS3.7 Annex C).
 
-Used only at the network edge (``dicom_node.scp``); inner layers raise typed errors.
+Used only at the network edge (``dicom_node.network.scp``); inner layers raise typed errors.
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 
 Receiving is CPU-bound on small machines, and building a pydicom dataset (then converting the
 header values) is most of that CPU.  :func:`scan_instance` walks the encoded bytes once with
-``struct``: it checks the same structure :func:`dicom_node.validation.parse_dataset` checks
+``struct``: it checks the same structure :func:`dicom_node.receive.validation.parse_dataset` checks
 (every length within the data, undefined lengths properly delimited, nothing after the last
 element, the VRs of the image and identity attributes), extracts the header and applies the
-image checks of :func:`dicom_node.validation.check_image`.
+image checks of :func:`dicom_node.receive.validation.check_image`.
 
 It only ever vouches for clean, common data: explicit or implicit VR little endian, plain
 ASCII text, one SOP Class/Instance, valid UIDs.  For anything else (another encoding,
@@ -34,7 +34,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node.validation import MAX_MATRIX, MAX_PIXELS
+from dicom_node.receive.validation import MAX_MATRIX, MAX_PIXELS
 from storage.errors import InvalidUIDError
 from storage.filestore import validate_uid
 from storage.ingest import InstanceHeader

@@ -1,7 +1,7 @@
 """The Storage SCP: association policy and C-ECHO / C-STORE handlers.
 
 This is the network edge: typed errors from ``storage`` become DIMSE statuses here.  The
-associations themselves run on :mod:`dicom_node.upper_layer` (one thread each).  The C-STORE
+associations themselves run on :mod:`dicom_node.network.upper_layer` (one thread each).  The C-STORE
 path never decodes the pixel data: the encoded data set is taken as received, its header parsed,
 the file written atomically and fsynced while the index rows are prepared, the index committed,
 and only then is success returned.
@@ -40,12 +40,12 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicom_node import statuses
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
-from dicom_node.header_scan import scan_instance
-from dicom_node.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
-from dicom_node.validation import InvalidImageError, check_image, parse_dataset
+from dicom_node.network import statuses
+from dicom_node.network.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
+from dicom_node.receive.header_scan import scan_instance
+from dicom_node.receive.validation import InvalidImageError, check_image, parse_dataset
 from storage.db import Database
 from storage.errors import (
     DatabaseUnavailableError,
@@ -57,7 +57,7 @@ from storage.filestore import FileStore, PendingWrite
 from storage.ingest import InstanceHeader, store_instance
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dicom_node.scp_pynetdicom import PynetdicomServer
+    from dicom_node.network.scp_pynetdicom import PynetdicomServer
 
 LOGGER = logging.getLogger("srnode.scp")
 
@@ -134,11 +134,11 @@ class StorageSCP(StorageService):
         node = self.config.node
         ssl_context = None
         if node.tls.enabled:
-            from dicom_node.tls import server_ssl_context
+            from dicom_node.network.tls import server_ssl_context
 
             ssl_context = server_ssl_context(node.tls)
         if node.scp_engine == "pynetdicom":
-            from dicom_node.scp_pynetdicom import PynetdicomServer
+            from dicom_node.network.scp_pynetdicom import PynetdicomServer
 
             self._server = PynetdicomServer((node.host, node.port), self.policy, self,
                                             ssl_context)

@@ -49,7 +49,7 @@ from pydicom.valuerep import format_number_as_ds
 
 from dicom_node import codes as c
 from dicom_node.config import DerivedConfig
-from dicom_node.series import SourceSeries
+from dicom_node.derive.series import SourceSeries
 from sr_engine.api import EnhanceResult
 
 #: Lowest CT number kept (HU): nothing in a patient is less dense than air (-1000 HU); scanners

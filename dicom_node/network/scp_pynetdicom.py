@@ -1,6 +1,6 @@
 """The pynetdicom association engine: ``[node] scp_engine = "pynetdicom"``.
 
-srnode receives on its own upper-layer acceptor (:mod:`dicom_node.upper_layer`) by default.
+srnode receives on its own upper-layer acceptor (:mod:`dicom_node.network.upper_layer`) by default.
 This engine runs the same policy and the same per-instance receive path on pynetdicom's
 association machinery instead: slower (about 2x per instance on a 2-core machine), but a
 fallback a PACS administrator can switch to if a sender ever disagrees with srnode's acceptor.
@@ -18,7 +18,7 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationServer
 
-from dicom_node.upper_layer import (
+from dicom_node.network.upper_layer import (
     REJECT_CALLED_AE,
     AcceptorPolicy,
     Peer,

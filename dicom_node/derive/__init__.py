@@ -1,0 +1,1 @@
+"""Derivation: load a source series, build the derived series, transcode it."""

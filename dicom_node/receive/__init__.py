@@ -1,0 +1,1 @@
+"""Receiving: header scan, validation and the plain header record handed to ``storage``."""
