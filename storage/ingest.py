@@ -1,4 +1,4 @@
-"""Ingest: read the header of a received instance, store the file and index it.
+"""Ingest: store a received instance's file and index its header record.
 
 The file is written atomically first, then Patient/Study/Series/Instance rows are upserted in
 one transaction. Concurrent associations storing the same new series race on the unique
@@ -7,19 +7,14 @@ constraints; the loser rolls back and retries, and then finds the winner's rows.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
-import pydicom
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
 from sqlalchemy import bindparam, case, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
@@ -28,8 +23,6 @@ from sqlalchemy.orm import Session
 from storage.db import Database
 from storage.errors import (
     DatabaseUnavailableError,
-    InvalidInstanceError,
-    InvalidUIDError,
     StorageError,
 )
 from storage.filestore import FileStore, PendingWrite, validate_uid
@@ -42,185 +35,11 @@ from storage.models import (
     UTCDateTime,
     utcnow,
 )
+from storage.records import TEXT_LIMITS, InstanceHeader
 
 log = logging.getLogger(__name__)
 
-NODE_IMAGE_TYPE_TOKEN = "SRNODE"
-_ENCODING_TO_TS = {
-    (True, True): "1.2.840.10008.1.2",
-    (False, True): "1.2.840.10008.1.2.1",
-    (False, False): "1.2.840.10008.1.2.2",
-}
 _MAX_UPSERT_ATTEMPTS = 8
-
-
-def _text(ds: Dataset, keyword: str, limit: int | None = None) -> str:
-    """Return an attribute as a stripped string ('' when absent or empty)."""
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, MultiValue):
-        value = "\\".join(str(v) for v in value)
-    # NUL is no valid character in DICOM text; PostgreSQL text columns refuse it
-    text = str(value).replace("\x00", "").strip()
-    return text[:limit] if limit else text
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    """Return an IS/US attribute as int, or None when absent or unparsable."""
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _uid(ds: Dataset, keyword: str) -> str:
-    """Return a required UID attribute, validated."""
-    value = ds.get(keyword)
-    if value is None or str(value).strip("\x00 ") == "":
-        raise InvalidInstanceError(f"dataset has no {keyword}")
-    try:
-        return validate_uid(str(value).strip("\x00 "))
-    except InvalidUIDError as exc:
-        raise InvalidUIDError(f"{keyword}: {exc}") from exc
-
-
-@dataclass
-class InstanceHeader:
-    """What the node indexes about one received instance (PHI fields are never logged)."""
-
-    patient_id: str
-    patient_name: str
-    patient_birth_date: str
-    study_instance_uid: str
-    study_date: str
-    accession_number: str
-    study_description: str
-    series_instance_uid: str
-    sop_instance_uid: str
-    sop_class_uid: str
-    transfer_syntax_uid: str
-    modality: str
-    body_part_examined: str
-    series_description: str
-    series_number: int | None
-    instance_number: int | None
-    image_type: tuple[str, ...]
-
-    def __repr__(self) -> str:
-        """Describe the instance by UIDs only (no PHI)."""
-        return (
-            f"InstanceHeader(study={self.study_instance_uid}, series={self.series_instance_uid}, "
-            f"sop={self.sop_instance_uid}, modality={self.modality})"
-        )
-
-    @property
-    def is_derived(self) -> bool:
-        """Whether ImageType value 1 is DERIVED."""
-        return bool(self.image_type) and self.image_type[0].upper() == "DERIVED"
-
-    @property
-    def has_node_token(self) -> bool:
-        """Whether ImageType carries this node's token (our own output)."""
-        return NODE_IMAGE_TYPE_TOKEN in (t.upper() for t in self.image_type)
-
-    @classmethod
-    def from_dataset(cls, ds: Dataset) -> InstanceHeader:
-        """Build a header from a dataset (pixel data is not needed).
-
-        Parameters
-        ----------
-        ds
-            The dataset; ``ds.file_meta`` supplies the transfer syntax when present.
-
-        Returns
-        -------
-        InstanceHeader
-            The header.
-
-        Raises
-        ------
-        InvalidInstanceError
-            If the Study/Series/SOP Instance UID or the SOP Class UID is missing.
-        InvalidUIDError
-            If one of those UIDs is malformed.
-        """
-        study = _uid(ds, "StudyInstanceUID")
-        series = _uid(ds, "SeriesInstanceUID")
-        sop = _uid(ds, "SOPInstanceUID")
-        meta = getattr(ds, "file_meta", None)
-        if "SOPClassUID" in ds:
-            sop_class = _uid(ds, "SOPClassUID")
-        elif meta is not None and "MediaStorageSOPClassUID" in meta:
-            sop_class = _uid(meta, "MediaStorageSOPClassUID")
-        else:
-            raise InvalidInstanceError("dataset has no SOPClassUID")
-        ts = ""
-        if meta is not None and "TransferSyntaxUID" in meta:
-            ts = _uid(meta, "TransferSyntaxUID")
-        else:
-            encoding = getattr(ds, "original_encoding", None)
-            if encoding and tuple(encoding) in _ENCODING_TO_TS:
-                ts = _ENCODING_TO_TS[tuple(encoding)]
-        if not ts:
-            raise InvalidInstanceError("transfer syntax unknown (no file meta, no encoding)")
-        raw_type = ds.get("ImageType")
-        if raw_type is None or raw_type == "":
-            image_type: tuple[str, ...] = ()
-        elif isinstance(raw_type, str):
-            image_type = tuple(t.strip() for t in raw_type.split("\\"))
-        else:
-            image_type = tuple(str(t).strip() for t in raw_type)
-        return cls(
-            patient_id=_text(ds, "PatientID", 64),
-            patient_name=_text(ds, "PatientName", 324),
-            patient_birth_date=_text(ds, "PatientBirthDate", 8),
-            study_instance_uid=study,
-            study_date=_text(ds, "StudyDate", 8),
-            accession_number=_text(ds, "AccessionNumber", 16),
-            study_description=_text(ds, "StudyDescription", 64),
-            series_instance_uid=series,
-            sop_instance_uid=sop,
-            sop_class_uid=sop_class,
-            transfer_syntax_uid=ts,
-            modality=_text(ds, "Modality", 16).upper(),
-            body_part_examined=_text(ds, "BodyPartExamined", 64),
-            series_description=_text(ds, "SeriesDescription", 64),
-            series_number=_int(ds, "SeriesNumber"),
-            instance_number=_int(ds, "InstanceNumber"),
-            image_type=image_type,
-        )
-
-
-def read_header(source: bytes | Path) -> InstanceHeader:
-    """Read the header of a DICOM file (Part 10, or a bare dataset without meta).
-
-    Parameters
-    ----------
-    source
-        The encoded file or dataset, or a path to it.
-
-    Returns
-    -------
-    InstanceHeader
-        The header.
-
-    Raises
-    ------
-    InvalidInstanceError
-        If the data cannot be parsed or lacks required attributes.
-    InvalidUIDError
-        If a required UID is malformed.
-    """
-    fp: Any = io.BytesIO(source) if isinstance(source, bytes | bytearray) else Path(source)
-    try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
-        raise InvalidInstanceError(f"cannot parse DICOM data: {exc}") from exc
-    return InstanceHeader.from_dataset(ds)
 
 
 @dataclass(frozen=True)
@@ -284,9 +103,9 @@ def _get_or_create_series(
             body_part_examined=h.body_part_examined,
             series_description=h.series_description,
             series_number=h.series_number,
-            image_type="\\".join(h.image_type)[:256],
+            image_type="\\".join(h.image_type)[: TEXT_LIMITS["image_type"]],
             is_derived=h.is_derived,
-            produced_by_node=produced or h.has_node_token,
+            produced_by_node=produced or h.produced_by_node,
             num_instances=0,
             first_received_at=received_at,
             last_received_at=received_at,

@@ -25,6 +25,14 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from storage.records import TEXT_LIMITS, UID_LENGTH
+
+
+def _text_column(name: str) -> String:
+    """A text column sized by :data:`storage.records.TEXT_LIMITS`."""
+    return String(TEXT_LIMITS[name])
+
+
 JOB_STATES = ("queued", "running", "done", "failed", "held", "superseded")
 
 
@@ -83,9 +91,9 @@ class Patient(Base):
     __tablename__ = "patients"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
-    patient_name: Mapped[str] = mapped_column(String(324), default="")
-    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_id: Mapped[str] = mapped_column(_text_column("patient_id"), unique=True)
+    patient_name: Mapped[str] = mapped_column(_text_column("patient_name"), default="")
+    patient_birth_date: Mapped[str] = mapped_column(_text_column("patient_birth_date"), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
@@ -97,11 +105,11 @@ class Study(Base):
     __tablename__ = "studies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
     patient_fk: Mapped[int] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"))
-    study_date: Mapped[str] = mapped_column(String(8), default="")
-    accession_number: Mapped[str] = mapped_column(String(16), default="")
-    study_description: Mapped[str] = mapped_column(String(64), default="")
+    study_date: Mapped[str] = mapped_column(_text_column("study_date"), default="")
+    accession_number: Mapped[str] = mapped_column(_text_column("accession_number"), default="")
+    study_description: Mapped[str] = mapped_column(_text_column("study_description"), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
@@ -114,19 +122,19 @@ class Series(Base):
     __tablename__ = "series"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
     study_fk: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"))
-    modality: Mapped[str] = mapped_column(String(16), default="")
-    body_part_examined: Mapped[str] = mapped_column(String(64), default="")
-    series_description: Mapped[str] = mapped_column(String(64), default="")
+    modality: Mapped[str] = mapped_column(_text_column("modality"), default="")
+    body_part_examined: Mapped[str] = mapped_column(_text_column("body_part_examined"), default="")
+    series_description: Mapped[str] = mapped_column(_text_column("series_description"), default="")
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    image_type: Mapped[str] = mapped_column(String(256), default="")
+    image_type: Mapped[str] = mapped_column(_text_column("image_type"), default="")
     is_derived: Mapped[bool] = mapped_column(Boolean, default=False)
     produced_by_node: Mapped[bool] = mapped_column(Boolean, default=False)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
-    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    calling_ae_title: Mapped[str] = mapped_column(_text_column("ae_title"), default="")
     completeness_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
@@ -139,17 +147,17 @@ class Instance(Base):
     __tablename__ = "instances"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
     series_fk: Mapped[int] = mapped_column(
         ForeignKey("series.id", ondelete="CASCADE"), index=True
     )
-    sop_class_uid: Mapped[str] = mapped_column(String(64))
-    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     path: Mapped[str] = mapped_column(Text)
     size: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
+    calling_ae_title: Mapped[str] = mapped_column(_text_column("ae_title"), default="")
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -159,7 +167,7 @@ class ProducedSeries(Base):
 
     __tablename__ = "produced_series"
 
-    series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -174,7 +182,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_fk: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"))
-    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     rule: Mapped[str] = mapped_column(String(128))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     state: Mapped[str] = mapped_column(String(16), default="queued")
@@ -206,5 +214,5 @@ class SentInstance(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     destination: Mapped[str] = mapped_column(String(128))
-    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

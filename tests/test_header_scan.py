@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dicom_node.receive.header import header_from_dataset
 from dicom_node.receive.header_scan import scan_instance
 from dicom_node.receive.validation import check_image, parse_dataset
-from storage.ingest import InstanceHeader
+from storage.records import InstanceHeader
 from tests.dicom_factory import make_ct_series, make_mr_series
 from tests.support.malformed import (
     malformed_corpus,
@@ -32,7 +33,7 @@ def _full_path(data: bytes) -> InstanceHeader | None:
     """The header the full path produces, or None when it refuses the instance."""
     try:
         ds = parse_dataset(data)
-        header = InstanceHeader.from_dataset(ds)
+        header = header_from_dataset(ds)
         check_image(ds)
     except Exception:  # noqa: BLE001 - any refusal
         return None

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.receive.header import read_header
 from storage.completeness import CompletenessScheduler, check_completeness
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.ingest import mark_produced_series, read_header, store_instance
+from storage.ingest import mark_produced_series, store_instance
 from storage.jobs import JobQueue
 from storage.rules import Rule
 from tests.support import db as db_support

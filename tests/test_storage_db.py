@@ -93,8 +93,9 @@ def test_session_commits_and_rolls_back(database: Database) -> None:
 def test_timestamps_are_aware_utc(database: Database) -> None:
     import tempfile
 
+    from dicom_node.receive.header import read_header
     from storage.filestore import FileStore
-    from storage.ingest import read_header, store_instance
+    from storage.ingest import store_instance
     from storage.jobs import JobQueue
 
     with tempfile.TemporaryDirectory() as tmp:

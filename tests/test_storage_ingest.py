@@ -11,16 +11,11 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from dicom_node.receive.header import header_from_dataset, read_header
 from storage.db import Database
 from storage.errors import DatabaseUnavailableError, InvalidInstanceError, InvalidUIDError
 from storage.filestore import FileStore
-from storage.ingest import (
-    InstanceHeader,
-    is_produced_series,
-    mark_produced_series,
-    read_header,
-    store_instance,
-)
+from storage.ingest import is_produced_series, mark_produced_series, store_instance
 from storage.models import Instance, Patient, Series, Study
 from tests.support import db as db_support
 from tests.support.db import synthetic_instance
@@ -46,7 +41,7 @@ def test_read_header_part10_and_bare_dataset(tmp_path: Path) -> None:
     assert (h.modality, h.body_part_examined, h.instance_number, h.series_number) == (
         "CT", "CHEST", 7, 3)
     assert h.image_type == ("DERIVED", "SECONDARY", "SRNODE")
-    assert h.is_derived and h.has_node_token
+    assert h.is_derived and h.produced_by_node
     assert "Doe" not in repr(h) and "PAT-0001" not in repr(h)
 
     path = tmp_path / "x.dcm"
@@ -82,7 +77,7 @@ def test_from_dataset_rejects_bad_uids(keyword: str, value: str | None, error: t
     else:
         setattr(ds, keyword, value)
     with pytest.raises(error, match=keyword):
-        InstanceHeader.from_dataset(ds)
+        header_from_dataset(ds)
 
 
 def test_read_header_garbage() -> None:

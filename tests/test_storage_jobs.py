@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
+from dicom_node.receive.header import read_header
 from storage.db import Database
 from storage.errors import InvalidJobStateError, JobNotFoundError
 from storage.filestore import FileStore
-from storage.ingest import read_header, store_instance
+from storage.ingest import store_instance
 from storage.jobs import JobQueue, backoff_seconds
 from storage.models import Job
 from tests.support import db as db_support

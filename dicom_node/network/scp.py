@@ -44,6 +44,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.network import statuses
 from dicom_node.network.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
+from dicom_node.receive.header import header_from_dataset
 from dicom_node.receive.header_scan import scan_instance
 from dicom_node.receive.validation import InvalidImageError, check_image, parse_dataset
 from storage.db import Database
@@ -54,7 +55,7 @@ from storage.errors import (
     StorageError,
 )
 from storage.filestore import FileStore, PendingWrite
-from storage.ingest import InstanceHeader, store_instance
+from storage.ingest import store_instance
 
 if TYPE_CHECKING:  # pragma: no cover
     from dicom_node.network.scp_pynetdicom import PynetdicomServer
@@ -281,7 +282,7 @@ class StorageSCP(StorageService):
         try:
             if header is None:
                 ds = parse_dataset(data)
-                header = InstanceHeader.from_dataset(ds)
+                header = header_from_dataset(ds)
                 check_image(ds)
         except InvalidImageError as exc:
             return refuse(statuses.INVALID_IMAGE, str(exc), sop_instance_uid=affected)

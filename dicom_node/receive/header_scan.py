@@ -34,10 +34,11 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicom_node.receive.header import make_header
 from dicom_node.receive.validation import MAX_MATRIX, MAX_PIXELS
 from storage.errors import InvalidUIDError
 from storage.filestore import validate_uid
-from storage.ingest import InstanceHeader
+from storage.records import InstanceHeader
 
 _EXPLICIT_LE = str(ExplicitVRLittleEndian)
 _IMPLICIT_LE = str(ImplicitVRLittleEndian)
@@ -230,11 +231,11 @@ def _ascii(raw: bytes) -> str:
     return raw.decode("ascii").replace("\x00", "").strip()
 
 
-def _single_text(found: dict[str, bytes], keyword: str, limit: int) -> str:
+def _single_text(found: dict[str, bytes], keyword: str) -> str:
     text = _ascii(found.get(keyword, b""))
     if "\\" in text:
         raise _UnsureError
-    return text[:limit]
+    return text
 
 
 def _uid(found: dict[str, bytes], keyword: str) -> str:
@@ -328,21 +329,21 @@ def _scan(data: bytes) -> InstanceHeader:
         raise _UnsureError
     raw_type = _ascii(found.get("ImageType", b""))
     image_type = tuple(t.strip() for t in raw_type.split("\\")) if raw_type else ()
-    return InstanceHeader(
-        patient_id=_single_text(found, "PatientID", 64),
-        patient_name=_single_text(found, "PatientName", 324),
-        patient_birth_date=_single_text(found, "PatientBirthDate", 8),
+    return make_header(
+        patient_id=_single_text(found, "PatientID"),
+        patient_name=_single_text(found, "PatientName"),
+        patient_birth_date=_single_text(found, "PatientBirthDate"),
         study_instance_uid=_uid(found, "StudyInstanceUID"),
-        study_date=_single_text(found, "StudyDate", 8),
-        accession_number=_single_text(found, "AccessionNumber", 16),
-        study_description=_single_text(found, "StudyDescription", 64),
+        study_date=_single_text(found, "StudyDate"),
+        accession_number=_single_text(found, "AccessionNumber"),
+        study_description=_single_text(found, "StudyDescription"),
         series_instance_uid=_uid(found, "SeriesInstanceUID"),
         sop_instance_uid=_uid(found, "SOPInstanceUID"),
         sop_class_uid=_uid(found, "SOPClassUID"),
         transfer_syntax_uid=validate_uid(ts),
-        modality=_single_text(found, "Modality", 16).upper(),
-        body_part_examined=_single_text(found, "BodyPartExamined", 64),
-        series_description=_single_text(found, "SeriesDescription", 64),
+        modality=_single_text(found, "Modality"),
+        body_part_examined=_single_text(found, "BodyPartExamined"),
+        series_description=_single_text(found, "SeriesDescription"),
         series_number=_is(found, "SeriesNumber"),
         instance_number=_is(found, "InstanceNumber"),
         image_type=image_type,
