@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dicom_node import __version__
 from dicom_node.config import Config, ConfigError, load_config
+from sr_engine.tasks import MODES
 
 LOGGER = logging.getLogger("srnode.cli")
 
@@ -237,14 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("enhance", cmd_enhance, "enhance DICOM files offline into derived series")
     p.add_argument("input", help="a DICOM file or a folder (searched recursively)")
     p.add_argument("output", help="folder for the derived series")
-    p.add_argument("--mode", choices=["slice", "volume"], default="slice")
+    p.add_argument("--mode", choices=MODES, default="slice")
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--model", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("train", cmd_train, "train a super-resolution model")
     p.add_argument("--model", default="fast")
-    p.add_argument("--mode", choices=["slice", "volume"], default="slice")
+    p.add_argument("--mode", choices=MODES, default="slice")
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--out", default=None,
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("evaluate", cmd_evaluate, "PSNR/SSIM of a model against its baseline")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files/folders or NIfTI files")
-    p.add_argument("--mode", choices=["slice", "volume"], default="slice")
+    p.add_argument("--mode", choices=MODES, default="slice")
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--model", default="auto")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the report as JSON")

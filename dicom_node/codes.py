@@ -15,11 +15,15 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     EnhancedMRImageStorage,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
     JPEGLSNearLossless,
     LegacyConvertedEnhancedCTImageStorage,
     LegacyConvertedEnhancedMRImageStorage,
@@ -76,14 +80,40 @@ ENHANCED_IMAGE_STORAGE: dict[UID, str] = {
     LegacyConvertedEnhancedCTImageStorage: "CT",
     LegacyConvertedEnhancedMRImageStorage: "MR",
 }
-#: Output transfer syntaxes the derived-series builder can encode (all lossless).
-OUTPUT_TRANSFER_SYNTAXES: tuple[UID, ...] = (
+#: Storage SOP classes srnode accepts; every other SOP class is refused at negotiation.
+STORAGE_SOP_CLASSES: tuple[UID, ...] = (*CLASSIC_IMAGE_STORAGE.values(), *ENHANCED_IMAGE_STORAGE)
+#: Transfer syntaxes accepted: uncompressed, deflate and every compressed syntax the installed
+#: decoders (pylibjpeg, openjpeg, RLE, gdcm) can decode.
+ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     DeflatedExplicitVRLittleEndian,
-    RLELossless,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
     JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
 )
+#: Accepted transfer syntaxes whose pixel data is encapsulated (compressed).
+ENCAPSULATED_TRANSFER_SYNTAXES: frozenset[UID] = frozenset(
+    ts for ts in ACCEPTED_TRANSFER_SYNTAXES if ts.is_encapsulated
+)
+#: ``[[destinations]] transfer_syntax`` names and the (lossless) output transfer syntaxes the
+#: derived series can be written or re-encoded in; the first is the default.
+OUTPUT_TRANSFER_SYNTAX_BY_NAME: dict[str, UID] = {
+    "explicit": ExplicitVRLittleEndian,
+    "implicit": ImplicitVRLittleEndian,
+    "deflate": DeflatedExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpeg2000-lossless": JPEG2000Lossless,
+}
+#: Output transfer syntaxes the derived-series builder can encode (all lossless).
+OUTPUT_TRANSFER_SYNTAXES: tuple[UID, ...] = tuple(OUTPUT_TRANSFER_SYNTAX_BY_NAME.values())
 #: Transfer syntaxes whose encoding loses information: a source in one of them is lossy.
 LOSSY_TRANSFER_SYNTAXES: frozenset[str] = frozenset(
     {

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dicom_node.codes import OUTPUT_TRANSFER_SYNTAX_BY_NAME
+from sr_engine.tasks import task_problem
 from storage.rules import Rule
 
 
@@ -189,8 +191,6 @@ class Config:
         raise ConfigError(f"unknown destination {name!r}")
 
 
-#: Must match ``dicom_node.derive.transcode.TRANSFER_SYNTAX_BY_NAME`` (a test checks it).
-TRANSFER_SYNTAX_NAMES = ("explicit", "implicit", "rle", "jpeg2000-lossless", "deflate")
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
@@ -257,14 +257,18 @@ def _validate(cfg: Config) -> None:
     names = set()
     for d in cfg.destinations:
         d.ae_title = _check_ae(d.ae_title, f"[[destinations]] {d.name} ae_title")
-        if d.transfer_syntax not in TRANSFER_SYNTAX_NAMES:
+        if d.transfer_syntax not in OUTPUT_TRANSFER_SYNTAX_BY_NAME:
             raise ConfigError(
-                f"[[destinations]] {d.name}: transfer_syntax must be one of {TRANSFER_SYNTAX_NAMES}"
+                f"[[destinations]] {d.name}: transfer_syntax must be one of "
+                f"{tuple(OUTPUT_TRANSFER_SYNTAX_BY_NAME)}"
             )
         if d.name in names:
             raise ConfigError(f"[[destinations]] duplicate name {d.name!r}")
         names.add(d.name)
     for r in cfg.rules:
+        problem = task_problem(r.mode, r.scale, r.model)
+        if problem is not None:
+            raise ConfigError(f"[[rules]] {r.name}: {problem}")
         for dest in r.destinations:
             if dest not in names:
                 raise ConfigError(f"[[rules]] {r.name}: unknown destination {dest!r}")

@@ -23,6 +23,7 @@ from .data import PatchSampler, training_pool
 from .degrade import RandomDegradation
 from .errors import UnsupportedRequestError, WeightsNotFoundError
 from .models import REGISTRY, Discriminator, build_model, weights_path
+from .tasks import MODES
 
 LR_PATCH = 24
 
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--mode", required=True, choices=["slice", "volume"])
+    ap.add_argument("--mode", required=True, choices=MODES)
     ap.add_argument("--scale", required=True, type=int)
     ap.add_argument("--steps", required=True, type=int)
     ap.add_argument("--out", required=True, type=Path)

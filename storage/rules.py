@@ -11,9 +11,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("slice", "volume")
-SCALES = {"slice": (2, 4), "volume": (2, 3, 4)}
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -32,7 +29,8 @@ class Rule:
     min_instances
         Fewest instances a series needs (a volume needs several slices).
     mode, scale, model
-        What the engine does.
+        What the engine does (checked against the engine's tasks when the config is loaded,
+        :func:`dicom_node.config.parse_config`).
     output_spacing
         Volume mode: output slice spacing in mm (``None``: input spacing / scale).
     quiet_period_seconds
@@ -61,13 +59,6 @@ class Rule:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("a rule needs a name")
-        if self.mode not in MODES:
-            raise ValueError(f"rule {self.name}: mode must be one of {MODES}, got {self.mode!r}")
-        if self.scale not in SCALES[self.mode]:
-            raise ValueError(
-                f"rule {self.name}: scale {self.scale} not supported in {self.mode} mode "
-                f"(use one of {SCALES[self.mode]})"
-            )
         if self.min_instances < 1:
             raise ValueError(f"rule {self.name}: min_instances must be >= 1")
         if self.quiet_period_seconds is not None and self.quiet_period_seconds <= 0:

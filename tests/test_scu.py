@@ -31,8 +31,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import Destination, TLSConfig
+from dicom_node.network import statuses
 from dicom_node.network.scu import (
-    STATUS_SOP_CLASS_NOT_SUPPORTED,
     DestinationUnavailableError,
     SendError,
     echo,
@@ -354,7 +354,7 @@ def test_sop_class_not_accepted_is_a_recorded_failure(tmp_path: Path) -> None:
         )
     finally:
         server.shutdown()
-    assert report.failed == {_uid(ct): STATUS_SOP_CLASS_NOT_SUPPORTED}
+    assert report.failed == {_uid(ct): statuses.SOP_CLASS_NOT_SUPPORTED}
     assert report.sent == [_uid(_testfile(MR))]
     assert _uid(ct) in report.errors
 

@@ -51,6 +51,7 @@ from dicom_node import codes as c
 from dicom_node.config import DerivedConfig
 from dicom_node.derive.series import SourceSeries
 from sr_engine.api import EnhanceResult
+from sr_engine.tasks import MODES
 
 #: Lowest CT number kept (HU): nothing in a patient is less dense than air (-1000 HU); scanners
 #: store -1024 as their floor.  Interpolation undershoot below this (and below the source minimum)
@@ -291,7 +292,7 @@ def _infer_mode_scale(
             and np.allclose(result.slice_offsets, src_off, atol=1e-3)
         )
         mode = "slice" if same else "volume"
-    if mode not in ("slice", "volume"):
+    if mode not in MODES:
         raise DerivationError(f"unknown mode {mode!r}")
     scale = options.scale
     if scale is None:

@@ -12,25 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import (
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    RLELossless,
-)
 
+from dicom_node.codes import OUTPUT_TRANSFER_SYNTAX_BY_NAME
 from dicom_node.pipeline import write_datasets
-
-#: ``[[destinations]] transfer_syntax`` names and the transfer syntaxes they stand for.
-TRANSFER_SYNTAX_BY_NAME: dict[str, UID] = {
-    "explicit": ExplicitVRLittleEndian,
-    "implicit": ImplicitVRLittleEndian,
-    "deflate": DeflatedExplicitVRLittleEndian,
-    "rle": RLELossless,
-    "jpeg2000-lossless": JPEG2000Lossless,
-}
 
 
 def transcode_files(paths: Sequence[Path], name: str, out_dir: Path) -> list[Path]:
@@ -43,10 +27,10 @@ def transcode_files(paths: Sequence[Path], name: str, out_dir: Path) -> list[Pat
     ValueError
         Unknown transfer syntax name.
     """
-    if name not in TRANSFER_SYNTAX_BY_NAME:
-        known = sorted(TRANSFER_SYNTAX_BY_NAME)
+    if name not in OUTPUT_TRANSFER_SYNTAX_BY_NAME:
+        known = sorted(OUTPUT_TRANSFER_SYNTAX_BY_NAME)
         raise ValueError(f"unknown transfer syntax {name!r}; use one of {known}")
-    ts = TRANSFER_SYNTAX_BY_NAME[name]
+    ts = OUTPUT_TRANSFER_SYNTAX_BY_NAME[name]
     if name == "explicit":
         return list(paths)
     for path in paths:

@@ -13,34 +13,13 @@ import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedMRImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    LegacyConvertedEnhancedMRImageStorage,
-    MRImageStorage,
     Verification,
 )
 
 from dicom_node.audit import AuditLog
+from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from dicom_node.config import Config
 from dicom_node.network import statuses
 from dicom_node.network.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
@@ -61,35 +40,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from dicom_node.network.scp_pynetdicom import PynetdicomServer
 
 LOGGER = logging.getLogger("srnode.scp")
-
-#: Storage SOP classes srnode accepts; every other SOP class is refused at negotiation.
-STORAGE_SOP_CLASSES: tuple[UID, ...] = (
-    CTImageStorage,
-    MRImageStorage,
-    EnhancedCTImageStorage,
-    EnhancedMRImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-    LegacyConvertedEnhancedMRImageStorage,
-)
-
-#: Transfer syntaxes accepted: uncompressed, deflate and every compressed syntax the installed
-#: decoders (pylibjpeg, openjpeg, RLE, gdcm) can decode.
-ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    DeflatedExplicitVRLittleEndian,
-    ExplicitVRBigEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-)
-
 
 class StorageSCP(StorageService):
     """C-ECHO and C-STORE service class provider for CT and MR images.

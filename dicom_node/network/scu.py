@@ -31,13 +31,11 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
 
 from dicom_node.config import Destination, TLSConfig
+from dicom_node.network import statuses
 from dicom_node.network.tls import client_ssl_context
 
 __all__ = [
     "MAX_PDU_SIZE",
-    "STATUS_SUCCESS",
-    "STATUS_SOP_CLASS_NOT_SUPPORTED",
-    "WARNING_STATUSES",
     "DestinationUnavailableError",
     "SendError",
     "SendReport",
@@ -49,12 +47,6 @@ LOGGER = logging.getLogger(__name__)
 
 #: Largest P-DATA PDU this SCU announces it can receive (bytes).
 MAX_PDU_SIZE = 4 * 1024 * 1024
-#: C-STORE / C-ECHO success.
-STATUS_SUCCESS = 0x0000
-#: C-STORE warnings that still mean the instance was stored (PS3.4 B.2.3).
-WARNING_STATUSES = frozenset({0xB000, 0xB006, 0xB007})
-#: Recorded locally when no presentation context was accepted for an instance (PS3.7 C.4.1).
-STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 #: Most presentation contexts one association may propose (odd IDs 1..255).
 _MAX_CONTEXTS = 128
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -103,7 +95,7 @@ class SendReport:
         SOP Instance UIDs not sent because they were in ``skip_sop_instance_uids``.
     failed
         SOP Instance UID -> failure status (from the destination, or
-        ``STATUS_SOP_CLASS_NOT_SUPPORTED`` when no presentation context fitted).
+        ``statuses.SOP_CLASS_NOT_SUPPORTED`` when no presentation context fitted).
     warnings
         SOP Instance UID -> warning status, for stored instances with a warning.
     errors
@@ -452,7 +444,7 @@ def send_instances(
             try:
                 payload, decompressed = _prepare(inst, accepted)
             except (LookupError, ValueError) as exc:
-                report.failed[uid] = STATUS_SOP_CLASS_NOT_SUPPORTED
+                report.failed[uid] = statuses.SOP_CLASS_NOT_SUPPORTED
                 report.errors[uid] = str(exc)
                 LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
                 continue
@@ -461,7 +453,7 @@ def send_instances(
             try:
                 rsp = assoc.send_c_store(payload)
             except (ValueError, AttributeError) as exc:  # no context / cannot encode
-                report.failed[uid] = STATUS_SOP_CLASS_NOT_SUPPORTED
+                report.failed[uid] = statuses.SOP_CLASS_NOT_SUPPORTED
                 report.errors[uid] = str(exc)
                 LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
                 continue
@@ -472,9 +464,9 @@ def send_instances(
                     report,
                 )
             status = int(rsp.Status)
-            if status == STATUS_SUCCESS or status in WARNING_STATUSES:
+            if status == statuses.SUCCESS or status in statuses.STORE_WARNINGS:
                 report.sent.append(uid)
-                if status != STATUS_SUCCESS:
+                if status != statuses.SUCCESS:
                     report.warnings[uid] = status
                 if on_stored is not None:
                     on_stored(uid)

@@ -1,6 +1,6 @@
-"""DIMSE status codes srnode answers with (PS3.4 Annex B.2.3, PS3.7 Annex C).
+"""DIMSE status codes srnode answers with or reads (PS3.4 Annex B.2.3, PS3.7 Annex C).
 
-Used only at the network edge (``dicom_node.network.scp``); inner layers raise typed errors.
+Used only at the network edge (``dicom_node.network``); inner layers raise typed errors.
 """
 
 from __future__ import annotations
@@ -20,3 +20,10 @@ INVALID_UID = 0xC001
 INVALID_IMAGE = 0xC002
 #: Failure: Processing failure (unexpected error; logged with a reason).
 PROCESSING_FAILURE = 0x0110
+#: Failure: Unrecognized operation (a DIMSE command the acceptor does not provide).
+UNRECOGNIZED_OPERATION = 0x0211
+#: Failure: SOP class not supported (the SCU found no accepted presentation context).
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+#: C-STORE warnings a destination may answer with; the instance counts as stored
+#: (coercion of data elements, elements discarded, data set does not match SOP class).
+STORE_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})

@@ -37,6 +37,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import __version__
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
+from dicom_node.network import statuses
 
 LOGGER = logging.getLogger("srnode.scp")
 
@@ -56,7 +57,6 @@ C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
 C_CANCEL_RQ = 0x0FFF
 NO_DATA_SET = 0x0101
-UNRECOGNIZED_OPERATION = 0x0211
 
 #: Largest A-ASSOCIATE-RQ accepted (a real one is a few kilobytes).
 MAX_ASSOCIATE_RQ = 1 << 20
@@ -158,7 +158,7 @@ class StorageService:
 
     def on_echo(self, peer: Peer) -> int:
         """Answer a C-ECHO; return its status."""
-        return 0x0000
+        return statuses.SUCCESS
 
     def on_store(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
                  peer: Peer) -> int:
@@ -502,7 +502,7 @@ class Association:
         LOGGER.warning("DIMSE command 0x%04X on %s refused (unrecognised operation)",
                        command_field, abstract)
         self._send_command(context_id, encode_response(
-            command_field & 0x7FFF, message_id, UNRECOGNIZED_OPERATION, abstract))
+            command_field & 0x7FFF, message_id, statuses.UNRECOGNIZED_OPERATION, abstract))
 
     def run(self) -> None:
         """Negotiate, serve and close; never raises."""

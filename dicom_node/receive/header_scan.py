@@ -21,19 +21,11 @@ import struct
 
 from pydicom.datadict import DicomDictionary, dictionary_VR, tag_for_keyword
 from pydicom.uid import (
-    JPEG2000,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
 )
 
+from dicom_node.codes import ENCAPSULATED_TRANSFER_SYNTAXES
 from dicom_node.receive.header import make_header
 from dicom_node.receive.validation import MAX_MATRIX, MAX_PIXELS
 from storage.errors import InvalidUIDError
@@ -43,11 +35,7 @@ from storage.records import InstanceHeader
 _EXPLICIT_LE = str(ExplicitVRLittleEndian)
 _IMPLICIT_LE = str(ImplicitVRLittleEndian)
 #: Transfer syntaxes whose data set is explicit VR little endian with encapsulated pixel data.
-_ENCAPSULATED = frozenset(
-    str(ts) for ts in (JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
-                       JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
-                       RLELossless)
-)
+_ENCAPSULATED = frozenset(str(ts) for ts in ENCAPSULATED_TRANSFER_SYNTAXES)
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
                        b"UR", b"UT", b"UV"})
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..errors import UnknownModelError, UnsupportedRequestError, WeightsNotFoundError
+from ..tasks import AUTO_MODEL, MODEL_NAMES, SCALES, task_problem
 from .base import (
     InterpolationNet,
     SRNet,
@@ -30,7 +31,6 @@ from .srcnn import SRCNN
 from .srgan import Discriminator, SRGANGenerator
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
-SCALES = {"slice": (2, 4), "volume": (2, 3, 4)}
 BEST_MODEL = "residual"
 # ``auto`` on CUDA: the best measured model per task (benchmarks/eval_public.py, PSNR gain over
 # the baseline on unseen real data; see the model cards).  GAN output is never chosen by default.
@@ -59,25 +59,30 @@ class ModelSpec:
     learned: bool
 
 
+_BUILDERS: dict[str, tuple[Callable[[int, int], SRNet], bool]] = {
+    "fast": (lambda fy, fx: FastNet(fy, fx), True),
+    "srcnn": (lambda fy, fx: SRCNN(fy, fx), True),
+    "residual": (lambda fy, fx: ResidualNet(fy, fx), True),
+    "srgan": (lambda fy, fx: SRGANGenerator(fy, fx), True),
+    "bicubic": (lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
+    "cubic": (lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
+    "linear": (lambda fy, fx: InterpolationNet(fy, fx, "linear"), False),
+}
+#: One entry per name of :data:`sr_engine.tasks.MODEL_NAMES` (a name without a builder fails
+#: here, at import).
 REGISTRY: dict[str, ModelSpec] = {
-    "fast": ModelSpec("fast", lambda fy, fx: FastNet(fy, fx), True),
-    "srcnn": ModelSpec("srcnn", lambda fy, fx: SRCNN(fy, fx), True),
-    "residual": ModelSpec("residual", lambda fy, fx: ResidualNet(fy, fx), True),
-    "srgan": ModelSpec("srgan", lambda fy, fx: SRGANGenerator(fy, fx), True),
-    "bicubic": ModelSpec("bicubic", lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
-    "cubic": ModelSpec("cubic", lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
-    "linear": ModelSpec("linear", lambda fy, fx: InterpolationNet(fy, fx, "linear"), False),
+    name: ModelSpec(name, *_BUILDERS[name]) for name in MODEL_NAMES
 }
 
 
 def available_models() -> list[str]:
     """Registered model names plus ``auto``."""
-    return [*REGISTRY, "auto"]
+    return [*REGISTRY, AUTO_MODEL]
 
 
 def resolve_name(name: str, device: str, mode: str = "slice", scale: int = 2) -> str:
     """Resolve ``auto`` (CPU: ``fast``; CUDA: best measured model for the task); validate."""
-    if name == "auto":
+    if name == AUTO_MODEL:
         return BEST_BY_TASK.get((mode, scale), BEST_MODEL) if device == "cuda" else "fast"
     if name not in REGISTRY:
         raise UnknownModelError(f"unknown model {name!r}; known: {', '.join(available_models())}")
@@ -86,10 +91,9 @@ def resolve_name(name: str, device: str, mode: str = "slice", scale: int = 2) ->
 
 def check_scale(mode: str, scale: int) -> None:
     """Raise :class:`UnsupportedRequestError` unless ``mode``/``scale`` is supported."""
-    if mode not in SCALES:
-        raise UnsupportedRequestError(f"unknown mode {mode!r}")
-    if scale not in SCALES[mode]:
-        raise UnsupportedRequestError(f"{mode} mode supports x{SCALES[mode]}, not x{scale}")
+    problem = task_problem(mode, scale)
+    if problem is not None:
+        raise UnsupportedRequestError(problem)
 
 
 def build_model(name: str, mode: str, scale: int) -> SRNet:
