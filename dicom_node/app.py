@@ -11,9 +11,9 @@ from types import FrameType
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.index import open_index, redact_url
 from dicom_node.network.scp import StorageSCP
 from storage.completeness import CompletenessScheduler
-from storage.db import Database
 from storage.filestore import FileStore
 
 LOGGER = logging.getLogger("srnode.node")
@@ -42,8 +42,7 @@ class Node:
     ) -> None:
         self.config = config
         Path(config.node.storage_dir).mkdir(parents=True, exist_ok=True)
-        self.db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
-        self.db.upgrade()
+        self.db = open_index(config, migrate=True)
         self.store = FileStore(Path(config.node.storage_dir))
         self.audit = AuditLog(config.node.audit_log or None)
         self.scp = StorageSCP(config, self.db, self.store, self.audit)
@@ -137,13 +136,3 @@ def serve(config: Config, receive: bool = True) -> int:
     finally:
         node.stop()
     return 0
-
-
-def redact_url(url: str) -> str:
-    """Hide a password in a database URL (for logs and ``srnode status``)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url

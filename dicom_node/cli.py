@@ -15,6 +15,7 @@ from pathlib import Path
 from dicom_node import __version__
 from dicom_node.config import Config, ConfigError, load_config
 from sr_engine.tasks import MODES
+from storage.job_types import JobState
 
 LOGGER = logging.getLogger("srnode.cli")
 
@@ -78,13 +79,15 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List jobs."""
-    from storage.db import Database
+    from dicom_node.index import index_created, open_index
     from storage.jobs import JobQueue
 
-    cfg = _config(args)
-    db = Database(cfg.node.database_url, cfg.node.index_busy_timeout_seconds)
-    db.upgrade()
-    jobs = JobQueue(db).list_jobs(states=args.state or None, limit=args.limit)
+    db = open_index(_config(args), migrate=False)
+    try:
+        jobs = (JobQueue(db).list_jobs(states=args.state or None, limit=args.limit)
+                if index_created(db) else [])
+    finally:
+        db.dispose()
     if args.json:
         print(json.dumps(jobs, indent=2, default=str))
         return 0
@@ -111,18 +114,18 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     """Re-queue a failed or held job."""
-    from storage.db import Database
+    from dicom_node.index import open_index
     from storage.errors import InvalidJobStateError, JobNotFoundError
     from storage.jobs import JobQueue
 
-    cfg = _config(args)
-    db = Database(cfg.node.database_url, cfg.node.index_busy_timeout_seconds)
-    db.upgrade()
+    db = open_index(_config(args), migrate=True)
     try:
         JobQueue(db).retry(args.job_id)
     except (JobNotFoundError, InvalidJobStateError) as exc:
         print(f"cannot retry job {args.job_id}: {exc}", file=sys.stderr)
         return 2
+    finally:
+        db.dispose()
     print(f"job {args.job_id} re-queued")
     return 0
 
@@ -226,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("jobs", cmd_jobs, "list jobs in the queue")
     p.add_argument("--json", action="store_true", help="print a JSON list")
-    p.add_argument("--state", action="append", help="only jobs in this state (repeatable)")
+    p.add_argument("--state", action="append", choices=[str(s) for s in JobState],
+                   help="only jobs in this state (repeatable)")
     p.add_argument("--limit", type=int, default=500)
 
     p = add("status", cmd_status, "counts of series, instances and jobs; disk; recent failures")

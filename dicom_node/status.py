@@ -9,9 +9,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from dicom_node.app import redact_url
 from dicom_node.config import Config
-from storage.db import Database
+from dicom_node.index import index_created, open_index, redact_url
+from storage.job_types import RETRYABLE_STATES, JobState
 from storage.jobs import JobQueue
 from storage.models import Instance, Series
 
@@ -21,16 +21,21 @@ def node_status(config: Config) -> dict[str, Any]:
 
     Contains UIDs and counts only, never patient identifiers.
     """
-    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
+    db = open_index(config, migrate=False)
+    n_series = n_instances = 0
+    last = None
+    failed: list[dict[str, Any]] = []
+    jobs = {str(state): 0 for state in JobState}
     try:
-        db.upgrade()
-        queue = JobQueue(db)
-        with db.session() as s:
-            n_series = int(s.execute(select(func.count()).select_from(Series)).scalar_one())
-            n_instances = int(s.execute(select(func.count()).select_from(Instance)).scalar_one())
-            last = s.execute(select(func.max(Series.last_received_at))).scalar_one()
-        failed = queue.list_jobs(states=["failed", "held"], limit=10)
-        jobs = queue.counts()
+        if index_created(db):
+            queue = JobQueue(db)
+            with db.session() as s:
+                n_series = int(s.execute(select(func.count()).select_from(Series)).scalar_one())
+                n_instances = int(
+                    s.execute(select(func.count()).select_from(Instance)).scalar_one())
+                last = s.execute(select(func.max(Series.last_received_at))).scalar_one()
+            failed = queue.list_jobs(states=sorted(RETRYABLE_STATES), limit=10)
+            jobs = queue.counts()
     finally:
         db.dispose()
     storage = Path(config.node.storage_dir)

@@ -23,9 +23,11 @@ from typing import Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.index import open_index
 from storage.db import Database
 from storage.filestore import FileStore
-from storage.jobs import ClaimedJob, JobQueue
+from storage.job_types import BackoffPolicy, ClaimedJob, JobState
+from storage.jobs import JobQueue
 
 LOGGER = logging.getLogger("srnode.worker")
 MANIFEST = "manifest.json"
@@ -33,6 +35,12 @@ MANIFEST = "manifest.json"
 
 class PermanentJobError(Exception):
     """A job error that retrying cannot fix (e.g. an inconsistent series)."""
+
+
+def job_queue(config: Config, db: Database) -> JobQueue:
+    """The job queue with the backoff policy of ``[worker]``."""
+    w = config.worker
+    return JobQueue(db, BackoffPolicy(w.backoff_base_seconds, w.backoff_max_seconds))
 
 
 def job_output_dir(config: Config, job_id: int) -> Path:
@@ -66,9 +74,8 @@ def _derive_or_reuse(
         raise PermanentJobError("the series has no stored instances")
     try:
         d = derive_series(
-            job.instance_paths, config, mode=params["mode"], scale=int(params["scale"]),
-            model=params.get("model", "auto"), output_spacing=params.get("output_spacing"),
-            on_stage=on_stage,
+            job.instance_paths, config, mode=params.mode, scale=params.scale,
+            model=params.model, output_spacing=params.output_spacing, on_stage=on_stage,
         )
     except SeriesError as exc:
         raise PermanentJobError(str(exc)) from exc
@@ -98,10 +105,9 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
     from dicom_node.network.scu import DestinationUnavailableError, SendError, send_instances
 
     configure_logging(config.node.log_level, config.node.log_file or None)
-    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
-    queue = JobQueue(db)
+    db = open_index(config, migrate=False)  # the parent process migrated it
+    queue = job_queue(config, db)
     audit = AuditLog(config.node.audit_log or None)
-    w = config.worker
     seconds: dict[str, float] = {}
     try:
         try:
@@ -123,7 +129,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
         t0 = time.perf_counter()
         failures: dict[str, str] = {}
         delivered: dict[str, int] = {}
-        for name in job.params.get("destinations", []):
+        for name in job.params.destinations:
             dest = config.destination(name)
             done = queue.sent_instances(job.id, name)
 
@@ -157,9 +163,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
         result = {**summary, "destinations": delivered, "stage_seconds": seconds}
         if failures:
             error = "; ".join(f"{k}: {v}" for k, v in failures.items())
-            state = queue.fail(job.id, worker_id, f"send failed: {error}", retryable=True,
-                               backoff_base=w.backoff_base_seconds,
-                               backoff_max=w.backoff_max_seconds)
+            state = queue.fail(job.id, worker_id, f"send failed: {error}", retryable=True)
             LOGGER.warning("job %d: send failed (%s), now %s", job.id, error, state)
             return
         queue.complete(job.id, worker_id, result)
@@ -168,8 +172,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
         LOGGER.info("job %d done: %s", job.id, summary["derived_series_instance_uid"])
     except Exception as exc:  # noqa: BLE001 - record any failure on the job, then retry
         LOGGER.exception("job %d failed", job.id)
-        queue.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}", retryable=True,
-                   backoff_base=w.backoff_base_seconds, backoff_max=w.backoff_max_seconds)
+        queue.fail(job.id, worker_id, f"{type(exc).__name__}: {exc}", retryable=True)
     finally:
         db.dispose()
 
@@ -193,7 +196,7 @@ class Worker:
         self.db = db
         self.store = store
         self.audit = audit
-        self.queue = JobQueue(db)
+        self.queue = job_queue(config, db)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._ctx = multiprocessing.get_context("spawn")
 
@@ -222,9 +225,7 @@ class Worker:
                 proc.kill()
                 proc.join()
                 msg = f"processing timeout after {w.job_timeout_seconds:.0f} s"
-                state = self.queue.fail(job.id, self.worker_id, msg, retryable=True,
-                                        backoff_base=w.backoff_base_seconds,
-                                        backoff_max=w.backoff_max_seconds)
+                state = self.queue.fail(job.id, self.worker_id, msg, retryable=True)
                 LOGGER.warning("job %d: %s, now %s", job.id, msg, state)
                 return
             if not self.queue.heartbeat(job.id, self.worker_id, w.lease_seconds):
@@ -233,10 +234,10 @@ class Worker:
                 proc.join()
                 return
         info = self.queue.get(job.id)
-        if info["state"] == "running" and info.get("worker_id", self.worker_id) == self.worker_id:
+        mine = info.get("worker_id", self.worker_id) == self.worker_id
+        if info["state"] == JobState.RUNNING and mine:
             msg = f"worker process exited with code {proc.exitcode} before finishing"
-            self.queue.fail(job.id, self.worker_id, msg, retryable=True,
-                            backoff_base=w.backoff_base_seconds, backoff_max=w.backoff_max_seconds)
+            self.queue.fail(job.id, self.worker_id, msg, retryable=True)
             LOGGER.warning("job %d: %s", job.id, msg)
 
     def run_forever(self, stop: threading.Event) -> None:

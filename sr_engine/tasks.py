@@ -36,7 +36,7 @@ def task_problem(mode: str, scale: int, model: str = AUTO_MODEL) -> str | None:
         return f"mode must be one of {', '.join(MODES)}, not {mode!r}"
     if scale not in SCALES[mode]:
         allowed = ", ".join(f"x{s}" for s in SCALES[mode])
-        return f"{mode} mode supports {allowed}, not x{scale}"
+        return f"scale x{scale} is not supported in {mode} mode (use {allowed})"
     if model != AUTO_MODEL and model not in MODEL_NAMES:
         return f"unknown model {model!r}; known: {', '.join((*MODEL_NAMES, AUTO_MODEL))}"
     return None

@@ -36,13 +36,13 @@ from sqlalchemy import exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from storage.db import Database
-from storage.jobs import create_job
+from storage.job_types import SUPERSEDABLE_STATES, JobState
+from storage.jobs import create_job, supersede
 from storage.models import Job, ProducedSeries, Series, utcnow
 from storage.rules import Rule
 
 log = logging.getLogger(__name__)
 
-_SUPERSEDABLE = ("queued", "held", "failed")
 
 
 def check_completeness(
@@ -159,23 +159,12 @@ def _check_series(
             if not quiet:
                 pending = True  # still growing: wait for quiet before a fresh job
                 continue
-            if latest.state == "running":
+            if latest.state == JobState.RUNNING:
                 pending = True  # decided: wait for the running job to finish
                 continue
-            if latest.state in _SUPERSEDABLE:
-                latest.history = [
-                    *(latest.history or []),
-                    {
-                        "at": now.isoformat(),
-                        "from": latest.state,
-                        "to": "superseded",
-                        "note": "new instances arrived",
-                    },
-                ]
-                latest.state = "superseded"
-                latest.updated_at = now
-                latest.finished_at = latest.finished_at or now
-        job_id = create_job(session, series, rule.name, rule.to_params(), max_attempts, now)
+            if latest.state in SUPERSEDABLE_STATES:
+                supersede(latest, now, "new instances arrived")
+        job_id = create_job(session, series, rule.name, rule.job_params(), max_attempts, now)
         log.info(
             "series %s complete (%d instances%s): job %d for rule %s",
             series.series_instance_uid,

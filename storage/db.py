@@ -223,6 +223,12 @@ class Database:
         with self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
 
+    def head_revision(self) -> str | None:
+        """Return the newest revision of the shipped migrations."""
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self.alembic_config()).get_current_head()
+
     def dispose(self) -> None:
         """Close every pooled connection."""
         self.engine.dispose()

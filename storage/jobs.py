@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,22 +25,17 @@ from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.errors import InvalidJobStateError, JobNotFoundError
-from storage.models import JOB_STATES, Instance, Job, SentInstance, Series, utcnow
+from storage.job_types import (
+    RETRYABLE_STATES,
+    SUPERSEDABLE_STATES,
+    BackoffPolicy,
+    ClaimedJob,
+    JobParams,
+    JobState,
+)
+from storage.models import Instance, Job, SentInstance, Series, utcnow
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ClaimedJob:
-    """A job a worker now holds the lease on."""
-
-    id: int
-    series_instance_uid: str
-    rule: str
-    params: dict[str, Any]
-    attempts: int
-    max_attempts: int
-    instance_paths: list[Path] = field(default_factory=list)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -78,24 +72,6 @@ def _job_dict(job: Job, series: Series | None) -> dict[str, Any]:
     }
 
 
-def backoff_seconds(attempts: int, base: float, maximum: float) -> float:
-    """Return the delay before retry number ``attempts``: ``min(maximum, base * 2**(attempts-1))``.
-
-    Parameters
-    ----------
-    attempts
-        Attempts made so far (>= 1).
-    base, maximum
-        Backoff base and cap in seconds.
-
-    Returns
-    -------
-    float
-        Seconds to wait.
-    """
-    return float(min(maximum, base * 2 ** max(0, attempts - 1)))
-
-
 class JobQueue:
     """The job queue stored in the database.
 
@@ -103,17 +79,20 @@ class JobQueue:
     ----------
     db
         The database (upgraded).
+    backoff
+        How long a failed job waits before its next attempt (the queue owns the policy).
     """
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, backoff: BackoffPolicy | None = None) -> None:
         self.db = db
+        self.backoff = backoff or BackoffPolicy()
 
     # -- creation ---------------------------------------------------------------------------
     def enqueue(
         self,
         series_instance_uid: str,
         rule: str,
-        params: dict[str, Any],
+        params: JobParams,
         max_attempts: int = 3,
     ) -> int:
         """Queue a job for an indexed series.
@@ -125,7 +104,7 @@ class JobQueue:
         rule
             Name of the rule that selected it.
         params
-            Processing parameters (JSON-serialisable).
+            Processing parameters.
         max_attempts
             Attempts before the job is dead-lettered.
 
@@ -170,8 +149,8 @@ class JobQueue:
             with self.db.session() as session:
                 self._dead_letter_expired(session, now)
                 runnable = or_(
-                    and_(Job.state == "queued", Job.not_before <= now),
-                    and_(Job.state == "running", Job.lease_expires_at < now),
+                    and_(Job.state == JobState.QUEUED, Job.not_before <= now),
+                    and_(Job.state == JobState.RUNNING, Job.lease_expires_at < now),
                 )
                 query = select(Job.id, Job.state, Job.attempts).where(runnable)
                 query = query.order_by(Job.created_at, Job.id).limit(1)
@@ -189,7 +168,7 @@ class JobQueue:
                         Job.attempts == seen_attempts,
                     )
                     .values(
-                        state="running",
+                        state=JobState.RUNNING,
                         attempts=Job.attempts + 1,
                         worker_id=worker_id,
                         lease_expires_at=now + timedelta(seconds=lease_seconds),
@@ -203,7 +182,7 @@ class JobQueue:
                 ).rowcount
                 if won != 1:
                     continue
-                if seen_state == "running":
+                if seen_state == JobState.RUNNING:
                     log.warning("job %d: lease expired, taken over by %s", job_id, worker_id)
                 job = session.get(Job, job_id, populate_existing=True)
                 assert job is not None
@@ -220,7 +199,7 @@ class JobQueue:
                     id=job.id,
                     series_instance_uid=job.series_instance_uid,
                     rule=job.rule,
-                    params=dict(job.params or {}),
+                    params=JobParams.from_json(job.params),
                     attempts=job.attempts,
                     max_attempts=job.max_attempts,
                     instance_paths=[Path(p) for p in paths],
@@ -233,7 +212,7 @@ class JobQueue:
         expired = session.scalars(
             select(Job)
             .where(
-                Job.state == "running",
+                Job.state == JobState.RUNNING,
                 Job.lease_expires_at < now,
                 Job.attempts >= Job.max_attempts,
             )
@@ -241,7 +220,7 @@ class JobQueue:
         ).all()
         for job in expired:
             log.warning("job %d: lease expired on its last attempt, dead-lettered", job.id)
-            _transition(job, "failed", now, error="lease expired (worker lost)")
+            _transition(job, JobState.FAILED, now, error="lease expired (worker lost)")
             job.finished_at = now
 
     # -- worker transitions -------------------------------------------------------------------
@@ -250,7 +229,7 @@ class JobQueue:
         job = session.get(Job, job_id, with_for_update=True)
         if job is None:
             raise JobNotFoundError(f"job {job_id} does not exist")
-        if job.state != "running" or job.worker_id != worker_id:
+        if job.state != JobState.RUNNING or job.worker_id != worker_id:
             raise InvalidJobStateError(
                 f"job {job_id} is {job.state} under worker {job.worker_id!r}, "
                 f"not running under {worker_id!r}"
@@ -263,7 +242,7 @@ class JobQueue:
         with self.db.session() as session:
             count = session.execute(
                 update(Job)
-                .where(Job.id == job_id, Job.state == "running", Job.worker_id == worker_id)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING, Job.worker_id == worker_id)
                 .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
                 .execution_options(synchronize_session=False)
             ).rowcount
@@ -303,7 +282,7 @@ class JobQueue:
         now = utcnow()
         with self.db.session() as session:
             job = self._own(session, job_id, worker_id)
-            _transition(job, "done", now, error=None)
+            _transition(job, JobState.DONE, now, error=None)
             job.result = result
             if isinstance(result.get("stage_seconds"), dict):
                 job.stage_seconds = result["stage_seconds"]
@@ -317,9 +296,7 @@ class JobQueue:
         worker_id: str,
         error: str,
         retryable: bool = True,
-        backoff_base: float = 30,
-        backoff_max: float = 1800,
-    ) -> str:
+    ) -> JobState:
         """Record a failed attempt; requeue with backoff or dead-letter.
 
         Parameters
@@ -329,14 +306,12 @@ class JobQueue:
         error
             What went wrong (no PHI).
         retryable
-            False dead-letters at once.
-        backoff_base, backoff_max
-            Delay before the next attempt: ``min(backoff_max, backoff_base * 2**(attempts-1))``.
+            False dead-letters at once (an error that cannot succeed on retry).
 
         Returns
         -------
-        str
-            The new state: ``queued`` or ``failed``.
+        JobState
+            The new state: ``queued`` (after the queue's backoff delay) or ``failed``.
 
         Raises
         ------
@@ -348,14 +323,13 @@ class JobQueue:
             job = self._own(session, job_id, worker_id)
             job.lease_expires_at = None
             if retryable and job.attempts < job.max_attempts:
-                _transition(job, "queued", now, error=error)
-                delay = backoff_seconds(job.attempts, backoff_base, backoff_max)
-                job.not_before = now + timedelta(seconds=delay)
+                _transition(job, JobState.QUEUED, now, error=error)
+                job.not_before = now + timedelta(seconds=self.backoff.delay(job.attempts))
                 job.worker_id = None
-                return "queued"
-            _transition(job, "failed", now, error=error)
+                return JobState.QUEUED
+            _transition(job, JobState.FAILED, now, error=error)
             job.finished_at = now
-            return "failed"
+            return JobState.FAILED
 
     def hold(
         self, job_id: int, worker_id: str, reason: str, result: dict[str, Any] | None = None
@@ -370,7 +344,7 @@ class JobQueue:
         now = utcnow()
         with self.db.session() as session:
             job = self._own(session, job_id, worker_id)
-            _transition(job, "held", now, error=reason)
+            _transition(job, JobState.HELD, now, error=reason)
             if result is not None:
                 job.result = result
             job.finished_at = now
@@ -394,11 +368,11 @@ class JobQueue:
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:
                 raise JobNotFoundError(f"job {job_id} does not exist")
-            if job.state not in ("failed", "held"):
+            if job.state not in RETRYABLE_STATES:
                 raise InvalidJobStateError(
                     f"job {job_id} is {job.state}; only failed or held jobs can be retried"
                 )
-            _transition(job, "queued", now, error=None, note="manual retry")
+            _transition(job, JobState.QUEUED, now, error=None, note="manual retry")
             job.attempts = 0
             job.not_before = now
             job.worker_id = None
@@ -433,7 +407,7 @@ class JobQueue:
         error, rule, stage, stage_seconds, created_at, updated_at (ISO strings), result and more.
         """
         if states is not None:
-            unknown = set(states) - set(JOB_STATES)
+            unknown = set(states) - set(JobState)
             if unknown:
                 raise ValueError(f"unknown job state(s): {sorted(unknown)}")
         with self.db.session() as session:
@@ -449,7 +423,7 @@ class JobQueue:
 
         with self.db.session() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
-        counts = dict.fromkeys(JOB_STATES, 0)
+        counts = {str(state): 0 for state in JobState}
         counts.update({state: int(n) for state, n in rows})
         return counts
 
@@ -486,27 +460,50 @@ class JobQueue:
 
 
 def _transition(
-    job: Job, state: str, now: datetime, error: str | None, note: str | None = None
+    job: Job, state: JobState, now: datetime, error: str | None, note: str | None = None
 ) -> None:
     """Move a job to ``state``, appending the transition to its history."""
-    entry: dict[str, Any] = {"at": now.isoformat(), "from": job.state, "to": state}
+    entry: dict[str, Any] = {"at": now.isoformat(), "from": str(job.state), "to": str(state)}
     if error:
         entry["error"] = error
-    elif job.error and state == "queued":
+    elif job.error and state == JobState.QUEUED:
         entry["previous_error"] = job.error
     if note:
         entry["note"] = note
     job.history = [*(job.history or []), entry]
-    job.state = state
+    job.state = str(state)
     job.error = error
     job.updated_at = now
+
+
+def supersede(job: Job, now: datetime, note: str) -> None:
+    """Mark a queued, held or failed job ``superseded`` inside an open session.
+
+    Parameters
+    ----------
+    job
+        The job row (locked by the caller).
+    now
+        Transition time.
+    note
+        Why (kept in the job's history).
+
+    Raises
+    ------
+    InvalidJobStateError
+        If the job is running or already finished.
+    """
+    if job.state not in SUPERSEDABLE_STATES:
+        raise InvalidJobStateError(f"job {job.id} is {job.state}; it cannot be superseded")
+    _transition(job, JobState.SUPERSEDED, now, error=job.error, note=note)
+    job.finished_at = job.finished_at or now
 
 
 def create_job(
     session: Session,
     series: Series,
     rule: str,
-    params: dict[str, Any],
+    params: JobParams,
     max_attempts: int,
     now: datetime,
 ) -> int:
@@ -515,8 +512,8 @@ def create_job(
         series_fk=series.id,
         series_instance_uid=series.series_instance_uid,
         rule=rule,
-        params=dict(params),
-        state="queued",
+        params=params.to_json(),
+        state=JobState.QUEUED,
         attempts=0,
         max_attempts=max_attempts,
         not_before=now,

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from storage.job_types import JobState
 from storage.records import TEXT_LIMITS, UID_LENGTH
 
 
@@ -33,7 +34,6 @@ def _text_column(name: str) -> String:
     return String(TEXT_LIMITS[name])
 
 
-JOB_STATES = ("queued", "running", "done", "failed", "held", "superseded")
 
 
 def utcnow() -> datetime:
@@ -185,7 +185,7 @@ class Job(Base):
     series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
     rule: Mapped[str] = mapped_column(String(128))
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     not_before: Mapped[datetime] = mapped_column(UTCDateTime())

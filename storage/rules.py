@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from storage.job_types import JobParams
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -110,12 +112,12 @@ class Rule:
             return False
         return num_instances >= self.min_instances
 
-    def to_params(self) -> dict[str, Any]:
-        """Processing parameters stored on a job (JSON-serialisable)."""
-        return {
-            "mode": self.mode,
-            "scale": self.scale,
-            "model": self.model,
-            "output_spacing": self.output_spacing,
-            "destinations": list(self.destinations),
-        }
+    def job_params(self) -> JobParams:
+        """Processing parameters stored on a job."""
+        return JobParams(
+            mode=self.mode,
+            scale=self.scale,
+            model=self.model,
+            output_spacing=self.output_spacing,
+            destinations=self.destinations,
+        )

@@ -46,7 +46,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ({"nodes": {}}, "unknown section"),
         ({"series": {"quiet_period_seconds": 0}}, "quiet_period_seconds"),
         ({"rules": [{"name": "r", "mode": "slice", "scale": 3}]},
-         r"\[\[rules\]\] r: slice mode supports x2, x4, not x3"),
+         r"\[\[rules\]\] r: scale x3 is not supported in slice mode \(use x2, x4\)"),
         ({"rules": [{"name": "chest", "mode": "plane"}]}, r"\[\[rules\]\] chest: mode must be"),
         ({"rules": [{"name": "brain", "model": "fsat"}]},
          r"\[\[rules\]\] brain: unknown model 'fsat'"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 
+from storage.job_types import JobParams
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series, make_mr_series
 from tests.support.dcmtk import storescu
@@ -107,8 +108,8 @@ def test_jobs_and_retry_cli(tmp_path: Path) -> None:
     header = read_header(src)
     store_instance(db, FileStore(tmp_path / "storage"), header, src.read_bytes(), "TEST")
     queue = JobQueue(db)
-    job_id = queue.enqueue(header.series_instance_uid, "ct-slice", {"mode": "slice", "scale": 2},
-                           max_attempts=1)
+    job_id = queue.enqueue(header.series_instance_uid, "ct-slice",
+                           JobParams(mode="slice", scale=2), max_attempts=1)
     claimed = queue.claim("w1", 60)
     assert claimed is not None and claimed.id == job_id
     assert queue.fail(job_id, "w1", "boom", retryable=True) == "failed"

@@ -52,7 +52,7 @@ def test_quiet_period_creates_job_then_new_instance_supersedes(
     assert (job["state"], job["rule"], job["series_instance_uid"]) == (
         "queued", "ct", _series(1))
     assert job["instance_count"] == 3
-    assert job["params"] == CT_RULE.to_params()
+    assert job["params"] == CT_RULE.job_params().to_json()
     assert check_completeness(database, [CT_RULE], 0.5, 3600) == []  # never duplicated
 
     _add(database, store, _series(1), [4])

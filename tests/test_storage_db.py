@@ -96,12 +96,13 @@ def test_timestamps_are_aware_utc(database: Database) -> None:
     from dicom_node.receive.header import read_header
     from storage.filestore import FileStore
     from storage.ingest import store_instance
+    from storage.job_types import JobParams
     from storage.jobs import JobQueue
 
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_instance("1.2.3", "1.2.3.4", "1.2.3.4.1")
         store_instance(database, FileStore(Path(tmp)), read_header(data), data, "MODALITY")
-        job_id = JobQueue(database).enqueue("1.2.3.4", "r", {})
+        job_id = JobQueue(database).enqueue("1.2.3.4", "r", JobParams())
     with database.session() as s:
         job = s.scalars(select(Job).where(Job.id == job_id)).one()
         assert job.created_at.utcoffset() is not None

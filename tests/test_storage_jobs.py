@@ -13,7 +13,8 @@ from storage.db import Database
 from storage.errors import InvalidJobStateError, JobNotFoundError
 from storage.filestore import FileStore
 from storage.ingest import store_instance
-from storage.jobs import JobQueue, backoff_seconds
+from storage.job_types import BackoffPolicy, JobParams
+from storage.jobs import JobQueue
 from storage.models import Job
 from tests.support import db as db_support
 from tests.support.db import synthetic_instance
@@ -57,12 +58,12 @@ def queue_with_series(database: Database, tmp_path: Path) -> tuple[JobQueue, Fil
 
 def test_enqueue_claim_complete(queue_with_series: tuple[JobQueue, FileStore]) -> None:
     q, store = queue_with_series
-    job_id = q.enqueue(_series(1), "ct-x2", {"mode": "slice", "scale": 2})
+    job_id = q.enqueue(_series(1), "ct-x2", JobParams(mode="slice", scale=2))
     assert q.get(job_id)["state"] == "queued"
     claimed = q.claim("w1", lease_seconds=60)
     assert claimed is not None and claimed.id == job_id
-    assert (claimed.rule, claimed.params, claimed.attempts) == ("ct-x2", {"mode": "slice",
-                                                                         "scale": 2}, 1)
+    assert (claimed.rule, claimed.params, claimed.attempts) == (
+        "ct-x2", JobParams(mode="slice", scale=2), 1)
     assert claimed.instance_paths == [store.instance_path(STUDY, _series(1), f"{_series(1)}.{k}")
                                       for k in (1, 2, 3)]
     assert q.claim("w2", lease_seconds=60) is None
@@ -81,15 +82,15 @@ def test_enqueue_claim_complete(queue_with_series: tuple[JobQueue, FileStore]) -
     with pytest.raises(InvalidJobStateError):
         q.complete(job_id, "w1", {})
     with pytest.raises(JobNotFoundError):
-        q.enqueue("9.9.9", "r", {})
+        q.enqueue("9.9.9", "r", JobParams())
     with pytest.raises(JobNotFoundError):
         q.get(123456)
 
 
 def test_list_jobs_shape_and_filter(queue_with_series: tuple[JobQueue, FileStore]) -> None:
     q, _ = queue_with_series
-    a = q.enqueue(_series(1), "a", {})
-    b = q.enqueue(_series(1), "b", {})
+    a = q.enqueue(_series(1), "a", JobParams())
+    b = q.enqueue(_series(1), "b", JobParams())
     claimed = q.claim("w", 60)
     assert claimed is not None and claimed.id == a  # oldest first
     jobs = q.list_jobs()
@@ -111,7 +112,7 @@ def test_two_workers_race_each_job_claimed_once(database: Database, tmp_path: Pa
     _ingest(database, store, _series(1), 1)
     q = JobQueue(database)
     n_jobs = 50
-    ids = {q.enqueue(_series(1), f"r{i}", {}) for i in range(n_jobs)}
+    ids = {q.enqueue(_series(1), f"r{i}", JobParams()) for i in range(n_jobs)}
     claims: list[tuple[str, int]] = []
     lock = threading.Lock()
     errors: list[BaseException] = []
@@ -164,7 +165,7 @@ def test_two_worker_processes_race(database: Database, tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     _ingest(database, store, _series(1), 1)
     q = JobQueue(database)
-    ids = {q.enqueue(_series(1), f"r{i}", {}) for i in range(50)}
+    ids = {q.enqueue(_series(1), f"r{i}", JobParams()) for i in range(50)}
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
     procs = [ctx.Process(target=_process_worker, args=(database.url, f"p{i}", out))
@@ -188,7 +189,7 @@ def test_two_worker_processes_race(database: Database, tmp_path: Path) -> None:
 
 def test_lease_expiry_takeover(queue_with_series: tuple[JobQueue, FileStore]) -> None:
     q, _ = queue_with_series
-    job_id = q.enqueue(_series(1), "r", {}, max_attempts=3)
+    job_id = q.enqueue(_series(1), "r", JobParams(), max_attempts=3)
     assert q.claim("dead", lease_seconds=60) is not None
     assert q.claim("alive", lease_seconds=60) is None  # lease still valid
     _expire_lease(q.db, job_id)
@@ -205,7 +206,7 @@ def test_lease_expired_on_last_attempt_is_dead_lettered(
     queue_with_series: tuple[JobQueue, FileStore],
 ) -> None:
     q, _ = queue_with_series
-    job_id = q.enqueue(_series(1), "r", {}, max_attempts=1)
+    job_id = q.enqueue(_series(1), "r", JobParams(), max_attempts=1)
     assert q.claim("dead", lease_seconds=60) is not None
     _expire_lease(q.db, job_id)
     assert q.claim("other", lease_seconds=60) is None
@@ -217,13 +218,14 @@ def test_backoff_then_dead_letter_then_retry(
     queue_with_series: tuple[JobQueue, FileStore],
 ) -> None:
     q, _ = queue_with_series
-    job_id = q.enqueue(_series(1), "r", {}, max_attempts=3)
+    q = JobQueue(q.db, BackoffPolicy(base_seconds=10, max_seconds=15))
+    job_id = q.enqueue(_series(1), "r", JobParams(), max_attempts=3)
     delays = []
     for attempt in (1, 2):
         job = q.claim("w", 60)
         assert job is not None and job.attempts == attempt
         before = datetime.now(UTC)
-        assert q.fail(job_id, "w", f"error {attempt}", backoff_base=10, backoff_max=15) == "queued"
+        assert q.fail(job_id, "w", f"error {attempt}") == "queued"
         got = q.get(job_id)
         assert got["state"] == "queued" and got["error"] == f"error {attempt}"
         delays.append((datetime.fromisoformat(got["not_before"]) - before).total_seconds())
@@ -250,8 +252,8 @@ def test_backoff_then_dead_letter_then_retry(
 
 def test_non_retryable_failure_and_hold(queue_with_series: tuple[JobQueue, FileStore]) -> None:
     q, _ = queue_with_series
-    a = q.enqueue(_series(1), "a", {}, max_attempts=5)
-    b = q.enqueue(_series(1), "b", {})
+    a = q.enqueue(_series(1), "a", JobParams(), max_attempts=5)
+    b = q.enqueue(_series(1), "b", JobParams())
     assert q.claim("w", 60).id == a  # type: ignore[union-attr]
     assert q.fail(a, "w", "corrupt input", retryable=False) == "failed"
     assert q.claim("w", 60).id == b  # type: ignore[union-attr]
@@ -264,13 +266,13 @@ def test_non_retryable_failure_and_hold(queue_with_series: tuple[JobQueue, FileS
 
 
 def test_backoff_formula() -> None:
-    assert [backoff_seconds(a, 30, 1800) for a in range(1, 9)] == [
+    assert [BackoffPolicy(30, 1800).delay(a) for a in range(1, 9)] == [
         30, 60, 120, 240, 480, 960, 1800, 1800]
 
 
 def test_sent_instances(queue_with_series: tuple[JobQueue, FileStore]) -> None:
     q, _ = queue_with_series
-    job_id = q.enqueue(_series(1), "r", {})
+    job_id = q.enqueue(_series(1), "r", JobParams())
     assert q.sent_instances(job_id, "PACS") == set()
     q.record_sent(job_id, "PACS", "1.2.3.1")
     q.record_sent(job_id, "PACS", "1.2.3.1")  # idempotent
