@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node import __version__
 from dicom_node.config import Config, SafetyConfig
+from dicom_node.derive.files import write_datasets
 from sr_engine.api import ConsistencyReport, EnhanceRequest, EnhanceResult
 
 LOGGER = logging.getLogger("srnode.pipeline")
@@ -167,24 +168,6 @@ def derive_series(
         gate_reason=reason,
         seconds=seconds,
     )
-
-
-def write_datasets(datasets: Sequence[Dataset], out_dir: Path) -> list[Path]:
-    """Write data sets as ``<SOPInstanceUID>.dcm`` files atomically (temp, fsync, rename)."""
-    from storage.filestore import FileStore, validate_uid
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    store = FileStore(out_dir)
-    paths = []
-    for ds in datasets:
-        path = out_dir / f"{validate_uid(str(ds.SOPInstanceUID))}.dcm"
-
-        def _write(fh: Any, ds: Dataset = ds) -> None:
-            ds.save_as(fh, enforce_file_format=True)
-
-        store.write_atomic(path, _write)
-        paths.append(path)
-    return paths
 
 
 def find_series(root: Path) -> dict[str, list[Path]]:

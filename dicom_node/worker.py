@@ -53,8 +53,9 @@ def _derive_or_reuse(
     seconds: dict[str, float],
 ) -> tuple[list[Path], dict[str, Any]]:
     """Derive the series (or reuse what an earlier attempt wrote) and return files + summary."""
+    from dicom_node.derive.files import write_datasets
     from dicom_node.derive.series import SeriesError
-    from dicom_node.pipeline import derive_series, write_datasets
+    from dicom_node.pipeline import derive_series
     from storage.ingest import mark_produced_series
 
     out_dir = job_output_dir(config, job.id)

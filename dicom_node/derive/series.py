@@ -21,6 +21,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
 from dicom_node.codes import CLASSIC_IMAGE_STORAGE, ENHANCED_IMAGE_STORAGE, LOSSY_TRANSFER_SYNTAXES
+from dicom_node.derive.functional_groups import first_group_item
 
 #: Largest difference between direction-cosine components still counted as the same orientation.
 ORIENTATION_TOLERANCE = 1e-4
@@ -163,21 +164,6 @@ def _floats(value: object) -> tuple[float, ...]:
     return tuple(float(v) for v in value)  # type: ignore[union-attr]
 
 
-def _group_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
-    """Return the first item of functional group ``keyword`` of a frame (per-frame, shared)."""
-    for fg_keyword, index in (
-        ("PerFrameFunctionalGroupsSequence", frame_index),
-        ("SharedFunctionalGroupsSequence", 0),
-    ):
-        groups = ds.get(fg_keyword)
-        if groups is None or len(groups) <= index:
-            continue
-        seq = groups[index].get(keyword)
-        if seq is not None and len(seq) > 0:
-            return seq[0]
-    return None
-
-
 def _check_pixels_present(ds: Dataset, path: Path) -> None:
     """Refuse instances without grayscale pixel data."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -247,9 +233,9 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
         )
     frames: list[_Frame] = []
     for i in range(n):
-        pos = _group_item(ds, i, "PlanePositionSequence")
-        ori = _group_item(ds, i, "PlaneOrientationSequence")
-        meas = _group_item(ds, i, "PixelMeasuresSequence")
+        pos = first_group_item(ds, i, "PlanePositionSequence")
+        ori = first_group_item(ds, i, "PlaneOrientationSequence")
+        meas = first_group_item(ds, i, "PixelMeasuresSequence")
         ipp = _floats(pos.get("ImagePositionPatient")) if pos is not None else ()
         iop = _floats(ori.get("ImageOrientationPatient")) if ori is not None else ()
         ps = _floats(meas.get("PixelSpacing")) if meas is not None else ()
@@ -259,9 +245,9 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
                 " or Pixel Measures functional group)"
             )
         thickness = _floats(meas.get("SliceThickness")) if meas is not None else ()
-        pvt = _group_item(ds, i, "PixelValueTransformationSequence")
+        pvt = first_group_item(ds, i, "PixelValueTransformationSequence")
         has_rescale = pvt is not None and pvt.get("RescaleSlope") not in (None, "")
-        voi = _group_item(ds, i, "FrameVOILUTSequence")
+        voi = first_group_item(ds, i, "FrameVOILUTSequence")
         frames.append(
             _Frame(
                 ds=ds,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 
 from dicom_node.codes import OUTPUT_TRANSFER_SYNTAX_BY_NAME
-from dicom_node.pipeline import write_datasets
+from dicom_node.derive.files import write_datasets
 
 
 def transcode_files(paths: Sequence[Path], name: str, out_dir: Path) -> list[Path]:

@@ -1,0 +1,290 @@
+"""Identity and provenance of a derived instance: UIDs, numbers, labels, references, equipment."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
+from pydicom.uid import UID
+
+from dicom_node import codes as c
+from dicom_node.derive.elements import DerivationError, code_item, new_uid
+from dicom_node.derive.options import DerivationOptions
+from dicom_node.derive.pixels import PixelEncoding
+from dicom_node.derive.series import SourceSeries
+from sr_engine.api import EnhanceResult
+
+#: Attributes removed from the copied source header: they describe the old pixel matrix, the old
+#: instance or its signature, or are replaced by the derivation attributes.
+_REMOVED_KEYWORDS = (
+    "IconImageSequence",
+    "SmallestImagePixelValue",
+    "LargestImagePixelValue",
+    "SmallestPixelValueInSeries",
+    "LargestPixelValueInSeries",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+    "ModalityLUTSequence",
+    "RedPaletteColorLookupTableDescriptor",
+    "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor",
+    "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData",
+    "BluePaletteColorLookupTableData",
+    "PixelAspectRatio",
+    "PlanarConfiguration",
+    "PixelData",
+    "FloatPixelData",
+    "DoubleFloatPixelData",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "PixelDataProviderURL",
+    "DataSetTrailingPadding",
+    "NumberOfFrames",
+    "FrameIncrementPointer",
+    "InStackPositionNumber",
+    "ImagesInAcquisition",
+    "InstanceCreatorUID",
+    "SourceImageSequence",
+    "DerivationDescription",
+    "DerivationCodeSequence",
+    "RelatedSeriesSequence",
+    "ReferencedSeriesSequence",
+    "StudiesContainingOtherReferencedInstancesSequence",
+    "DigitalSignaturesSequence",
+    "MACParametersSequence",
+    "EncryptedAttributesSequence",
+    "SliceLocation",
+    "SpacingBetweenSlices",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "WindowCenter",
+    "WindowWidth",
+    "ImageType",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceThickness",
+)
+
+
+def utc_offset(ds: Dataset) -> timezone | None:
+    """Return the source's Timezone Offset From UTC as a timezone, if present and valid."""
+    value = str(ds.get("TimezoneOffsetFromUTC", "") or "")
+    m = re.fullmatch(r"([+-])(\d{2})(\d{2})", value)
+    if not m:
+        return None
+    delta = timedelta(hours=int(m.group(2)), minutes=int(m.group(3)))
+    return timezone(-delta if m.group(1) == "-" else delta)
+
+
+def copy_header(ds: Dataset) -> Dataset:
+    """Copy a header without its pixel data or private attributes."""
+    out = Dataset()
+    for elem in ds:
+        if elem.tag.is_private or elem.tag == Tag("PixelData"):
+            continue
+        out.add(copy.deepcopy(elem))
+    return out
+
+
+def strip_source_header(ds: Dataset) -> None:
+    """Remove overlays, curves, private data and everything tied to the old pixel matrix."""
+    ds.remove_private_tags()
+    for tag in list(ds.keys()):
+        group = tag >> 16
+        if 0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF:
+            del ds[tag]
+    for keyword in _REMOVED_KEYWORDS:
+        if keyword in ds:
+            delattr(ds, keyword)
+
+
+def series_description(
+    source_ds: Dataset, options: DerivationOptions, mode: str, scale: int
+) -> str:
+    """Return prefix + original description + suffix, within the 64 characters of an LO."""
+    try:
+        prefix = options.series_description_prefix.format(scale=scale, mode=mode)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise DerivationError(
+            f"series_description_prefix {options.series_description_prefix!r}: {exc}"
+        ) from exc
+    original = str(source_ds.get("SeriesDescription", "") or "")
+    suffix = options.description_suffix
+    if len(suffix) >= c.LO_MAX_CHARS:
+        raise DerivationError("description_suffix is longer than a Series Description allows")
+    text = (prefix + original).rstrip()[: c.LO_MAX_CHARS - len(suffix)].rstrip() + suffix
+    return text.replace("\\", "/").strip()
+
+
+def derivation_description(
+    result: EnhanceResult, mode: str, scale: int, enc: PixelEncoding, units: str,
+    options: DerivationOptions,
+) -> str:
+    """Return the Derivation Description text (at most 1024 characters)."""
+    cons = result.consistency
+    dz, dy, dx = result.spacing
+    text = (
+        f"Super-resolution by srnode {options.software_version}: model {result.model_name} "
+        f"(weights {result.model_version}) on {result.device}, {mode} mode x{scale}; output "
+        f"spacing {dz:.4g}/{dy:.4g}/{dx:.4g} mm (slice/row/column), thickness "
+        f"{result.slice_thickness:.4g} mm. Re-degradation check against the source: mean abs "
+        f"error {cons.mean_abs_error:.2f} {units}, max abs error {cons.max_abs_error:.2f} "
+        f"{units}, PSNR {cons.psnr:.1f} dB."
+    )
+    if enc.clipped_voxels:
+        text += f" {enc.clipped_voxels} voxels below the physical floor were clipped."
+    if enc.recomputed:
+        text += " Rescale slope/intercept recomputed to represent the enhanced range."
+    return text[: c.ST_MAX_CHARS]
+
+
+def acquisition_item(ds: Dataset) -> Dataset:
+    """Contributing Equipment item (DCM 109101) from the source header, inventing nothing else."""
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = DicomSequence([code_item(c.ACQUISITION_EQUIPMENT)])
+    item.Manufacturer = str(ds.get("Manufacturer", "") or "") or "UNKNOWN"
+    for keyword in (
+        "InstitutionName",
+        "InstitutionAddress",
+        "StationName",
+        "InstitutionalDepartmentName",
+        "ManufacturerModelName",
+        "DeviceSerialNumber",
+        "SoftwareVersions",
+        "SpatialResolution",
+        "DateOfLastCalibration",
+        "TimeOfLastCalibration",
+    ):
+        value = ds.get(keyword)
+        if value not in (None, "", []):
+            item.add(DataElement(Tag(keyword), ds[keyword].VR, copy.deepcopy(value)))
+    return item
+
+
+def processing_item(
+    options: DerivationOptions, now: datetime, result: EnhanceResult, mode: str, scale: int
+) -> Dataset:
+    """Contributing Equipment item (DCM 109102) describing srnode."""
+    item = Dataset()
+    item.PurposeOfReferenceCodeSequence = DicomSequence([code_item(c.PROCESSING_EQUIPMENT)])
+    item.Manufacturer = options.manufacturer or "srnode project"
+    if options.institution_name:
+        item.InstitutionName = options.institution_name[: c.LO_MAX_CHARS]
+    item.ManufacturerModelName = c.PROCESSING_MODEL_NAME
+    item.SoftwareVersions = options.software_version
+    item.ContributionDateTime = now.strftime("%Y%m%d%H%M%S.%f") + (
+        now.strftime("%z") if now.tzinfo is not None else ""
+    )
+    item.ContributionDescription = (
+        f"Super-resolution ({mode} mode x{scale}) with model {result.model_name} "
+        f"{result.model_version}; new derived series"
+    )[: c.ST_MAX_CHARS]
+    return item
+
+
+def set_identity(
+    ds: Dataset, source: SourceSeries, series_uid: UID, series_number: int, description: str,
+    k: int, options: DerivationOptions, now: datetime,
+) -> None:
+    """New UIDs, numbers, description, image type and creation dates of instance ``k``."""
+    modality = source.modality
+    ds.SOPClassUID = c.CLASSIC_IMAGE_STORAGE[modality]
+    ds.SOPInstanceUID = new_uid(options.uid_root)
+    ds.StudyInstanceUID = source.study_instance_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.FrameOfReferenceUID = source.frame_of_reference_uid
+    ds.Modality = modality
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = k + 1
+    if description:
+        ds.SeriesDescription = description
+    elif "SeriesDescription" in ds:
+        del ds.SeriesDescription
+    src_type = [str(v).upper() for v in (source.datasets[0].get("ImageType") or [])]
+    if modality == "CT":
+        value3 = (
+            c.CT_IMAGE_TYPE_LOCALIZER
+            if len(src_type) > 2 and src_type[2] == c.CT_IMAGE_TYPE_LOCALIZER
+            else c.CT_IMAGE_TYPE_VALUE3
+        )
+    else:
+        value3 = c.MR_IMAGE_TYPE_VALUE3
+    ds.ImageType = [*c.IMAGE_TYPE_DERIVED, value3, c.IMAGE_TYPE_TOKEN]
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.SeriesDate, ds.SeriesTime = date, time
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+        if keyword not in ds:  # Type 2 in the Patient module
+            setattr(ds, keyword, None if keyword != "PatientName" else "")
+    for keyword in ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
+                    "AccessionNumber", "PositionReferenceIndicator", "Manufacturer"):
+        if keyword not in ds:  # Type 2 in General Study / Frame of Reference / Equipment
+            setattr(ds, keyword, None)
+
+
+def set_derivation(
+    ds: Dataset, source: SourceSeries, contributing: Sequence[int], derivation: str,
+    acquisition: Dataset, processing: Dataset,
+) -> None:
+    """Derivation description and code, source references and contributing equipment."""
+    ds.DerivationDescription = derivation
+    ds.DerivationCodeSequence = DicomSequence([code_item(c.SPATIAL_RESAMPLING)])
+    items: list[Dataset] = []
+    seen: set[tuple[str, int | None]] = set()
+    instances: dict[str, str] = {}
+    for i in sorted(set(contributing)):
+        ref = source.source_refs[i]
+        key = (ref.sop_instance_uid, ref.frame_number)
+        if key in seen:
+            continue
+        seen.add(key)
+        item = Dataset()
+        item.ReferencedSOPClassUID = ref.sop_class_uid
+        item.ReferencedSOPInstanceUID = ref.sop_instance_uid
+        if ref.frame_number is not None:
+            item.ReferencedFrameNumber = ref.frame_number
+        item.PurposeOfReferenceCodeSequence = DicomSequence(
+            [code_item(c.SOURCE_IMAGE_FOR_PROCESSING)]
+        )
+        items.append(item)
+        instances[ref.sop_instance_uid] = ref.sop_class_uid
+    ds.SourceImageSequence = DicomSequence(items)
+    related = Dataset()
+    related.StudyInstanceUID = source.study_instance_uid
+    related.SeriesInstanceUID = source.series_instance_uid
+    related.PurposeOfReferenceCodeSequence = DicomSequence(
+        [code_item(c.SOURCE_SERIES_FOR_PROCESSING)]
+    )
+    ds.RelatedSeriesSequence = DicomSequence([related])
+    referenced = Dataset()
+    referenced.SeriesInstanceUID = source.series_instance_uid
+    refs = []
+    for uid, cls in instances.items():
+        inst = Dataset()
+        inst.ReferencedSOPClassUID = cls
+        inst.ReferencedSOPInstanceUID = uid
+        refs.append(inst)
+    referenced.ReferencedInstanceSequence = DicomSequence(refs)
+    ds.ReferencedSeriesSequence = DicomSequence([referenced])
+    previous = [
+        item
+        for item in ds.get("ContributingEquipmentSequence", [])
+        if not any(
+            code.get("CodeValue") in (c.ACQUISITION_EQUIPMENT.value, c.PROCESSING_EQUIPMENT.value)
+            for code in item.get("PurposeOfReferenceCodeSequence", [])
+        )
+    ]
+    ds.ContributingEquipmentSequence = DicomSequence(
+        [*previous, acquisition, copy.deepcopy(processing)]
+    )
+    if source.lossy:
+        ds.LossyImageCompression = "01"
