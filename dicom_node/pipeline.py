@@ -6,6 +6,7 @@ load series -> SR engine -> safety gate -> derived-series builder -> files.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -79,8 +80,10 @@ def safety_gate(
         ``("send" | "warn" | "hold", reason)``.
     """
     c = consistency
-    if not np.isfinite(c.psnr) and c.psnr < 0:
-        return "hold", "consistency PSNR is not a number"
+    if math.isnan(c.psnr) or c.psnr == -math.inf:
+        return "hold", f"consistency PSNR is not a usable number ({c.psnr})"
+    if not math.isfinite(c.mean_abs_error):
+        return "hold", f"consistency mean error is not a number ({c.mean_abs_error})"
     if c.psnr < safety.hold_min_psnr:
         return "hold", f"consistency PSNR {c.psnr:.1f} dB < {safety.hold_min_psnr} dB"
     if modality == "CT" and c.mean_abs_error > safety.hold_mean_abs_error:

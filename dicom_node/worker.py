@@ -34,7 +34,9 @@ MANIFEST = "manifest.json"
 
 
 class PermanentJobError(Exception):
-    """A job error that retrying cannot fix (e.g. an inconsistent series)."""
+    """A job error that retrying cannot fix (an inconsistent series, a result that cannot be
+    made a compliant derived series, a model, task or weights file the engine does not have).
+    """
 
 
 def job_queue(config: Config, db: Database) -> JobQueue:
@@ -53,9 +55,11 @@ def _derive_or_reuse(
     seconds: dict[str, float],
 ) -> tuple[list[Path], dict[str, Any]]:
     """Derive the series (or reuse what an earlier attempt wrote) and return files + summary."""
+    from dicom_node.derive.elements import DerivationError
     from dicom_node.derive.files import write_datasets
     from dicom_node.derive.series import SeriesError
     from dicom_node.pipeline import derive_series
+    from sr_engine.errors import UnknownModelError, UnsupportedRequestError, WeightsNotFoundError
     from storage.ingest import mark_produced_series
 
     out_dir = job_output_dir(config, job.id)
@@ -78,8 +82,10 @@ def _derive_or_reuse(
             job.instance_paths, config, mode=params.mode, scale=params.scale,
             model=params.model, output_spacing=params.output_spacing, on_stage=on_stage,
         )
-    except SeriesError as exc:
-        raise PermanentJobError(str(exc)) from exc
+    except (SeriesError, DerivationError, UnknownModelError, UnsupportedRequestError,
+            WeightsNotFoundError) as exc:
+        # the same input, model and weights fail the same way on every attempt: no backoff loop
+        raise PermanentJobError(f"{type(exc).__name__}: {exc}") from exc
     seconds.update(d.seconds)
     summary = d.summary()
     if d.gate == "hold":

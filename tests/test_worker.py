@@ -246,6 +246,19 @@ def test_inconsistent_series_fails_with_a_clear_error(tmp_path: Path) -> None:
     assert "matrix" in jobs[0]["error"].lower() or "rows" in jobs[0]["error"].lower()
 
 
+def test_engine_refusal_fails_permanently_without_backoff(tmp_path: Path) -> None:
+    ct = make_ct_series(tmp_path / "ct", n_slices=1, rows=32)  # volume mode needs 2 slices
+    cfg = node_config(tmp_path, worker={"max_attempts": 3, "backoff_base_seconds": 1.0},
+                      rules=[{"name": "r", "modalities": ["CT"], "mode": "volume", "scale": 2}])
+    with running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+        assert rc == 0, out
+        jobs = _wait(queue, lambda j: j[0]["state"] in ("failed", "done"))
+    assert jobs[0]["state"] == "failed" and jobs[0]["attempts"] == 1, jobs
+    assert "UnsupportedRequestError" in jobs[0]["error"] and "two slices" in jobs[0]["error"]
+
+
 def test_each_destination_gets_its_configured_transfer_syntax(tmp_path: Path) -> None:
     import numpy as np
 
@@ -280,3 +293,23 @@ def test_each_destination_gets_its_configured_transfer_syntax(tmp_path: Path) ->
         for uid, ds in got["plain"].items():  # lossless: identical pixels, same UIDs
             np.testing.assert_array_equal(ds.pixel_array, got["rle"][uid].pixel_array)
             np.testing.assert_array_equal(ds.pixel_array, got["j2k"][uid].pixel_array)
+
+
+def test_safety_gate_holds_nan_and_infinite_figures() -> None:
+    import math
+
+    from dicom_node.config import SafetyConfig
+    from dicom_node.pipeline import safety_gate
+    from sr_engine.api import ConsistencyReport
+
+    safety = SafetyConfig()
+    for psnr, mae in ((math.nan, 1.0), (-math.inf, 1.0), (50.0, math.nan)):
+        gate, reason = safety_gate(ConsistencyReport(mae, 1.0, psnr), "MR", safety)
+        assert gate == "hold", (psnr, mae, reason)
+    assert safety_gate(ConsistencyReport(1.0, 1.0, math.inf), "MR", safety)[0] == "send"
+    # the CT mean-error bounds (HU) hold and warn; MR units are arbitrary and not bounded
+    hold_mae = safety.hold_mean_abs_error + 1
+    warn_mae = (safety.warn_mean_abs_error + safety.hold_mean_abs_error) / 2
+    assert safety_gate(ConsistencyReport(hold_mae, 1.0, 60.0), "CT", safety)[0] == "hold"
+    assert safety_gate(ConsistencyReport(warn_mae, 1.0, 60.0), "CT", safety)[0] == "warn"
+    assert safety_gate(ConsistencyReport(hold_mae, 1.0, 60.0), "MR", safety)[0] == "send"
