@@ -34,8 +34,10 @@ MANIFEST = "manifest.json"
 
 
 class PermanentJobError(Exception):
-    """A job error that retrying cannot fix (an inconsistent series, a result that cannot be
-    made a compliant derived series, a model, task or weights file the engine does not have).
+    """A job error that retrying cannot fix.
+
+    An inconsistent series, a result that cannot be made a compliant derived series, or a
+    model, task or weights file the engine does not have.
     """
 
 
