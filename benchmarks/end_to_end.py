@@ -10,7 +10,7 @@ present (``[engine] device = "auto"``).  Goal: <= 60 s on 2 CPU cores.
 
 Prints a table and writes JSON to ``benchmarks/results/end_to_end.json``.
 
-Usage: ``.venv/bin/python benchmarks/end_to_end.py [--instances 300] [--model fast]``
+Usage: ``.venv/bin/python -m benchmarks.end_to_end [--instances 300] [--model fast]``
 """
 
 from __future__ import annotations
@@ -27,19 +27,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
+from benchmarks.ingest import make_series
+from storage.db import Database
+from storage.jobs import JobQueue
+from storage.models import Series
+from tests.support.dcmtk import dcmtk_env
+from tests.support.node import ServeProcess, node_config_dict, write_toml
+from tests.support.orthanc import OrthancServer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from ingest import make_series  # noqa: E402
-from sqlalchemy import select  # noqa: E402
-
-from storage.db import Database  # noqa: E402
-from storage.jobs import JobQueue  # noqa: E402
-from storage.models import Series  # noqa: E402
-from tests.support.dcmtk import dcmtk_env  # noqa: E402
-from tests.support.node import ServeProcess, node_config_dict, write_toml  # noqa: E402
-from tests.support.orthanc import OrthancServer  # noqa: E402
 
 STAGES = ("loading", "enhancing", "building", "writing", "sending")
 GOAL_SECONDS = 60.0

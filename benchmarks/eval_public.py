@@ -4,7 +4,7 @@ Slice mode: CT/MR images shipped with pydicom / pydicom-data.  Volume mode: the 
 T1 1 mm template (4 mm slabs for x4).  Prints a table and writes
 benchmarks/results/eval_public.json.
 
-Usage: .venv/bin/python benchmarks/eval_public.py [--models fast residual]
+Usage: .venv/bin/python -m benchmarks.eval_public [--models fast residual]
        [--tasks slice:2 volume:4] [--self-ensemble auto|on|off] [--threads 1]
 
 Decisions (training length, self-ensemble) are taken on the held-out synthetic validation set

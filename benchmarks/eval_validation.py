@@ -6,7 +6,7 @@ pydicom-data) stays a one-shot measurement.  The volumes come from
 :func:`sr_engine.data.validation_volumes`: 3-D phantoms (training only ever sees 2-D images:
 natural images and 2-D phantoms) generated with a seed disjoint from the training seeds.
 
-Usage: .venv/bin/python benchmarks/eval_validation.py [--models fast residual srgan]
+Usage: .venv/bin/python -m benchmarks.eval_validation [--models fast residual srgan]
        [--tasks volume:4] [--self-ensemble both|on|off] [--weights-dir DIR] [--threads 1]
 
 Prints a table and writes benchmarks/results/eval_validation.json (``--out`` to change).

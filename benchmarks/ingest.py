@@ -7,7 +7,7 @@ TCP_NODELAY (dcmtk reads the ``TCP_NODELAY`` environment variable), and so do Or
 (``TcpNoDelay``) and srnode.  Prints a table and the ratios, writes JSON to
 ``benchmarks/results/ingest.json``.
 
-Usage: ``.venv/bin/python benchmarks/ingest.py [--instances 300] [--rounds 3]``
+Usage: ``.venv/bin/python -m benchmarks.ingest [--instances 300] [--rounds 3]``
 """
 
 from __future__ import annotations
@@ -23,17 +23,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+from pydicom.valuerep import format_number_as_ds
+
+from tests.support.dcmtk import StoreSCP
+from tests.support.node import ServeProcess, node_config_dict, sample_file, write_toml
+from tests.support.orthanc import OrthancServer
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
-from pydicom.uid import generate_uid  # noqa: E402
-from pydicom.valuerep import format_number_as_ds  # noqa: E402
-
-from tests.support.dcmtk import StoreSCP  # noqa: E402
-from tests.support.node import ServeProcess, node_config_dict, sample_file, write_toml  # noqa: E402
-from tests.support.orthanc import OrthancServer  # noqa: E402
 
 
 def make_series(out: Path, n: int) -> list[Path]:

@@ -16,7 +16,7 @@ from dicom_node.network.scp import StorageSCP
 from storage.completeness import CompletenessScheduler
 from storage.filestore import FileStore
 
-LOGGER = logging.getLogger("srnode.node")
+LOGGER = logging.getLogger(__name__)
 
 
 #: GIL switch interval of a receiving node (seconds); see :meth:`Node.start`.

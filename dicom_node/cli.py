@@ -17,7 +17,7 @@ from dicom_node.config import Config, ConfigError, load_config
 from sr_engine.tasks import MODES
 from storage.job_types import JobState
 
-LOGGER = logging.getLogger("srnode.cli")
+LOGGER = logging.getLogger(__name__)
 
 
 def _config(args: argparse.Namespace) -> Config:

@@ -38,7 +38,7 @@ def configure_logging(level: str = "INFO", log_file: str | Path | None = None) -
         root.addHandler(fh)
     root.setLevel(level.upper())
     # Library loggers: their debug output may contain data set elements.
-    for name in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic", "highdicom"):
+    for name in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     quiet_pydicom()
 

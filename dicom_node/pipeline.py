@@ -23,7 +23,7 @@ from dicom_node.config import Config, SafetyConfig
 from dicom_node.derive.files import write_datasets
 from sr_engine.api import ConsistencyReport, EnhanceRequest, EnhanceResult
 
-LOGGER = logging.getLogger("srnode.pipeline")
+LOGGER = logging.getLogger(__name__)
 
 Gate = Literal["send", "warn", "hold"]
 

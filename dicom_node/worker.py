@@ -29,7 +29,7 @@ from storage.filestore import FileStore
 from storage.job_types import BackoffPolicy, ClaimedJob, JobState
 from storage.jobs import JobQueue
 
-LOGGER = logging.getLogger("srnode.worker")
+LOGGER = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
@@ -111,9 +111,15 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
     """
     from dicom_node.derive.transcode import transcode_files
     from dicom_node.logs import configure_logging
-    from dicom_node.network.scu import DestinationUnavailableError, SendError, send_instances
+    from dicom_node.network.scu import (
+        DestinationUnavailableError,
+        SendError,
+        configure_pynetdicom,
+        send_instances,
+    )
 
     configure_logging(config.node.log_level, config.node.log_file or None)
+    configure_pynetdicom()
     db = open_index(config, migrate=False)  # the parent process migrated it
     queue = job_queue(config, db)
     audit = AuditLog(config.node.audit_log or None)

@@ -24,8 +24,6 @@ from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 with atheris.instrument_imports():
     import dicom_node.network.scp  # noqa: F401
     import dicom_node.receive.validation  # noqa: F401

@@ -18,7 +18,7 @@ from .models.base import factors_for, receptive_field
 from .normalise import IntensityMapping, mapping_for
 from .tiling import upsample_planes
 
-log = logging.getLogger(__name__)
+LOGGER = logging.getLogger(__name__)
 CT_PADDING_BELOW_HU = -1024.0
 
 
@@ -254,7 +254,7 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
     request
         What to do (mode, scale, model, device, tiling, self-ensemble).
     weights_dir
-        Optional folder with weights (default: shipped weights or ``$SRNODE_WEIGHTS_DIR``).
+        Optional folder with weights (``[engine] weights_dir``; default: the shipped weights).
 
     Returns
     -------
@@ -353,7 +353,7 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
         out_thickness = s
     if fallback:
         extra["device_fallback"] = fallback
-        log.warning("SR engine device fallback: %s", fallback)
+        LOGGER.warning("SR engine device fallback: %s", fallback)
     extra["tiles_per_plane"] = tiles
     return EnhanceResult(
         volume=np.ascontiguousarray(out, dtype=np.float32), spacing=out_spacing,

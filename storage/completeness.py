@@ -41,7 +41,7 @@ from storage.jobs import create_job, supersede
 from storage.models import Job, ProducedSeries, Series, utcnow
 from storage.rules import Rule
 
-log = logging.getLogger(__name__)
+LOGGER = logging.getLogger(__name__)
 
 
 
@@ -113,7 +113,7 @@ def check_completeness(
                 _check_series(session, series, rules, quiet_by_rule, max_age, max_attempts, now)
             )
     if created:
-        log.info("completeness check queued %d job(s): %s", len(created), created)
+        LOGGER.info("completeness check queued %d job(s): %s", len(created), created)
     return created
 
 
@@ -165,7 +165,7 @@ def _check_series(
             if latest.state in SUPERSEDABLE_STATES:
                 supersede(latest, now, "new instances arrived")
         job_id = create_job(session, series, rule.name, rule.job_params(), max_attempts, now)
-        log.info(
+        LOGGER.info(
             "series %s complete (%d instances%s): job %d for rule %s",
             series.series_instance_uid,
             series.num_instances,
@@ -260,7 +260,7 @@ class CompletenessScheduler:
         try:
             self.run_once()
         except Exception as exc:  # noqa: BLE001 - logged, retried at the next interval
-            log.error("completeness check failed: %s: %s", type(exc).__name__, exc)
+            LOGGER.error("completeness check failed: %s: %s", type(exc).__name__, exc)
 
     @property
     def running(self) -> bool:

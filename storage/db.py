@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from storage.errors import DatabaseUnavailableError, StorageError
 
-log = logging.getLogger(__name__)
+LOGGER = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 #: Default seconds to wait for a locked index before giving up (DatabaseUnavailableError).

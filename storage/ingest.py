@@ -37,7 +37,7 @@ from storage.models import (
 )
 from storage.records import TEXT_LIMITS, InstanceHeader
 
-log = logging.getLogger(__name__)
+LOGGER = logging.getLogger(__name__)
 
 _MAX_UPSERT_ATTEMPTS = 8
 
@@ -370,7 +370,7 @@ def _store_general(
         except IntegrityError as exc:
             # Another association created the same patient/study/series/instance first.
             last_exc = exc
-            log.debug(
+            LOGGER.debug(
                 "unique-constraint race indexing series %s, retrying", header.series_instance_uid
             )
         except DatabaseUnavailableError as exc:
@@ -379,7 +379,7 @@ def _store_general(
             if not _is_transient_conflict(exc) or attempt >= 2:
                 raise
             last_exc = exc
-            log.warning(
+            LOGGER.warning(
                 "transaction conflict indexing series %s (attempt %d), retrying",
                 header.series_instance_uid,
                 attempt + 1,

@@ -35,7 +35,7 @@ from storage.job_types import (
 )
 from storage.models import Instance, Job, SentInstance, Series, utcnow
 
-log = logging.getLogger(__name__)
+LOGGER = logging.getLogger(__name__)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -183,7 +183,7 @@ class JobQueue:
                 if won != 1:
                     continue
                 if seen_state == JobState.RUNNING:
-                    log.warning("job %d: lease expired, taken over by %s", job_id, worker_id)
+                    LOGGER.warning("job %d: lease expired, taken over by %s", job_id, worker_id)
                 job = session.get(Job, job_id, populate_existing=True)
                 assert job is not None
                 paths = session.scalars(
@@ -219,7 +219,7 @@ class JobQueue:
             .with_for_update(skip_locked=True)
         ).all()
         for job in expired:
-            log.warning("job %d: lease expired on its last attempt, dead-lettered", job.id)
+            LOGGER.warning("job %d: lease expired on its last attempt, dead-lettered", job.id)
             _transition(job, JobState.FAILED, now, error="lease expired (worker lost)")
             job.finished_at = now
 

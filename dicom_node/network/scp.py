@@ -39,7 +39,7 @@ from storage.ingest import store_instance
 if TYPE_CHECKING:  # pragma: no cover
     from dicom_node.network.scp_pynetdicom import PynetdicomServer
 
-LOGGER = logging.getLogger("srnode.scp")
+LOGGER = logging.getLogger(__name__)
 
 class StorageSCP(StorageService):
     """C-ECHO and C-STORE service class provider for CT and MR images.

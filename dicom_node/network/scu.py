@@ -39,6 +39,7 @@ __all__ = [
     "DestinationUnavailableError",
     "SendError",
     "SendReport",
+    "configure_pynetdicom",
     "echo",
     "send_instances",
 ]
@@ -149,6 +150,17 @@ def _capture_pynetdicom_errors() -> Iterator[_PeerLogCapture]:
         yield handler
     finally:
         logger.removeHandler(handler)
+
+
+def configure_pynetdicom() -> None:
+    """Set the process-wide pynetdicom options srnode relies on (once, at process start-up).
+
+    Files whose transfer syntax the destination accepted are handed to ``send_c_store`` as
+    paths and are then streamed from disk as they are (no decode/re-encode: about 3x faster);
+    :func:`_prepare` only passes a path in that case.  Without this call pynetdicom reads such a
+    file whole before sending it (same result, slower).
+    """
+    _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 def _make_ae(calling_ae_title: str, timeout: float) -> AE:
@@ -423,10 +435,6 @@ def send_instances(
     if not todo:
         return report
 
-    # Files whose transfer syntax the destination accepted are handed over as paths and must be
-    # streamed from disk as they are (no decode/re-encode: ~3x faster); _prepare only passes a
-    # path in that case.  The flag only affects send_c_store() calls given a path.
-    _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     ae = _make_ae(calling_ae_title, timeout)
     assoc = _associate(

@@ -39,7 +39,7 @@ from dicom_node import __version__
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
 from dicom_node.network import statuses
 
-LOGGER = logging.getLogger("srnode.scp")
+LOGGER = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_VERSION_NAME = (IMPLEMENTATION_VERSION_PREFIX + __version__)[:16]

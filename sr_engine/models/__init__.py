@@ -7,7 +7,6 @@ Learned models keep one weights file per mode and scale,
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,14 +106,12 @@ def build_model(name: str, mode: str, scale: int) -> SRNet:
 
 
 def weights_path(name: str, mode: str, scale: int, weights_dir: Path | None = None) -> Path:
-    """Path of the weights file in ``weights_dir`` (``$SRNODE_WEIGHTS_DIR``, else shipped)."""
-    env = os.environ.get("SRNODE_WEIGHTS_DIR")
-    folder = weights_dir or (Path(env) if env else WEIGHTS_DIR)
-    return Path(folder) / f"{name}_{mode}_x{scale}.safetensors"
+    """Path of the weights file in ``weights_dir`` (``[engine] weights_dir``), else shipped."""
+    return Path(weights_dir or WEIGHTS_DIR) / f"{name}_{mode}_x{scale}.safetensors"
 
 
 def find_weights(name: str, mode: str, scale: int, weights_dir: Path | None = None) -> Path:
-    """The weights file to load: ``weights_dir`` (or ``$SRNODE_WEIGHTS_DIR``) first, then shipped.
+    """The weights file to load: ``weights_dir`` first, then the shipped one.
 
     An ML engineer can swap one model without copying the others.
     """

@@ -1,0 +1,1 @@
+"""Fuzzers: run from the repository root as ``python -m fuzz.<name>``."""
