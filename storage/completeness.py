@@ -32,12 +32,12 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import exists, or_, select
 from sqlalchemy.orm import Session
 
 from storage.db import Database
+from storage.job_rows import create_job, supersede
 from storage.job_types import SUPERSEDABLE_STATES, JobState
-from storage.jobs import create_job, supersede
 from storage.models import Job, ProducedSeries, Series, utcnow
 from storage.rules import Rule
 
@@ -187,24 +187,6 @@ def _has_new_instances(series: Series, job: Job) -> bool:
     lock when it creates a job) and the last reception time.
     """
     return series.num_instances != job.instance_count or series.last_received_at > job.created_at
-
-
-def count_unchecked(db: Database) -> int:
-    """Return how many series the next check may still look at (for status pages)."""
-    with db.session() as session:
-        return int(
-            session.scalar(
-                select(func.count())
-                .select_from(Series)
-                .where(
-                    or_(
-                        Series.completeness_checked_at.is_(None),
-                        Series.completeness_checked_at < Series.last_received_at,
-                    )
-                )
-            )
-            or 0
-        )
 
 
 class CompletenessScheduler:

@@ -428,9 +428,3 @@ def mark_produced_series(db: Database, series_instance_uid: str) -> None:
         except IntegrityError:
             continue
     raise StorageError(f"cannot record produced series {series_instance_uid}")
-
-
-def is_produced_series(db: Database, series_instance_uid: str) -> bool:
-    """Return whether this node recorded ``series_instance_uid`` as its own output."""
-    with db.session() as session:
-        return session.get(ProducedSeries, series_instance_uid) is not None

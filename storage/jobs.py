@@ -25,9 +25,9 @@ from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.errors import InvalidJobStateError, JobNotFoundError
+from storage.job_rows import create_job, job_dict, transition
 from storage.job_types import (
     RETRYABLE_STATES,
-    SUPERSEDABLE_STATES,
     BackoffPolicy,
     ClaimedJob,
     JobParams,
@@ -36,40 +36,6 @@ from storage.job_types import (
 from storage.models import Instance, Job, SentInstance, Series, utcnow
 
 LOGGER = logging.getLogger(__name__)
-
-
-def _iso(value: datetime | None) -> str | None:
-    """Return an ISO 8601 string (or None)."""
-    return value.isoformat() if value is not None else None
-
-
-def _job_dict(job: Job, series: Series | None) -> dict[str, Any]:
-    """Describe a job as a JSON-serialisable dict (no PHI)."""
-    return {
-        "id": job.id,
-        "series_instance_uid": job.series_instance_uid,
-        "modality": series.modality if series is not None else "",
-        "series_description": series.series_description if series is not None else "",
-        "body_part_examined": series.body_part_examined if series is not None else "",
-        "state": job.state,
-        "attempts": job.attempts,
-        "max_attempts": job.max_attempts,
-        "error": job.error,
-        "history": list(job.history or []),
-        "rule": job.rule,
-        "params": dict(job.params or {}),
-        "stage": job.stage,
-        "stage_seconds": dict(job.stage_seconds or {}),
-        "worker_id": job.worker_id,
-        "instance_count": job.instance_count,
-        "not_before": _iso(job.not_before),
-        "lease_expires_at": _iso(job.lease_expires_at),
-        "created_at": _iso(job.created_at),
-        "updated_at": _iso(job.updated_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
-        "result": job.result,
-    }
 
 
 class JobQueue:
@@ -220,7 +186,7 @@ class JobQueue:
         ).all()
         for job in expired:
             LOGGER.warning("job %d: lease expired on its last attempt, dead-lettered", job.id)
-            _transition(job, JobState.FAILED, now, error="lease expired (worker lost)")
+            transition(job, JobState.FAILED, now, error="lease expired (worker lost)")
             job.finished_at = now
 
     # -- worker transitions -------------------------------------------------------------------
@@ -282,7 +248,7 @@ class JobQueue:
         now = utcnow()
         with self.db.session() as session:
             job = self._own(session, job_id, worker_id)
-            _transition(job, JobState.DONE, now, error=None)
+            transition(job, JobState.DONE, now, error=None)
             job.result = result
             if isinstance(result.get("stage_seconds"), dict):
                 job.stage_seconds = result["stage_seconds"]
@@ -323,11 +289,11 @@ class JobQueue:
             job = self._own(session, job_id, worker_id)
             job.lease_expires_at = None
             if retryable and job.attempts < job.max_attempts:
-                _transition(job, JobState.QUEUED, now, error=error)
+                transition(job, JobState.QUEUED, now, error=error)
                 job.not_before = now + timedelta(seconds=self.backoff.delay(job.attempts))
                 job.worker_id = None
                 return JobState.QUEUED
-            _transition(job, JobState.FAILED, now, error=error)
+            transition(job, JobState.FAILED, now, error=error)
             job.finished_at = now
             return JobState.FAILED
 
@@ -344,7 +310,7 @@ class JobQueue:
         now = utcnow()
         with self.db.session() as session:
             job = self._own(session, job_id, worker_id)
-            _transition(job, JobState.HELD, now, error=reason)
+            transition(job, JobState.HELD, now, error=reason)
             if result is not None:
                 job.result = result
             job.finished_at = now
@@ -372,7 +338,7 @@ class JobQueue:
                 raise InvalidJobStateError(
                     f"job {job_id} is {job.state}; only failed or held jobs can be retried"
                 )
-            _transition(job, JobState.QUEUED, now, error=None, note="manual retry")
+            transition(job, JobState.QUEUED, now, error=None, note="manual retry")
             job.attempts = 0
             job.not_before = now
             job.worker_id = None
@@ -396,7 +362,7 @@ class JobQueue:
             ).first()
             if row is None:
                 raise JobNotFoundError(f"job {job_id} does not exist")
-            return _job_dict(row[0], row[1])
+            return job_dict(row[0], row[1])
 
     def list_jobs(
         self, states: Sequence[str] | None = None, limit: int = 500
@@ -415,7 +381,7 @@ class JobQueue:
             if states is not None:
                 query = query.where(Job.state.in_(list(states)))
             query = query.order_by(Job.id.desc()).limit(limit)
-            return [_job_dict(job, series) for job, series in session.execute(query).all()]
+            return [job_dict(job, series) for job, series in session.execute(query).all()]
 
     def counts(self) -> dict[str, int]:
         """Return the number of jobs in each state."""
@@ -457,73 +423,3 @@ class JobQueue:
                     )
                 ).all()
             )
-
-
-def _transition(
-    job: Job, state: JobState, now: datetime, error: str | None, note: str | None = None
-) -> None:
-    """Move a job to ``state``, appending the transition to its history."""
-    entry: dict[str, Any] = {"at": now.isoformat(), "from": str(job.state), "to": str(state)}
-    if error:
-        entry["error"] = error
-    elif job.error and state == JobState.QUEUED:
-        entry["previous_error"] = job.error
-    if note:
-        entry["note"] = note
-    job.history = [*(job.history or []), entry]
-    job.state = str(state)
-    job.error = error
-    job.updated_at = now
-
-
-def supersede(job: Job, now: datetime, note: str) -> None:
-    """Mark a queued, held or failed job ``superseded`` inside an open session.
-
-    Parameters
-    ----------
-    job
-        The job row (locked by the caller).
-    now
-        Transition time.
-    note
-        Why (kept in the job's history).
-
-    Raises
-    ------
-    InvalidJobStateError
-        If the job is running or already finished.
-    """
-    if job.state not in SUPERSEDABLE_STATES:
-        raise InvalidJobStateError(f"job {job.id} is {job.state}; it cannot be superseded")
-    _transition(job, JobState.SUPERSEDED, now, error=job.error, note=note)
-    job.finished_at = job.finished_at or now
-
-
-def create_job(
-    session: Session,
-    series: Series,
-    rule: str,
-    params: JobParams,
-    max_attempts: int,
-    now: datetime,
-) -> int:
-    """Insert a queued job for ``series`` inside an open session and return its id."""
-    job = Job(
-        series_fk=series.id,
-        series_instance_uid=series.series_instance_uid,
-        rule=rule,
-        params=params.to_json(),
-        state=JobState.QUEUED,
-        attempts=0,
-        max_attempts=max_attempts,
-        not_before=now,
-        stage="queued",
-        stage_seconds={},
-        history=[],
-        instance_count=series.num_instances,
-        created_at=now,
-        updated_at=now,
-    )
-    session.add(job)
-    session.flush()
-    return job.id

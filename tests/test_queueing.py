@@ -100,9 +100,9 @@ def test_jobs_and_retry_cli(tmp_path: Path) -> None:
     cfg = load_config(cfg_path)
     db = Database(cfg.node.database_url)
     db.upgrade()
-    from dicom_node.receive.header import read_header
     from storage.filestore import FileStore
     from storage.ingest import store_instance
+    from tests.support.headers import read_header
 
     src = make_ct_series(tmp_path / "ct", n_slices=1, rows=16)[0]
     header = read_header(src)

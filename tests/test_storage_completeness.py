@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.receive.header import read_header
 from storage.completeness import CompletenessScheduler, check_completeness
 from storage.db import Database
 from storage.filestore import FileStore
@@ -15,6 +14,7 @@ from storage.jobs import JobQueue
 from storage.rules import Rule
 from tests.support import db as db_support
 from tests.support.db import synthetic_instance
+from tests.support.headers import read_header
 
 db_url = db_support.db_url
 database = db_support.database

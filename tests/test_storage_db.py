@@ -93,11 +93,11 @@ def test_session_commits_and_rolls_back(database: Database) -> None:
 def test_timestamps_are_aware_utc(database: Database) -> None:
     import tempfile
 
-    from dicom_node.receive.header import read_header
     from storage.filestore import FileStore
     from storage.ingest import store_instance
     from storage.job_types import JobParams
     from storage.jobs import JobQueue
+    from tests.support.headers import read_header
 
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_instance("1.2.3", "1.2.3.4", "1.2.3.4.1")

@@ -11,14 +11,15 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
-from dicom_node.receive.header import header_from_dataset, read_header
+from dicom_node.receive.header import header_from_dataset
 from storage.db import Database
 from storage.errors import DatabaseUnavailableError, InvalidInstanceError, InvalidUIDError
 from storage.filestore import FileStore
-from storage.ingest import is_produced_series, mark_produced_series, store_instance
-from storage.models import Instance, Patient, Series, Study
+from storage.ingest import mark_produced_series, store_instance
+from storage.models import Instance, Patient, ProducedSeries, Series, Study
 from tests.support import db as db_support
 from tests.support.db import synthetic_instance
+from tests.support.headers import read_header
 
 db_url = db_support.db_url
 database = db_support.database
@@ -182,7 +183,8 @@ def test_mark_produced_series(database: Database, tmp_path: Path) -> None:
     produced = "1.2.3.999"
     mark_produced_series(database, produced)
     mark_produced_series(database, produced)  # idempotent
-    assert is_produced_series(database, produced)
+    with database.session() as session:
+        assert session.get(ProducedSeries, produced) is not None
     # ImageType altered by a PACS: ORIGINAL, no SRNODE token.
     data = synthetic_instance(STUDY, produced, produced + ".1")
     store_instance(database, store, read_header(data), data, "PACS")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from dicom_node.receive.header import read_header
 from storage.db import Database
 from storage.errors import InvalidJobStateError, JobNotFoundError
 from storage.filestore import FileStore
@@ -18,6 +17,7 @@ from storage.jobs import JobQueue
 from storage.models import Job
 from tests.support import db as db_support
 from tests.support.db import synthetic_instance
+from tests.support.headers import read_header
 
 db_url = db_support.db_url
 database = db_support.database
