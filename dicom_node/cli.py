@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dicom_node import __version__
 from dicom_node.config import Config, ConfigError, load_config
+from storage.errors import StorageError
 
 LOGGER = logging.getLogger("srnode.cli")
 
@@ -43,8 +44,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(cfg)
     except OSError as exc:
         where = f"{cfg.node.host}:{cfg.node.port}"
+        if cfg.http.enabled:
+            where += f" or HTTP {cfg.http.host}:{cfg.http.port}"
         print(f"srnode serve: cannot listen on {where}: {exc.strerror or exc} "
-              "(is another node running? change [node] port)", file=sys.stderr)
+              "(is another node running? change [node] port or [http] port)", file=sys.stderr)
         return 2
 
 
@@ -100,11 +103,57 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Summarise the node's state."""
-    from dicom_node.status import format_status, node_status
+    """Summarise the node's state; exit 1 when a health check fails (as /healthz: 503)."""
+    from dicom_node.status import format_status, node_health, node_status
 
-    status = node_status(_config(args))
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    cfg = _config(args)
+    try:
+        status = node_status(cfg)
+    except StorageError as exc:
+        status = {"error": str(exc)}
+    health = node_health(cfg).as_dict()
+    status["health"] = health
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        if "error" in status:
+            print(f"index       {status['error']}")
+        else:
+            print(format_status(status))
+        print(f"health      {health['status']}"
+              + "".join(f"\n  {name}: {'ok' if c['ok'] else 'FAILING'} - {c['detail']}"
+                        for name, c in health["checks"].items())
+              + "".join(f"\nWARNING     {w}" for w in health["warnings"]))
+    return 0 if health["status"] == "ok" else 1
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Apply [retention] now (or, with --dry-run, list what would go)."""
+    from dicom_node.audit import AuditLog
+    from dicom_node.housekeeping import run_purge
+    from storage.db import Database
+    from storage.filestore import FileStore
+
+    cfg = _config(args)
+    db = Database(cfg.node.database_url, cfg.node.index_busy_timeout_seconds)
+    try:
+        db.upgrade()
+        report = run_purge(cfg, db, FileStore(Path(cfg.node.storage_dir)),
+                           AuditLog(cfg.node.audit_log or None), dry_run=args.dry_run)
+    finally:
+        db.dispose()
+    if args.json:
+        print(json.dumps({"dry_run": report.dry_run, "stored_bytes": report.stored_bytes,
+                          "items": [i.describe() for i in report.items]}, indent=2))
+        return 0
+    verb = "would purge" if report.dry_run else "purged"
+    for i in report.items:
+        what = f"job {i.job_id} derived output" if i.kind == "derived" else (
+            f"{i.instances} instance(s)")
+        print(f"{verb} {i.kind:<8} {i.series_instance_uid}  {what}, {i.bytes} bytes, "
+              f"since {i.since[:19]} ({i.reason})")
+    print(f"{verb} {len(report.items)} item(s), {report.purged_bytes} of "
+          f"{report.stored_bytes} stored bytes")
     return 0
 
 
@@ -229,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=500)
 
     p = add("status", cmd_status, "counts of series, instances and jobs; disk; recent failures")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("purge", cmd_purge, "apply [retention] now: delete finished series and derived "
+            "output it selects")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be purged")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("retry", cmd_retry, "re-queue a failed or held job")

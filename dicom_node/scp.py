@@ -40,7 +40,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicom_node import statuses
+from dicom_node import metrics, statuses
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.header_scan import scan_instance
@@ -171,6 +171,7 @@ class StorageSCP(StorageService):
             "association rejected: calling AE %r from %s:%s, called AE %r (%s)",
             peer.ae_title, peer.address, peer.port, peer.called_ae_title, reason,
         )
+        metrics.ASSOCIATIONS_REJECTED.labels(reason=metrics.reject_reason_label(reason)).inc()
         self.audit.record(
             "association_rejected", calling_ae=peer.ae_title, address=peer.address,
             called_ae=peer.called_ae_title, reason=reason,
@@ -215,6 +216,7 @@ class StorageSCP(StorageService):
             "instance_refused", calling_ae=calling_ae, address=address,
             status=f"0x{status:04X}", reason=reason, **uids,
         )
+        metrics.INSTANCES_REFUSED.labels(status=f"0x{status:04X}").inc()
         return status
 
     def receive(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
@@ -329,4 +331,5 @@ class StorageSCP(StorageService):
             modality=header.modality, replaced=outcome.replaced, **uids,
         )
         LOGGER.debug("stored %s (replaced=%s)", header.sop_instance_uid, outcome.replaced)
+        metrics.INSTANCES_RECEIVED.inc()
         return statuses.SUCCESS

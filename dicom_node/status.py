@@ -11,7 +11,9 @@ from sqlalchemy import func, select
 
 from dicom_node.app import redact_url
 from dicom_node.config import Config
+from dicom_node.health import Health
 from storage.db import Database
+from storage.filestore import FileStore
 from storage.jobs import JobQueue
 from storage.models import Instance, Series
 
@@ -42,6 +44,7 @@ def node_status(config: Config) -> dict[str, Any]:
         "storage_dir": str(storage),
         "free_disk_mb": disk.free // (1024 * 1024),
         "min_free_disk_mb": config.node.min_free_disk_mb,
+        "warn_free_disk_mb": config.node.warn_free_disk_mb,
         "series": n_series,
         "instances": n_instances,
         "last_received_at": last.astimezone(UTC).isoformat() if last else None,
@@ -72,6 +75,21 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     if status["free_disk_mb"] < status["min_free_disk_mb"]:
         lines.append("WARNING     free disk below the floor: C-STORE answers 0xA700")
+    elif status["free_disk_mb"] < status.get("warn_free_disk_mb", 0):
+        lines.append("WARNING     free disk below warn_free_disk_mb: C-STORE is refused at the "
+                     "floor")
     for f in status["recent_failures"]:
         lines.append(f"{f['state']:<11} job {f['id']}: {f['error']}")
     return "\n".join(lines)
+
+
+def node_health(config: Config) -> Health:
+    """The checks of ``GET /healthz`` from another process (the SCP is checked by C-ECHO)."""
+    from dicom_node.health import EngineDevice, check_health, echo_check
+
+    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
+    try:
+        return check_health(config, db, FileStore(Path(config.node.storage_dir)),
+                            echo_check(config), EngineDevice(config.engine.device))
+    finally:
+        db.dispose()

@@ -23,6 +23,7 @@ from typing import Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.metrics import observe_finished_job
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.jobs import ClaimedJob, JobQueue
@@ -233,6 +234,7 @@ class Worker:
                 proc.join()
                 return
         info = self.queue.get(job.id)
+        observe_finished_job(info, job.params.get("destinations", []))
         if info["state"] == "running" and info.get("worker_id", self.worker_id) == self.worker_id:
             msg = f"worker process exited with code {proc.exitcode} before finishing"
             self.queue.fail(job.id, self.worker_id, msg, retryable=True,
