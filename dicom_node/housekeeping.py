@@ -24,8 +24,6 @@ LOGGER = logging.getLogger("srnode.housekeeping")
 _DAY = 86400.0
 _GB = 1024**3
 _MB = 1024**2
-#: Extra quiet time (seconds) before a series without jobs counts as settled.
-SETTLE_MARGIN_S = 60.0
 
 
 def retention_policy(config: Config) -> RetentionPolicy:
@@ -42,12 +40,12 @@ def retention_policy(config: Config) -> RetentionPolicy:
 def settle_seconds(config: Config) -> float:
     """How long a series must be quiet before retention may look at it.
 
-    The longest quiet period (default or any rule's), three completeness-check intervals and a
-    margin: by then the completeness check has queued every job the series will get.
+    Twice the longest quiet period (default or any rule's) plus three completeness-check
+    intervals: by then the completeness check has queued every job the series will get.
     """
     quiet = [config.series.quiet_period_seconds] + [
         r.quiet_period_seconds for r in config.rules if r.quiet_period_seconds is not None]
-    return max(quiet) + 3 * config.series.check_interval_seconds + SETTLE_MARGIN_S
+    return 2 * max(quiet) + 3 * config.series.check_interval_seconds
 
 
 def run_purge(config: Config, db: Database, store: FileStore, audit: AuditLog,
