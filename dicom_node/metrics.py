@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
@@ -30,6 +30,7 @@ from storage.jobs import JobQueue
 from storage.models import Job, SentInstance
 
 LOGGER = logging.getLogger("srnode.metrics")
+disable_created_metrics()  # no *_created series: dashboards use the counters themselves
 
 INSTANCES_RECEIVED = Counter(
     "srnode_instances_received", "Instances stored and indexed by this process's SCP.",
@@ -83,6 +84,8 @@ def observe_finished_job(info: Mapping[str, Any], destinations: Sequence[str]) -
     destinations
         The destination names of the job's rule.
     """
+    if info.get("state") == "running":
+        return  # another worker took it over: its worker records it
     for stage, seconds in (info.get("stage_seconds") or {}).items():
         JOB_STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
     error = info.get("error") or ""

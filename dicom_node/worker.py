@@ -207,6 +207,7 @@ class Worker:
         LOGGER.info("job %d claimed (attempt %d/%d, rule %s)", job.id, job.attempts,
                     job.max_attempts, job.rule)
         self._execute(job)
+        observe_finished_job(self.queue.get(job.id), job.params.get("destinations", []))
         return job.id
 
     def _execute(self, job: ClaimedJob) -> None:
@@ -234,7 +235,6 @@ class Worker:
                 proc.join()
                 return
         info = self.queue.get(job.id)
-        observe_finished_job(info, job.params.get("destinations", []))
         if info["state"] == "running" and info.get("worker_id", self.worker_id) == self.worker_id:
             msg = f"worker process exited with code {proc.exitcode} before finishing"
             self.queue.fail(job.id, self.worker_id, msg, retryable=True,
