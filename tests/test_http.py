@@ -123,7 +123,8 @@ def test_healthz_503_when_the_index_is_unavailable(tmp_path: Path) -> None:
                 r = requests.get(_url(node, "/healthz"), timeout=60)
                 assert r.status_code == 503
                 assert r.json()["failing"] == ["index"]
-                samples = _scrape(node, index_up=False)  # /metrics still answers, saying the index is down
+                # /metrics still answers, saying the index is down
+                samples = _scrape(node, index_up=False)
                 assert _total(samples, "srnode_index_up") == 0
             finally:
                 with db_support._pg_admin_connect() as admin:
