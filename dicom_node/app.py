@@ -99,7 +99,7 @@ class Node:
 
     def _start_operations(self) -> None:
         """Start retention on the scheduler and (``[http] enabled``) /healthz and /metrics."""
-        from dicom_node.health import Check, EngineDevice, check_health
+        from dicom_node.health import Check, EngineDevice, Health, check_health
         from dicom_node.housekeeping import Housekeeping
 
         self.housekeeping = Housekeeping(self.config, self.db, self.store, self.audit)
@@ -109,15 +109,15 @@ class Node:
         from dicom_node.http_server import HttpServer, build_app
         from dicom_node.metrics import IndexCollector, build_registry
 
+        # resolved in a child process on the first /healthz or /metrics request
         device = EngineDevice(self.config.engine.device)
-        device.start()
 
         def scp_check() -> Check:
-            listening = getattr(self.scp, "_server", None) is not None
+            listening = self.scp.listening
             return Check(listening, f"listening on port {self.scp.port}" if listening
                          else "SCP not listening")
 
-        def health() -> object:
+        def health() -> Health:
             return check_health(self.config, self.db, self.store, scp_check, device)
 
         registry = build_registry(IndexCollector(self.db, self.store, device.labels))

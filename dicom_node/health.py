@@ -7,9 +7,13 @@ A node is healthy when its SCP listens, the index answers, free disk is above
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -55,57 +59,80 @@ class Health:
         }
 
 
+#: Resolves the device in a child process and prints ``{"device": ..., "problem": ...}``.
+_RESOLVE_SCRIPT = """
+import json, sys
+from sr_engine.inference import resolve_device
+device, fallback = resolve_device(sys.argv[1])
+problem = fallback if sys.argv[1] == "cuda" and fallback else None
+print(json.dumps({"device": device, "problem": problem}))
+"""
+
+
 class EngineDevice:
-    """Resolves the engine's device once, in the background (importing torch takes a while).
+    """The engine's device, resolved in a child process (torch never loads in the SCP process).
+
+    Resolved at start-up and again in the background when older than ``max_age_s``, so a GPU
+    that disappears is noticed; until the first answer the status is "still checking".
 
     Parameters
     ----------
     requested
         ``[engine] device``: ``auto``, ``cpu`` or ``cuda``.
+    max_age_s
+        Seconds after which a status call triggers a fresh resolution.
     """
 
-    def __init__(self, requested: str) -> None:
+    def __init__(self, requested: str, max_age_s: float = 600.0) -> None:
         self.requested = requested
+        self.max_age_s = max_age_s
         self._resolved: str | None = None
         self._problem: str | None = None
+        self._checked_at = 0.0
         self._done = threading.Event()
         self._lock = threading.Lock()
-        self._started = False
+        self._running = False
 
     def start(self) -> None:
-        """Start resolving in a daemon thread (idempotent)."""
+        """Resolve in a daemon thread unless a resolution is running or recent."""
         with self._lock:
-            if self._started:
+            fresh = self._done.is_set() and time.monotonic() - self._checked_at < self.max_age_s
+            if self._running or fresh:
                 return
-            self._started = True
+            self._running = True
         threading.Thread(target=self._resolve, name="srnode-device", daemon=True).start()
 
     def _resolve(self) -> None:
         try:
-            from sr_engine.inference import resolve_device
-
-            device, fallback = resolve_device(self.requested)
-            self._resolved = device
-            if self.requested == "cuda" and fallback:
-                self._problem = fallback
-        except Exception as exc:  # noqa: BLE001 - any import or driver failure is "unusable"
-            self._resolved = "none"
-            self._problem = f"{type(exc).__name__}: {exc}"
-        finally:
-            self._done.set()
+            out = subprocess.run([sys.executable, "-c", _RESOLVE_SCRIPT, self.requested],
+                                 capture_output=True, text=True, timeout=300)
+            if out.returncode != 0:
+                last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+                resolved, problem = "none", f"the engine cannot start: {last[:300]}"
+            else:
+                answer = json.loads(out.stdout.strip().splitlines()[-1])
+                resolved, problem = answer["device"], answer["problem"]
+        except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
+            resolved, problem = "none", f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            self._resolved, self._problem = resolved, problem
+            self._checked_at = time.monotonic()
+            self._running = False
+        self._done.set()
 
     def status(self, wait: float = 30.0) -> tuple[str, str | None]:
-        """Return ``(device, problem or None)``, waiting up to ``wait`` seconds for the answer."""
+        """Return ``(device, problem or None)``, waiting up to ``wait`` s for a first answer."""
         self.start()
         if not self._done.wait(wait):
             return "unknown", "still checking the engine device"
-        return self._resolved or "none", self._problem
+        with self._lock:
+            return self._resolved or "none", self._problem
 
     def labels(self) -> tuple[str, str]:
-        """``(requested, resolved)`` without waiting (``pending`` while resolving)."""
+        """``(requested, resolved)`` without waiting (``pending`` before the first answer)."""
         self.start()
-        return self.requested, self._resolved if self._done.is_set() and self._resolved else (
-            "pending")
+        with self._lock:
+            return self.requested, self._resolved or "pending"
 
 
 def check_index(db: Database) -> Check:

@@ -70,7 +70,7 @@ def build_app(health: Callable[[], Health], registry: CollectorRegistry,
     expected = f"Bearer {token}".encode()
 
     @app.middleware("http")
-    async def _authorise(request: Request, call_next: Callable) -> Response:  # noqa: ANN001
+    async def _authorise(request: Request, call_next: Callable) -> Response:
         if token:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):

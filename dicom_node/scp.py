@@ -158,6 +158,11 @@ class StorageSCP(StorageService):
             return self.config.node.port
         return int(self._server.server_address[1])
 
+    @property
+    def listening(self) -> bool:
+        """Whether the SCP has been started and not stopped (for /healthz)."""
+        return self._server is not None
+
     def stop(self) -> None:
         """Stop listening and close open associations."""
         if self._server is not None:
