@@ -327,11 +327,16 @@ class Retention:
         report.dry_run = dry_run
         if dry_run:
             return report
+        done = list(pending)
         for item in report.items[len(pending):]:
             if item.kind == "received":
                 self._load_rows(item)
+                if not item.rows:
+                    continue  # purged meanwhile by another process sharing the store
             self._write_intent(item)
             self._execute(item, on_purged)
+            done.append(item)
+        report.items = done
         if report.items:
             log.info("retention purged %d item(s), %d bytes", len(report.items),
                      report.purged_bytes)
@@ -345,7 +350,7 @@ class Retention:
     def _execute(self, item: PurgeItem, on_purged: PurgedCallback | None) -> None:
         """Steps 2-5 of the module docstring for one item whose intent is on disk."""
         if item.kind == "derived":
-            shutil.rmtree(item.folder, ignore_errors=True)
+            shutil.rmtree(self.store.check_inside(Path(item.folder)), ignore_errors=True)
         else:
             for _row_id, path, _at in item.rows:
                 with contextlib.suppress(FileNotFoundError):
