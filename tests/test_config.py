@@ -54,6 +54,7 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                             "transfer_syntax": "jpeg"}]}, "transfer_syntax"),
         ({"node": {"tls": {"enabled": True}}}, "cert_file"),
         ({"retention": {"max_storage_gb": -1}}, "max_storage_gb"),
+        ({"node": {"warn_free_disk_mb": -1}}, "warn_free_disk_mb"),
         ({"retention": {"keep": 1}}, "keep"),
         ({"http": {"port": 70000}}, "port"),
         ({"http": {"enabled": "yes"}}, "true/false"),
