@@ -14,7 +14,6 @@ from pathlib import Path
 
 from dicom_node import __version__
 from dicom_node.config import Config, ConfigError, load_config
-from storage.errors import StorageError
 
 LOGGER = logging.getLogger("srnode.cli")
 
@@ -104,56 +103,19 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Summarise the node's state; exit 1 when a health check fails (as /healthz: 503)."""
-    from dicom_node.status import format_status, node_health, node_status
+    from dicom_node.status import format_status, node_report
 
-    cfg = _config(args)
-    try:
-        status = node_status(cfg)
-    except StorageError as exc:
-        status = {"error": str(exc)}
-    health = node_health(cfg).as_dict()
-    status["health"] = health
-    if args.json:
-        print(json.dumps(status, indent=2))
-    else:
-        if "error" in status:
-            print(f"index       {status['error']}")
-        else:
-            print(format_status(status))
-        print(f"health      {health['status']}"
-              + "".join(f"\n  {name}: {'ok' if c['ok'] else 'FAILING'} - {c['detail']}"
-                        for name, c in health["checks"].items())
-              + "".join(f"\nWARNING     {w}" for w in health["warnings"]))
-    return 0 if health["status"] == "ok" else 1
+    report = node_report(_config(args))
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0 if report["health"]["status"] == "ok" else 1
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """Apply [retention] now (or, with --dry-run, list what would go)."""
-    from dicom_node.audit import AuditLog
-    from dicom_node.housekeeping import run_purge
-    from storage.db import Database
-    from storage.filestore import FileStore
+    from dicom_node.housekeeping import format_purge, purge_now
 
-    cfg = _config(args)
-    db = Database(cfg.node.database_url, cfg.node.index_busy_timeout_seconds)
-    try:
-        db.upgrade()
-        report = run_purge(cfg, db, FileStore(Path(cfg.node.storage_dir)),
-                           AuditLog(cfg.node.audit_log or None), dry_run=args.dry_run)
-    finally:
-        db.dispose()
-    if args.json:
-        print(json.dumps({"dry_run": report.dry_run, "stored_bytes": report.stored_bytes,
-                          "items": [i.describe() for i in report.items]}, indent=2))
-        return 0
-    verb = "would purge" if report.dry_run else "purged"
-    for i in report.items:
-        what = f"job {i.job_id} derived output" if i.kind == "derived" else (
-            f"{i.instances} instance(s)")
-        print(f"{verb} {i.kind:<8} {i.series_instance_uid}  {what}, {i.bytes} bytes, "
-              f"since {i.since[:19]} ({i.reason})")
-    print(f"{verb} {len(report.items)} item(s), {report.purged_bytes} of "
-          f"{report.stored_bytes} stored bytes")
+    report = purge_now(_config(args), dry_run=args.dry_run)
+    print(json.dumps(report.describe(), indent=2) if args.json else format_purge(report))
     return 0
 
 

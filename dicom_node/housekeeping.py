@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from datetime import timedelta
+from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -68,6 +69,31 @@ def run_purge(config: Config, db: Database, store: FileStore, audit: AuditLog,
         retention_policy(config), utcnow() - timedelta(seconds=settle_seconds(config)),
         dry_run=dry_run, on_purged=on_purged,
     )
+
+
+def purge_now(config: Config, dry_run: bool = False) -> PurgeReport:
+    """``srnode purge``: open the index and the store of ``config`` and run :func:`run_purge`."""
+    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
+    try:
+        db.upgrade()
+        return run_purge(config, db, FileStore(Path(config.node.storage_dir)),
+                         AuditLog(config.node.audit_log or None), dry_run=dry_run)
+    finally:
+        db.dispose()
+
+
+def format_purge(report: PurgeReport) -> str:
+    """One line per purged (or, dry run, purgeable) item and a total."""
+    verb = "would purge" if report.dry_run else "purged"
+    lines = []
+    for i in report.items:
+        what = (f"job {i.job_id} derived output" if i.kind == "derived"
+                else f"{i.instances} instance(s)")
+        lines.append(f"{verb} {i.kind:<8} {i.series_instance_uid}  {what}, {i.bytes} bytes, "
+                     f"since {i.since[:19]} ({i.reason})")
+    lines.append(f"{verb} {len(report.items)} item(s), {report.purged_bytes} of "
+                 f"{report.stored_bytes} stored bytes")
+    return "\n".join(lines)
 
 
 def warn_free_disk(config: Config, store: FileStore) -> None:

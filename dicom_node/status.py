@@ -13,6 +13,7 @@ from dicom_node.app import redact_url
 from dicom_node.config import Config
 from dicom_node.health import Health
 from storage.db import Database
+from storage.errors import StorageError
 from storage.filestore import FileStore
 from storage.jobs import JobQueue
 from storage.models import Instance, Series
@@ -60,7 +61,13 @@ def node_status(config: Config) -> dict[str, Any]:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """Human-readable summary of :func:`node_status`."""
+    """Human-readable summary of :func:`node_status` (or :func:`node_report`)."""
+    if "error" in status:
+        health = status.get("health", {})
+        return "\n".join([f"index       {status['error']}",
+                          f"health      {health.get('status', 'unknown')}"]
+                         + [f"  {n}: {'ok' if c['ok'] else 'FAILING'} - {c['detail']}"
+                            for n, c in health.get("checks", {}).items()])
     jobs = ", ".join(f"{k} {v}" for k, v in status["jobs"].items() if v) or "none"
     lines = [
         f"node        {status['ae_title']} port {status['port']}",
@@ -73,6 +80,11 @@ def format_status(status: dict[str, Any]) -> str:
         f"rules       {', '.join(status['rules']) or 'none (series are indexed, not queued)'}",
         f"destinations {', '.join(status['destinations']) or 'none'}",
     ]
+    if "health" in status:
+        health = status["health"]
+        lines.append(f"health      {health['status']}")
+        lines.extend(f"  {name}: {'ok' if c['ok'] else 'FAILING'} - {c['detail']}"
+                     for name, c in health["checks"].items())
     if status["free_disk_mb"] < status["min_free_disk_mb"]:
         lines.append("WARNING     free disk below the floor: C-STORE answers 0xA700")
     elif status["free_disk_mb"] < status.get("warn_free_disk_mb", 0):
@@ -93,3 +105,16 @@ def node_health(config: Config) -> Health:
                             echo_check(config), EngineDevice(config.engine.device))
     finally:
         db.dispose()
+
+
+def node_report(config: Config) -> dict[str, Any]:
+    """:func:`node_status` plus the health checks (``"health"``); ``srnode status``.
+
+    If the index cannot be read, the counts are left out and ``"error"`` says why.
+    """
+    try:
+        report = node_status(config)
+    except StorageError as exc:
+        report = {"error": str(exc)}
+    report["health"] = node_health(config).as_dict()
+    return report

@@ -125,6 +125,11 @@ class PurgeReport:
         """Bytes the items hold."""
         return sum(i.bytes for i in self.items)
 
+    def describe(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (``srnode purge --json``)."""
+        return {"dry_run": self.dry_run, "stored_bytes": self.stored_bytes,
+                "purged_bytes": self.purged_bytes, "items": [i.describe() for i in self.items]}
+
 
 def _folder_bytes(folder: Path) -> int:
     """Total size of the files under ``folder`` (0 when it does not exist)."""
