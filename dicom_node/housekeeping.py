@@ -19,7 +19,13 @@ from dicom_node.worker import job_output_dir
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.models import utcnow
-from storage.retention import PurgeItem, PurgeReport, Retention, RetentionPolicy
+from storage.retention import (
+    INTENT_DIR,
+    PurgeItem,
+    PurgeReport,
+    Retention,
+    RetentionPolicy,
+)
 
 LOGGER = logging.getLogger("srnode.housekeeping")
 _DAY = 86400.0
@@ -140,6 +146,9 @@ class Housekeeping:
                                 coalesce=True, next_run_time=utcnow())
 
     def _purge(self) -> None:
+        policy_off = retention_policy(self.config) == RetentionPolicy()
+        if policy_off and not (self.store.root / INTENT_DIR).is_dir():
+            return  # nothing to do and nothing interrupted: leave the index alone
         try:
             run_purge(self.config, self.db, self.store, self.audit)
         except Exception as exc:  # noqa: BLE001 - logged, retried at the next interval
