@@ -202,8 +202,19 @@ class Retention:
         ]
 
     def _load_rows(self, item: PurgeItem) -> None:
-        """Record the instance rows (id, path, reception time) a received item removes."""
+        """Record the instance rows (id, path, reception time) a received item removes.
+
+        Leaves ``rows`` empty when the series changed since planning (a new instance, a new
+        job holding on to it) or another process purged it meanwhile.
+        """
+        kept = exists().where(Job.series_fk == Series.id, Job.state.in_(KEEP_STATES))
         with self.db.session() as s:
+            still = s.execute(
+                select(Series.last_received_at).where(Series.id == item.series_id, ~kept)
+            ).scalar_one_or_none()
+            if still is None or still.isoformat() != item.since:
+                item.rows = []
+                return
             item.rows = [
                 (int(i), str(p), at.isoformat()) for i, p, at in s.execute(
                     select(Instance.id, Instance.path, Instance.received_at)
@@ -222,9 +233,10 @@ class Retention:
                 select(Job.id, Job.series_instance_uid, Study.study_instance_uid, Job.finished_at)
                 .join(Series, Series.id == Job.series_fk)
                 .join(Study, Study.id == Series.study_fk)
-                .where(Job.state == "done", Job.id.in_(list(folders)))
+                .where(Job.state == "done")
                 .order_by(Job.finished_at, Job.id)
             ).all()
+        rows = [r for r in rows if r[0] in folders]
         return [
             PurgeItem(
                 kind="derived", series_instance_uid=uid, study_instance_uid=study_uid, reason="",
@@ -337,7 +349,7 @@ class Retention:
             if item.kind == "received":
                 self._load_rows(item)
                 if not item.rows:
-                    continue  # purged meanwhile by another process sharing the store
+                    continue  # changed since planning, or purged by another process
             self._write_intent(item)
             self._execute(item, on_purged)
             done.append(item)

@@ -304,3 +304,28 @@ def test_max_storage_gb_keeps_the_node_accepting(tmp_path: Path) -> None:
     _assert_consistent(cfg)
     reasons = {e["reason"] for e in _audit_purged(cfg)}
     assert reasons == {"storage_budget"}
+
+
+def test_a_series_that_changed_since_planning_is_kept(tmp_path: Path) -> None:
+    """A job queued (or an instance received) between planning and purging keeps the series."""
+    from storage.retention import Retention, RetentionPolicy
+
+    cfg, uids, _ = _populate(tmp_path)
+    db = Database(cfg.node.database_url)
+    store = FileStore(Path(cfg.node.storage_dir))
+    retention = Retention(db, store, Path(cfg.node.storage_dir) / "derived")
+    policy = RetentionPolicy(received_max_age_s=30 * 86400)
+    stale = retention.plan(policy, utcnow())
+    assert {i.series_instance_uid for i in stale.items} == {uids["done_old"], uids["none_old"]}
+    with db.session() as s:  # a new job for one, a new instance time for the other
+        s.execute(update(Job).where(Job.series_instance_uid == uids["done_old"])
+                  .values(state="queued"))
+        s.execute(update(Series).where(Series.series_instance_uid == uids["none_old"])
+                  .values(last_received_at=utcnow()))
+    retention.plan = lambda *a, **k: stale  # type: ignore[method-assign]
+    report = retention.purge(policy, utcnow())
+    db.dispose()
+    assert report.items == []
+    after, _ = _snapshot(cfg)
+    assert after[uids["done_old"]] == 2 and after[uids["none_old"]] == 2
+    _assert_consistent(cfg)
