@@ -56,6 +56,12 @@ class Node:
         )
         self.run_worker = config.worker.enabled if run_worker is None else run_worker
         self.receive = receive
+        if receive and config.http.enabled:
+            from dicom_node.http_server import check_exposure
+
+            check_exposure(config.http)
+        self.http = None
+        self.housekeeping = None
         self.worker = None
         self._worker_thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -73,6 +79,11 @@ class Node:
                 LOGGER.info("removed %d incomplete temporary file(s) from an earlier run", removed)
             self.scp.start()
             self.scheduler.start()
+            try:
+                self._start_operations()
+            except BaseException:
+                self.stop()
+                raise
         if self.run_worker:
             from dicom_node.worker import Worker
 
@@ -85,12 +96,44 @@ class Node:
         if self.receive and not self.config.rules:
             LOGGER.warning("no [[rules]] configured: series are received and indexed, not queued")
 
+    def _start_operations(self) -> None:
+        """Start retention on the scheduler and (``[http] enabled``) /healthz and /metrics."""
+        from dicom_node.health import Check, EngineDevice, Health, check_health
+        from dicom_node.housekeeping import Housekeeping
+
+        self.housekeeping = Housekeeping(self.config, self.db, self.store, self.audit)
+        self.housekeeping.start()
+        if not self.config.http.enabled:
+            return
+        from dicom_node.http_server import HttpServer, build_app
+        from dicom_node.metrics import IndexCollector, build_registry
+
+        # resolved in a child process on the first /healthz or /metrics request
+        device = EngineDevice(self.config.engine.device)
+
+        def scp_check() -> Check:
+            listening = self.scp.listening
+            return Check(listening, f"listening on port {self.scp.port}" if listening
+                         else "SCP not listening")
+
+        def health() -> Health:
+            return check_health(self.config, self.db, self.store, scp_check, device)
+
+        registry = build_registry(IndexCollector(self.db, self.store, device.labels))
+        self.http = HttpServer(self.config.http,
+                               build_app(health, registry, self.config.http.token))
+        self.http.start()
+
     def stop(self) -> None:
         """Stop everything; running jobs are left to be resumed (their lease expires)."""
         self._stop.set()
         if self.receive:
             self.scp.stop()
             self.scheduler.shutdown()
+        if self.http is not None:
+            self.http.stop()
+        if self.housekeeping is not None:
+            self.housekeeping.shutdown()
         if self._worker_thread is not None:
             self._worker_thread.join(timeout=30)
         self.db.dispose()

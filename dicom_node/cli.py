@@ -45,8 +45,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return serve(cfg)
     except OSError as exc:
         where = f"{cfg.node.host}:{cfg.node.port}"
+        if cfg.http.enabled:
+            where += f" or HTTP {cfg.http.host}:{cfg.http.port}"
         print(f"srnode serve: cannot listen on {where}: {exc.strerror or exc} "
-              "(is another node running? change [node] port)", file=sys.stderr)
+              "(is another node running? change [node] port or [http] port)", file=sys.stderr)
         return 2
 
 
@@ -104,11 +106,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Summarise the node's state."""
-    from dicom_node.status import format_status, node_status
+    """Summarise the node's state; exit 1 when a health check fails (as /healthz: 503)."""
+    from dicom_node.status import format_status, node_report
 
-    status = node_status(_config(args))
-    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    report = node_report(_config(args))
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0 if report["health"]["status"] == "ok" else 1
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Apply [retention] now (or, with --dry-run, list what would go)."""
+    from dicom_node.housekeeping import format_purge, purge_now
+
+    report = purge_now(_config(args), dry_run=args.dry_run)
+    print(json.dumps(report.describe(), indent=2) if args.json else format_purge(report))
     return 0
 
 
@@ -234,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=500)
 
     p = add("status", cmd_status, "counts of series, instances and jobs; disk; recent failures")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("purge", cmd_purge, "apply [retention] now: delete finished series and derived "
+            "output it selects")
+    p.add_argument("--dry-run", action="store_true", help="only list what would be purged")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("retry", cmd_retry, "re-queue a failed or held job")

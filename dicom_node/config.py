@@ -77,6 +77,7 @@ class NodeConfig:
     max_pdu_size: int = 1048576
     scp_engine: str = "srnode"
     min_free_disk_mb: int = 1024
+    warn_free_disk_mb: int = 5120
     index_busy_timeout_seconds: float = 5.0
     log_level: str = "INFO"
     log_file: str = ""
@@ -158,6 +159,27 @@ class SafetyConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """``[retention]``: what the node deletes by itself (see ``storage.retention``)."""
+
+    received_max_age_days: float = 0.0
+    derived_max_age_days: float = 0.0
+    delete_received_after_done: bool = False
+    max_storage_gb: float = 0.0
+    check_interval_seconds: float = 3600.0
+
+
+@dataclass
+class HttpConfig:
+    """``[http]``: the health, metrics (and later console) HTTP endpoint of ``srnode serve``."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""
+
+
+@dataclass
 class Destination:
     """``[[destinations]]``: a DICOM peer that receives derived series."""
 
@@ -182,6 +204,8 @@ class Config:
     destinations: list[Destination] = field(default_factory=list)
     rules: list[Rule] = field(default_factory=list)
     path: Path | None = None
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def destination(self, name: str) -> Destination:
         """Return the destination called ``name``."""
@@ -250,6 +274,16 @@ def _validate(cfg: Config) -> None:
         )
     if n.tls.enabled and not (n.tls.cert_file and n.tls.key_file):
         raise ConfigError("[node.tls] enabled needs cert_file and key_file")
+    if n.warn_free_disk_mb < 0:
+        raise ConfigError("[node] warn_free_disk_mb must be >= 0 (0 = no warning)")
+    ret = cfg.retention
+    for name in ("received_max_age_days", "derived_max_age_days", "max_storage_gb"):
+        if getattr(ret, name) < 0:
+            raise ConfigError(f"[retention] {name} must be >= 0 (0 = off)")
+    if ret.check_interval_seconds <= 0:
+        raise ConfigError("[retention] check_interval_seconds must be > 0")
+    if not 0 <= cfg.http.port < 65536:
+        raise ConfigError(f"[http] port: {cfg.http.port} is not a TCP port")
     if cfg.series.quiet_period_seconds <= 0:
         raise ConfigError("[series] quiet_period_seconds must be > 0")
     if cfg.worker.max_attempts < 1:
@@ -283,7 +317,8 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         On unknown sections or options, wrong types or invalid values.
     """
     data = dict(data)
-    known = {"node", "series", "worker", "engine", "derived", "safety", "destinations", "rules"}
+    known = {"node", "series", "worker", "engine", "derived", "safety", "destinations", "rules",
+             "retention", "http"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))}")
@@ -300,6 +335,8 @@ def parse_config(data: dict[str, Any], path: Path | None = None) -> Config:
         ],
         rules=[],
         path=path,
+        retention=_build(RetentionConfig, data.get("retention", {}), "retention"),
+        http=_build(HttpConfig, data.get("http", {}), "http"),
     )
     for i, r in enumerate(data.get("rules", [])):
         try:

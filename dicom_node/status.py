@@ -10,7 +10,11 @@ from typing import Any
 from sqlalchemy import func, select
 
 from dicom_node.config import Config
+from dicom_node.health import Health
 from dicom_node.index import index_created, open_index, redact_url
+from storage.db import Database
+from storage.errors import StorageError
+from storage.filestore import FileStore
 from storage.job_types import RETRYABLE_STATES, JobState
 from storage.jobs import JobQueue
 from storage.models import Instance, Series
@@ -47,6 +51,7 @@ def node_status(config: Config) -> dict[str, Any]:
         "storage_dir": str(storage),
         "free_disk_mb": disk.free // (1024 * 1024),
         "min_free_disk_mb": config.node.min_free_disk_mb,
+        "warn_free_disk_mb": config.node.warn_free_disk_mb,
         "series": n_series,
         "instances": n_instances,
         "last_received_at": last.astimezone(UTC).isoformat() if last else None,
@@ -62,7 +67,13 @@ def node_status(config: Config) -> dict[str, Any]:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """Human-readable summary of :func:`node_status`."""
+    """Human-readable summary of :func:`node_status` (or :func:`node_report`)."""
+    if "error" in status:
+        health = status.get("health", {})
+        return "\n".join([f"index       {status['error']}",
+                          f"health      {health.get('status', 'unknown')}"]
+                         + [f"  {n}: {'ok' if c['ok'] else 'FAILING'} - {c['detail']}"
+                            for n, c in health.get("checks", {}).items()])
     jobs = ", ".join(f"{k} {v}" for k, v in status["jobs"].items() if v) or "none"
     lines = [
         f"node        {status['ae_title']} port {status['port']}",
@@ -75,8 +86,41 @@ def format_status(status: dict[str, Any]) -> str:
         f"rules       {', '.join(status['rules']) or 'none (series are indexed, not queued)'}",
         f"destinations {', '.join(status['destinations']) or 'none'}",
     ]
+    if "health" in status:
+        health = status["health"]
+        lines.append(f"health      {health['status']}")
+        lines.extend(f"  {name}: {'ok' if c['ok'] else 'FAILING'} - {c['detail']}"
+                     for name, c in health["checks"].items())
     if status["free_disk_mb"] < status["min_free_disk_mb"]:
         lines.append("WARNING     free disk below the floor: C-STORE answers 0xA700")
+    elif status["free_disk_mb"] < status.get("warn_free_disk_mb", 0):
+        lines.append("WARNING     free disk below warn_free_disk_mb: C-STORE is refused at the "
+                     "floor")
     for f in status["recent_failures"]:
         lines.append(f"{f['state']:<11} job {f['id']}: {f['error']}")
     return "\n".join(lines)
+
+
+def node_health(config: Config) -> Health:
+    """The checks of ``GET /healthz`` from another process (the SCP is checked by C-ECHO)."""
+    from dicom_node.health import EngineDevice, check_health, echo_check
+
+    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
+    try:
+        return check_health(config, db, FileStore(Path(config.node.storage_dir)),
+                            echo_check(config), EngineDevice(config.engine.device))
+    finally:
+        db.dispose()
+
+
+def node_report(config: Config) -> dict[str, Any]:
+    """:func:`node_status` plus the health checks (``"health"``); ``srnode status``.
+
+    If the index cannot be read, the counts are left out and ``"error"`` says why.
+    """
+    try:
+        report = node_status(config)
+    except StorageError as exc:
+        report = {"error": str(exc)}
+    report["health"] = node_health(config).as_dict()
+    return report

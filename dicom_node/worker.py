@@ -24,6 +24,7 @@ from typing import Any
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.index import open_index
+from dicom_node.metrics import observe_finished_job
 from storage.db import Database
 from storage.filestore import FileStore
 from storage.job_types import BackoffPolicy, ClaimedJob, JobState
@@ -224,6 +225,7 @@ class Worker:
         LOGGER.info("job %d claimed (attempt %d/%d, rule %s)", job.id, job.attempts,
                     job.max_attempts, job.rule)
         self._execute(job)
+        observe_finished_job(self.queue.get(job.id), list(job.params.destinations))
         return job.id
 
     def _execute(self, job: ClaimedJob) -> None:

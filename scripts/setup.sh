@@ -3,9 +3,11 @@
 # repository root, and srnode installed in it (editable). Safe to run again (it reuses .venv).
 #
 #   SRNODE_SKIP_APT=1   skip the Debian packages (dcmtk, dicom3tools, orthanc) if you have them
-#   SRNODE_TORCH=...    pip requirement for torch (default: the CPU build torch==2.13.0).
-#                       GPU users: SRNODE_TORCH="torch==2.13.0 --index-url <your CUDA wheel index>"
-#                       or install a CUDA build of torch into .venv before running this script.
+#   SRNODE_TORCH=...    pip requirement for torch (default: torch==2.13.0 from wherever pip
+#                       finds it: a CUDA build from PyPI on Linux x86_64, a CPU build where a
+#                       +cpu wheel is offered first). Choose explicitly, e.g.
+#                       SRNODE_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+#                       (or .../whl/cu128), or install torch into .venv before running this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

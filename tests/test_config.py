@@ -19,7 +19,8 @@ def test_shipped_config_loads_with_the_contract_names() -> None:
     assert cfg.series.quiet_period_seconds == 20.0
     # every option of every section is documented in the shipped file
     text = (ROOT / "config.toml").read_text()
-    for section in (cfg.node, cfg.series, cfg.worker, cfg.engine, cfg.derived, cfg.safety):
+    for section in (cfg.node, cfg.series, cfg.worker, cfg.engine, cfg.derived, cfg.safety,
+                    cfg.retention, cfg.http):
         for name in vars(section):
             if name != "tls":
                 assert f"{name} =" in text, name
@@ -55,6 +56,11 @@ def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ({"destinations": [{"name": "d", "ae_title": "D", "host": "h", "port": 1,
                             "transfer_syntax": "jpeg"}]}, "transfer_syntax"),
         ({"node": {"tls": {"enabled": True}}}, "cert_file"),
+        ({"retention": {"max_storage_gb": -1}}, "max_storage_gb"),
+        ({"node": {"warn_free_disk_mb": -1}}, "warn_free_disk_mb"),
+        ({"retention": {"keep": 1}}, "keep"),
+        ({"http": {"port": 70000}}, "port"),
+        ({"http": {"enabled": "yes"}}, "true/false"),
     ],
 )
 def test_invalid_values_give_clear_errors(data: dict, message: str) -> None:

@@ -201,14 +201,17 @@ def test_status_cli_reports_counts_and_failures(tmp_path: Path) -> None:
         jobs = _wait_for(lambda: queue.list_jobs())
         claimed = queue.claim("w", 30)
         queue.fail(claimed.id, "w", "destination PACS refused", retryable=False)
+    # the node is stopped: status reports it and exits 1 (unhealthy)
     r = subprocess.run([srnode_executable(), "status", "--json", "--config", str(cfg_path)],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True)
+    assert r.returncode == 1, r.stderr
     status = json.loads(r.stdout)
+    assert status["health"]["failing"] == ["scp"]
     assert status["series"] == 1 and status["instances"] == 3
     assert status["jobs"]["failed"] == 1 and len(jobs) == 1
     assert status["recent_failures"][0]["error"] == "destination PACS refused"
     text = subprocess.run([srnode_executable(), "status", "--config", str(cfg_path)],
-                          capture_output=True, text=True, check=True).stdout
+                          capture_output=True, text=True).stdout
     assert "1 series, 3 instances" in text and "failed 1" in text
 
 

@@ -18,6 +18,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from dicom_node.config import Config
@@ -109,6 +110,11 @@ class StorageSCP(StorageService):
             return self.config.node.port
         return int(self._server.server_address[1])
 
+    @property
+    def listening(self) -> bool:
+        """Whether the SCP has been started and not stopped (for /healthz)."""
+        return self._server is not None
+
     def stop(self) -> None:
         """Stop listening and close open associations."""
         if self._server is not None:
@@ -122,6 +128,7 @@ class StorageSCP(StorageService):
             "association rejected: calling AE %r from %s:%s, called AE %r (%s)",
             peer.ae_title, peer.address, peer.port, peer.called_ae_title, reason,
         )
+        metrics.ASSOCIATIONS_REJECTED.labels(reason=metrics.reject_reason_label(reason)).inc()
         self.audit.record(
             "association_rejected", calling_ae=peer.ae_title, address=peer.address,
             called_ae=peer.called_ae_title, reason=reason,
@@ -166,6 +173,7 @@ class StorageSCP(StorageService):
             "instance_refused", calling_ae=calling_ae, address=address,
             status=f"0x{status:04X}", reason=reason, **uids,
         )
+        metrics.INSTANCES_REFUSED.labels(status=f"0x{status:04X}").inc()
         return status
 
     def receive(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
@@ -280,4 +288,5 @@ class StorageSCP(StorageService):
             modality=header.modality, replaced=outcome.replaced, **uids,
         )
         LOGGER.debug("stored %s (replaced=%s)", header.sop_instance_uid, outcome.replaced)
+        metrics.INSTANCES_RECEIVED.inc()
         return statuses.SUCCESS

@@ -69,6 +69,8 @@ def node_config_dict(tmp: Path, **sections: Mapping[str, Any]) -> dict[str, Any]
         "series": {"quiet_period_seconds": 1.0, "check_interval_seconds": 0.3},
         "worker": {"poll_interval_seconds": 0.2, "backoff_base_seconds": 1.0,
                    "heartbeat_seconds": 1.0, "lease_seconds": 10.0},
+        # port 0: each test node binds a free port (read it from node.http.port)
+        "http": {"port": 0},
     }
     for key, value in sections.items():
         if isinstance(value, Mapping) and isinstance(data.get(key), dict):
