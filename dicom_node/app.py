@@ -11,6 +11,7 @@ from types import FrameType
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
+from dicom_node.reconcile import reconcile_storage
 from dicom_node.scp import StorageSCP
 from storage.completeness import CompletenessScheduler
 from storage.db import Database
@@ -72,6 +73,10 @@ class Node:
             removed = self.store.remove_stale_temp_files()
             if removed:
                 LOGGER.info("removed %d incomplete temporary file(s) from an earlier run", removed)
+            report = reconcile_storage(self.db, self.store, self.audit)
+            if report.indexed or report.quarantined:
+                LOGGER.warning("storage reconciled with the index: %d file(s) indexed, %d moved "
+                               "to quarantine", len(report.indexed), len(report.quarantined))
             self.scp.start()
             self.scheduler.start()
         if self.run_worker:

@@ -44,6 +44,7 @@ from dicom_node import statuses
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.header_scan import scan_instance
+from dicom_node.log_safety import safe_text, safe_uid
 from dicom_node.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
 from dicom_node.validation import InvalidImageError, check_image, parse_dataset
 from storage.db import Database
@@ -126,6 +127,9 @@ class StorageSCP(StorageService):
             dimse_timeout=node.dimse_timeout,
             max_pdu_size=node.max_pdu_size,
             contexts=contexts,
+            max_instance_bytes=node.max_instance_mb * 1024 * 1024,
+            max_pending=node.max_pending_associations,
+            max_pending_per_host=node.max_pending_per_host,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -158,10 +162,21 @@ class StorageSCP(StorageService):
             return self.config.node.port
         return int(self._server.server_address[1])
 
-    def stop(self) -> None:
-        """Stop listening and close open associations."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stop listening, let C-STOREs in flight finish, abort the other associations.
+
+        Parameters
+        ----------
+        grace
+            Seconds C-STOREs in flight may take (default ``[node] shutdown_grace_seconds``);
+            the pynetdicom engine closes at once.
+        """
         if self._server is not None:
-            self._server.stop()
+            if isinstance(self._server, StorageAcceptor):
+                self._server.stop(self.config.node.shutdown_grace_seconds
+                                  if grace is None else grace)
+            else:
+                self._server.stop()
             self._server = None
 
     # -- StorageService ----------------------------------------------------------------------
@@ -169,7 +184,8 @@ class StorageSCP(StorageService):
         """Log and audit a rejected association request."""
         LOGGER.warning(
             "association rejected: calling AE %r from %s:%s, called AE %r (%s)",
-            peer.ae_title, peer.address, peer.port, peer.called_ae_title, reason,
+            safe_text(peer.ae_title), peer.address, peer.port, safe_text(peer.called_ae_title),
+            reason,
         )
         self.audit.record(
             "association_rejected", calling_ae=peer.ae_title, address=peer.address,
@@ -178,7 +194,8 @@ class StorageSCP(StorageService):
 
     def on_accepted(self, peer: Peer, rejected: list[PresentationContext]) -> None:
         """Log an accepted association and audit the presentation contexts it was refused."""
-        LOGGER.info("association accepted: calling AE %r from %s", peer.ae_title, peer.address)
+        LOGGER.info("association accepted: calling AE %r from %s", safe_text(peer.ae_title),
+                    peer.address)
         refused = [
             {"context_id": cx.context_id, "abstract_syntax": str(cx.abstract_syntax),
              "transfer_syntaxes": [str(ts) for ts in cx.transfer_syntax]}
@@ -187,12 +204,27 @@ class StorageSCP(StorageService):
         if refused:
             LOGGER.warning(
                 "association from %r: %d presentation context(s) rejected (SOP class or "
-                "transfer syntax not accepted): %s", peer.ae_title, len(refused),
-                ", ".join(f"{r['abstract_syntax']} {'/'.join(r['transfer_syntaxes'])}"
+                "transfer syntax not accepted): %s", safe_text(peer.ae_title), len(refused),
+                ", ".join(f"{safe_uid(r['abstract_syntax'])} "
+                          f"{'/'.join(safe_uid(ts) for ts in r['transfer_syntaxes'])}"
                           for r in refused),
             )
             self.audit.record("contexts_rejected", calling_ae=peer.ae_title,
                               address=peer.address, contexts=refused)
+
+    def on_negotiation_failed(self, address: str, reason: str, peer: Peer | None) -> None:
+        """Log and audit a connection that ended (or was closed) before an association."""
+        LOGGER.warning("negotiation with %s%s failed: %s", address,
+                       f" (calling AE {safe_text(peer.ae_title)!r})" if peer else "",
+                       safe_text(reason, limit=256))
+        self.audit.record("negotiation_failed", address=address,
+                          calling_ae=peer.ae_title if peer else "", reason=reason)
+
+    def on_store_refused(self, peer: Peer, status: int, reason: str,
+                         affected_sop_instance_uid: str) -> int:
+        """Log and audit a C-STORE the acceptor refused itself (malformed command, too large)."""
+        return self._refuse(peer.ae_title, peer.address, status, reason,
+                            sop_instance_uid=affected_sop_instance_uid)
 
     def on_echo(self, peer: Peer) -> int:
         """Answer a C-ECHO (and audit it)."""
@@ -208,8 +240,9 @@ class StorageSCP(StorageService):
     def _refuse(self, calling_ae: str, address: str, status: int, reason: str,
                 **uids: Any) -> int:
         LOGGER.warning(
-            "C-STORE from %r refused with 0x%04X: %s %s", calling_ae, status, reason,
-            " ".join(f"{k}={v}" for k, v in uids.items() if v),
+            "C-STORE from %r refused with 0x%04X: %s %s", safe_text(calling_ae), status,
+            safe_text(reason, limit=256),
+            " ".join(f"{k}={safe_uid(v)}" for k, v in uids.items() if v),
         )
         self.audit.record(
             "instance_refused", calling_ae=calling_ae, address=address,
@@ -306,8 +339,8 @@ class StorageSCP(StorageService):
         if header.sop_class_uid != sop_class_uid:
             return refuse(
                 statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"SOP Class UID {header.sop_class_uid} does not match the presentation context "
-                f"{sop_class_uid}", **uids,
+                f"SOP Class UID {safe_uid(header.sop_class_uid)} does not match the presentation "
+                f"context {safe_uid(sop_class_uid)}", **uids,
             )
         try:
             outcome = store_instance(self.db, self.store, header, pending, calling_ae)

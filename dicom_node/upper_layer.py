@@ -20,6 +20,7 @@ import socketserver
 import ssl
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -35,8 +36,9 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.sop_class import Verification
 
-from dicom_node import __version__
+from dicom_node import __version__, statuses
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
+from dicom_node.log_safety import is_valid_uid, safe_text
 
 LOGGER = logging.getLogger("srnode.scp")
 
@@ -58,8 +60,15 @@ C_CANCEL_RQ = 0x0FFF
 NO_DATA_SET = 0x0101
 UNRECOGNIZED_OPERATION = 0x0211
 
-#: Largest A-ASSOCIATE-RQ accepted (a real one is a few kilobytes).
-MAX_ASSOCIATE_RQ = 1 << 20
+#: Largest A-ASSOCIATE-RQ accepted (a real one is a few kilobytes; 128 contexts with several
+#: transfer syntaxes each stay well below this).  It is read as it arrives, never allocated
+#: from the announced length.
+MAX_ASSOCIATE_RQ = 64 << 10
+#: Largest DIMSE command set accepted (a real one is about 200 bytes; this leaves room for an
+#: over-long UID, which gets a failure status instead of an abort).
+MAX_COMMAND_SET = 256 << 10
+#: Bytes asked of the socket per read while negotiating.
+_NEGOTIATION_READ = 16 << 10
 #: Largest P-DATA-TF accepted when no maximum is negotiated (0 = unlimited): bounds memory.
 MAX_UNLIMITED_PDU = 64 << 20
 
@@ -110,9 +119,11 @@ class AcceptorPolicy:
     allowed_hosts
         Calling AE title -> host addresses it may connect from.
     max_associations
-        Most simultaneous associations; more are rejected (local limit exceeded).
+        Most simultaneous negotiated associations; more are rejected (local limit exceeded).
+        Connections still negotiating never take these slots.
     acse_timeout
-        Seconds to wait for the A-ASSOCIATE-RQ (and the TLS handshake).
+        Deadline in seconds for the whole negotiation of a connection: TLS handshake and the
+        complete A-ASSOCIATE-RQ (not per read: a dripping peer is cut off at the deadline).
     network_timeout
         Seconds of silence between messages after which an established association is closed.
     dimse_timeout
@@ -121,6 +132,14 @@ class AcceptorPolicy:
         Maximum PDU length announced to requestors (0 = unlimited).
     contexts
         Supported presentation contexts (abstract syntax + transfer syntaxes).
+    max_instance_bytes
+        Largest data set accepted in one C-STORE (0 = no limit); a larger one is discarded as
+        it arrives (never held) and answered with ``statuses.INSTANCE_TOO_LARGE``.
+    max_pending
+        Most connections negotiating at once (TLS handshake or A-ASSOCIATE-RQ not complete);
+        more are closed at once, before a thread or a buffer is given to them.
+    max_pending_per_host
+        Most connections negotiating at once from one source address.
     """
 
     ae_title: str
@@ -133,6 +152,9 @@ class AcceptorPolicy:
     max_pdu_size: int
     dimse_timeout: float = 60.0
     contexts: Sequence[PresentationContext] = field(default_factory=list)
+    max_instance_bytes: int = 0
+    max_pending: int = 32
+    max_pending_per_host: int = 8
 
     def check_requestor(self, calling: str, called: str, address: str) -> tuple[int, ...] | None:
         """Return the A-ASSOCIATE-RJ triple for a requestor that is not allowed, else ``None``."""
@@ -164,6 +186,41 @@ class StorageService:
                  peer: Peer) -> int:
         """Store a received Part 10 file; return the C-STORE status."""
         raise NotImplementedError
+
+    def on_store_refused(self, peer: Peer, status: int, reason: str,
+                         affected_sop_instance_uid: str) -> int:
+        """A C-STORE was refused by the acceptor itself (malformed command, too large).
+
+        Parameters
+        ----------
+        peer
+            The requestor.
+        status
+            The failure status about to be answered.
+        reason
+            Why (srnode's words, no peer data).
+        affected_sop_instance_uid
+            As sent by the peer (may be invalid: neutralise before logging).
+
+        Returns
+        -------
+        int
+            The status to answer (normally ``status``).
+        """
+        return status
+
+    def on_negotiation_failed(self, address: str, reason: str, peer: Peer | None) -> None:
+        """A connection ended before an association was established (or was refused at once).
+
+        Parameters
+        ----------
+        address
+            Source address of the connection.
+        reason
+            What happened (TLS handshake failed, deadline passed, protocol error, budget).
+        peer
+            The requestor, when its A-ASSOCIATE-RQ was decoded.
+        """
 
 
 # -- encoding helpers -------------------------------------------------------------------------
@@ -248,6 +305,13 @@ def _us(fields: dict[int, bytes], elem: int) -> int:
     return int(struct.unpack("<H", value)[0])
 
 
+def _us_or_none(fields: dict[int, bytes], elem: int) -> int | None:
+    value = fields.get(elem)
+    if value is None or len(value) != 2:
+        return None
+    return int(struct.unpack("<H", value)[0])
+
+
 def _ui(fields: dict[int, bytes], elem: int) -> str:
     return fields.get(elem, b"").rstrip(b"\0 ").decode("ascii", "replace")
 
@@ -307,6 +371,38 @@ def read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearray]:
     return pdu_type, _recv_exact(sock, length)
 
 
+def read_request_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearray]:
+    """Read one PDU of a connection still negotiating, holding only what has arrived.
+
+    Unlike :func:`read_pdu` the body is never allocated from the announced length: a peer
+    announcing 1 MiB and sending nothing costs a few bytes, not a megabyte.
+
+    Raises
+    ------
+    AssociationAbortedError
+        Connection closed, unknown PDU type or a PDU longer than ``max_length``.
+    """
+    header = _recv_exact(sock, 6)
+    pdu_type, _, length = struct.unpack(">BBI", header)
+    if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
+        raise AssociationAbortedError(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
+    if length > max_length:
+        raise AssociationAbortedError(f"PDU of {length} bytes exceeds {max_length}",
+                                      ABORT_INVALID_PARAMETER)
+    body = bytearray()
+    while len(body) < length:
+        chunk = sock.recv(min(_NEGOTIATION_READ, length - len(body)))
+        if not chunk:
+            raise AssociationAbortedError("connection closed by the peer", None)
+        body += chunk
+    return pdu_type, body
+
+
+def _valid_ae_title(value: str) -> bool:
+    """Return whether an AE title (as decoded, stripped) is printable ASCII without backslash."""
+    return 0 < len(value) <= 16 and all(0x20 <= ord(c) < 0x7F for c in value) and "\\" not in value
+
+
 class Association:
     """One association on one thread: negotiation, then the data-transfer loop.
 
@@ -322,24 +418,39 @@ class Association:
         Receives the C-ECHO and C-STORE requests.
     active
         Callable returning the number of associations currently open (this one included).
+    admit
+        Callable taking a negotiated slot for this connection (``False``: none free); when
+        given it replaces the ``active`` count.
+    stopping
+        Set when the node stops: after the message in flight the association is aborted.
     """
 
     def __init__(self, sock: socket.socket, address: tuple[str, int], policy: AcceptorPolicy,
-                 service: StorageService, active: Callable[[], int]) -> None:
+                 service: StorageService, active: Callable[[], int],
+                 admit: Callable[[], bool] | None = None,
+                 stopping: threading.Event | None = None) -> None:
         self.sock = sock
         self.address = address
         self.policy = policy
         self.service = service
         self.active = active
+        self.admit = admit
+        self.stopping = stopping
         self.peer: Peer | None = None
         self.contexts: dict[int, PresentationContext] = {}
         self.peer_max_length = 0
+        #: Held while a message is being received, stored or answered (graceful stop waits).
+        self.lock = threading.Lock()
+        self.established = False
+        self.in_message = False
+        self.closing = False
+        self.deadline = time.monotonic() + (policy.acse_timeout or 3600.0)
 
     # -- negotiation --------------------------------------------------------------------------
     def negotiate(self) -> bool:
         """Read the A-ASSOCIATE-RQ and accept or reject it; return whether it was accepted."""
         self.sock.settimeout(self.policy.acse_timeout or None)
-        pdu_type, body = read_pdu(self.sock, MAX_ASSOCIATE_RQ)
+        pdu_type, body = read_request_pdu(self.sock, MAX_ASSOCIATE_RQ)
         if pdu_type != A_ASSOCIATE_RQ_PDU:
             raise AssociationAbortedError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
         pdu = A_ASSOCIATE_RQ()
@@ -359,12 +470,19 @@ class Association:
         reason = "calling AE title not allowed (or not from its host)"
         if reject == REJECT_CALLED_AE:
             reason = "called AE title is not this node's"
+        if not _valid_ae_title(calling):
+            reject, reason = REJECT_CALLING_AE, "malformed calling AE title"
+        elif not _valid_ae_title(called):
+            reject, reason = REJECT_CALLED_AE, "malformed called AE title"
         if reject is None and pdu.protocol_version != 0x0001:
             reject, reason = REJECT_PROTOCOL_VERSION, "protocol version not supported"
         if reject is None and str(request.application_context_name) != APPLICATION_CONTEXT_NAME:
             reject, reason = REJECT_APPLICATION_CONTEXT, "application context not supported"
-        if reject is None and self.active() > self.policy.max_associations:
-            reject, reason = REJECT_LOCAL_LIMIT, "too many associations"
+        if reject is None:
+            full = (not self.admit()) if self.admit is not None else (
+                self.active() > self.policy.max_associations)
+            if full:
+                reject, reason = REJECT_LOCAL_LIMIT, "too many associations"
         if reject is not None:
             primitive = A_ASSOCIATE()
             primitive.result, primitive.result_source, primitive.diagnostic = reject
@@ -400,6 +518,7 @@ class Association:
         ac = A_ASSOCIATE_AC()
         ac.from_primitive(primitive)
         self.sock.sendall(ac.encode())
+        self.established = True
         self.service.on_accepted(self.peer, [cx for cx in results if cx.result != 0x00])
         return True
 
@@ -412,34 +531,56 @@ class Association:
             control = 0x03 if i == len(chunks) - 1 else 0x01
             item = struct.pack(">IBB", len(chunk) + 2, context_id, control) + chunk
             out.append(_pdu(P_DATA_TF_PDU, item))
-        self.sock.sendall(b"".join(out))
+        with self.lock:  # never interleaved with an A-ABORT sent by stop()
+            if self.closing:
+                raise AssociationAbortedError("aborted while the node stops", None)
+            self.sock.sendall(b"".join(out))
 
     def serve(self) -> None:
-        """Run the data-transfer phase until release, abort or timeout."""
+        """Run the data-transfer phase until release, abort, timeout or the node stopping.
+
+        Memory per association is bounded whatever the peer sends: one PDU (at most the
+        negotiated maximum), the command set (``MAX_COMMAND_SET``) and one data set (at most
+        ``max_instance_bytes``; a larger one is counted and discarded as it arrives).  Empty
+        PDV items, which PS3.8 9.3.5.1 does not allow, abort the association.
+        """
         idle_timeout = self.policy.network_timeout or None
         busy_timeout = self.policy.dimse_timeout or None
         timeout = idle_timeout
         self.sock.settimeout(timeout)
         limit = self.policy.max_pdu_size + 6 if self.policy.max_pdu_size else MAX_UNLIMITED_PDU
-        command: list[memoryview] = []
-        dataset: list[memoryview] = []
+        max_instance = self.policy.max_instance_bytes
+        command = bytearray()
+        dataset: bytearray | None = None
+        received = 0  # data set bytes of the message in flight, kept or not
         pending: tuple[int, dict[int, bytes]] | None = None  # context id, command awaiting data
         while True:
-            wanted = busy_timeout if (pending is not None or command) else idle_timeout
+            idle = pending is None and not command
+            if idle:
+                with self.lock:
+                    self.in_message = False
+                    if self.closing or (self.stopping is not None and self.stopping.is_set()):
+                        raise AssociationAbortedError("the node is stopping", 0x00)
+            wanted = idle_timeout if idle else busy_timeout
             if wanted != timeout:
                 timeout = wanted
                 self.sock.settimeout(timeout)
             pdu_type, body = read_pdu(self.sock, limit)
             if pdu_type == A_RELEASE_RQ_PDU:
-                if pending is not None or command:
+                if not idle:
                     LOGGER.warning("association from %r released in the middle of a message",
-                                   self.peer.ae_title if self.peer else "?")
+                                   safe_text(self.peer.ae_title) if self.peer else "?")
                 self.sock.sendall(RELEASE_RP)
                 return
             if pdu_type == A_ABORT_PDU:
                 raise AssociationAbortedError("aborted by the peer", None)
             if pdu_type != P_DATA_TF_PDU:
                 raise AssociationAbortedError(f"unexpected PDU type 0x{pdu_type:02X}")
+            if idle:
+                with self.lock:
+                    if self.closing:  # aborted by stop() while this PDU was on its way
+                        raise AssociationAbortedError("the node is stopping", None)
+                    self.in_message = True
             view = memoryview(body)
             offset, end = 0, len(body)
             while offset < end:
@@ -449,6 +590,8 @@ class Association:
                 if item_length < 2 or offset + 4 + item_length > end:
                     raise AssociationAbortedError("PDV item length beyond the PDU",
                                              ABORT_INVALID_PARAMETER)
+                if item_length == 2:
+                    raise AssociationAbortedError("empty PDV item", ABORT_INVALID_PARAMETER)
                 value = view[offset + 6:offset + 4 + item_length]
                 offset += 4 + item_length
                 if context_id not in self.contexts:
@@ -457,47 +600,93 @@ class Association:
                 if control & 0x01:  # command fragment
                     if pending is not None:
                         raise AssociationAbortedError("command received before the data set ended")
-                    command.append(value)
+                    if len(command) + len(value) > MAX_COMMAND_SET:
+                        raise AssociationAbortedError("command set too large",
+                                                      ABORT_INVALID_PARAMETER)
+                    command += value
                     if control & 0x02:
-                        fields = decode_command(b"".join(command))
-                        command = []
+                        fields = decode_command(command)
+                        command = bytearray()
                         if _us(fields, 0x0800) == NO_DATA_SET:
-                            self._dispatch(context_id, fields, None)
+                            self._dispatch(context_id, fields, None, 0)
                         else:
                             pending = (context_id, fields)
+                            dataset = self._begin_dataset(context_id, fields)
+                            received = 0
                 else:  # data set fragment
                     if pending is None or pending[0] != context_id:
                         raise AssociationAbortedError("data set fragment without its command")
-                    dataset.append(value)
+                    received += len(value)
+                    if dataset is not None:
+                        if max_instance and received > max_instance:
+                            dataset = None  # too large: the rest is counted, not kept
+                        else:
+                            dataset += value
                     if control & 0x02:
                         fields = pending[1]
                         pending = None
-                        self._dispatch(context_id, fields, dataset)
-                        dataset = []
+                        self._dispatch(context_id, fields, dataset, received)
+                        dataset = None
+
+    def _begin_dataset(self, context_id: int, fields: dict[int, bytes]) -> bytearray | None:
+        """Return the buffer a C-STORE data set is received into (file meta first), or ``None``.
+
+        ``None`` (the data set is discarded as it arrives) for anything but a C-STORE with an
+        Affected SOP Instance UID that fits a UI element.
+        """
+        command_field = fields.get(0x0100)
+        sop_instance = _ui(fields, 0x1000)
+        if command_field != struct.pack("<H", C_STORE_RQ) or len(sop_instance) > 64:
+            return None
+        assert self.peer is not None
+        context = self.contexts[context_id]
+        return bytearray(file_meta(str(context.abstract_syntax), sop_instance,
+                                   str(context.transfer_syntax[0]), self.peer.ae_title))
 
     def _dispatch(self, context_id: int, fields: dict[int, bytes],
-                  dataset: list[memoryview] | None) -> None:
+                  dataset: bytearray | None, size: int) -> None:
         command_field = _us(fields, 0x0100)
         if command_field == C_CANCEL_RQ:
             return
-        message_id = _us(fields, 0x0110)
         context = self.contexts[context_id]
         abstract = str(context.abstract_syntax)
         assert self.peer is not None
+        message_id = _us_or_none(fields, 0x0110)
+        if message_id is None:
+            LOGGER.warning("DIMSE command 0x%04X from %r without a valid Message ID refused",
+                           command_field, safe_text(self.peer.ae_title))
+            self._send_command(context_id, encode_response(
+                command_field & 0x7FFF, 0, statuses.CANNOT_UNDERSTAND, abstract))
+            return
         if command_field == C_ECHO_RQ and abstract == VERIFICATION_SOP_CLASS:
             status = self.service.on_echo(self.peer)
             self._send_command(context_id, encode_response(
                 C_ECHO_RQ, message_id, status, VERIFICATION_SOP_CLASS))
             return
-        if command_field == C_STORE_RQ and dataset is not None:
-            sop_class = _ui(fields, 0x0002) or abstract
+        if command_field == C_STORE_RQ and _us(fields, 0x0800) != NO_DATA_SET:
+            sop_class = _ui(fields, 0x0002)
+            sop_class = sop_class if is_valid_uid(sop_class) else abstract
             sop_instance = _ui(fields, 0x1000)
-            ts = str(context.transfer_syntax[0])
-            data = b"".join([file_meta(abstract, sop_instance, ts, self.peer.ae_title),
-                             *dataset])
-            status = self.service.on_store(data, sop_instance, abstract, self.peer)
+            echoed: str | None = sop_instance if len(sop_instance) <= 64 else None
+            max_instance = self.policy.max_instance_bytes
+            if echoed is None:
+                status = self.service.on_store_refused(
+                    self.peer, statuses.INVALID_UID,
+                    f"Affected SOP Instance UID of {len(sop_instance)} bytes (at most 64)",
+                    sop_instance)
+            elif max_instance and size > max_instance:
+                status = self.service.on_store_refused(
+                    self.peer, statuses.INSTANCE_TOO_LARGE,
+                    f"data set of {size} bytes exceeds max_instance_mb "
+                    f"({max_instance // (1024 * 1024)} MB)", sop_instance)
+            elif dataset is None:
+                status = self.service.on_store_refused(
+                    self.peer, statuses.CANNOT_UNDERSTAND, "no data set", sop_instance)
+            else:
+                status = self.service.on_store(dataset, sop_instance, abstract,  # type: ignore[arg-type]
+                                               self.peer)
             self._send_command(context_id, encode_response(
-                C_STORE_RQ, message_id, status, sop_class, sop_instance))
+                C_STORE_RQ, message_id, status, sop_class, echoed))
             return
         LOGGER.warning("DIMSE command 0x%04X on %s refused (unrecognised operation)",
                        command_field, abstract)
@@ -510,24 +699,69 @@ class Association:
             if self.negotiate():
                 self.serve()
         except AssociationAbortedError as exc:
-            who = self.peer.ae_title if self.peer else self.address[0]
+            who = safe_text(self.peer.ae_title) if self.peer else self.address[0]
             if exc.reason is not None:
                 LOGGER.warning("aborting association with %r: %s", who, exc)
-                with contextlib.suppress(OSError):
-                    self.sock.sendall(encode_abort(exc.reason))
+                self._abort(exc.reason)
             else:
                 LOGGER.info("association with %r ended: %s", who, exc)
+            if not self.established:
+                self._negotiation_failed(str(exc))
         except TimeoutError:
             LOGGER.warning("association with %r timed out (no data within the timeout)",
-                           self.peer.ae_title if self.peer else self.address[0])
-            with contextlib.suppress(OSError):
-                self.sock.sendall(encode_abort(0x00))
+                           safe_text(self.peer.ae_title) if self.peer else self.address[0])
+            self._abort(0x00)
+            if not self.established:
+                self._negotiation_failed("no complete association request within acse_timeout")
         except (OSError, ssl.SSLError) as exc:
             LOGGER.info("connection from %s closed: %s", self.address[0], exc)
+            if not self.established:
+                self._negotiation_failed(f"connection closed ({type(exc).__name__})")
         except Exception:  # noqa: BLE001 - never let one association kill the server
             LOGGER.exception("unexpected error in an association from %s", self.address[0])
+            self._abort(0x00)
+            if not self.established:
+                self._negotiation_failed("unexpected error")
+
+    def _abort(self, reason: int) -> None:
+        """Send an A-ABORT (service provider) unless stop() already did."""
+        with self.lock:
+            if self.closing:
+                return
+            self.closing = True
+        with contextlib.suppress(OSError):
+            self.sock.sendall(encode_abort(reason))
+
+    def abort_for_stop(self, force: bool) -> bool:
+        """Abort the association for a node stop unless a message is in flight.
+
+        Parameters
+        ----------
+        force
+            Abort even in the middle of a message (the grace period is over).
+
+        Returns
+        -------
+        bool
+            Whether the A-ABORT was sent (or the association was already closing).
+        """
+        with self.lock:
+            if self.closing:
+                return True
+            if self.in_message and not force:
+                return False
+            self.closing = True
             with contextlib.suppress(OSError):
                 self.sock.sendall(encode_abort(0x00))
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        return True
+
+    def _negotiation_failed(self, reason: str) -> None:
+        if time.monotonic() >= self.deadline - 0.05:
+            reason = f"no complete association request within acse_timeout ({reason})"
+        with contextlib.suppress(Exception):
+            self.service.on_negotiation_failed(self.address[0], reason, self.peer)
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -537,8 +771,26 @@ class _Handler(socketserver.BaseRequestHandler):
         self.server.handle_connection(self.request, self.client_address)
 
 
+@dataclass
+class _Connection:
+    """Book-keeping of one open connection (accept thread, reaper and stop share it)."""
+
+    address: str
+    deadline: float
+    association: Association | None = None
+    negotiated: bool = False
+    expired: bool = False
+    thread: threading.Thread | None = None
+
+
 class StorageAcceptor(socketserver.ThreadingTCPServer):
     """Listens for associations; one thread per association.
+
+    Connections still negotiating (TLS handshake, A-ASSOCIATE-RQ) have their own small budget
+    (``policy.max_pending``, ``policy.max_pending_per_host``), checked in the accept thread
+    before a thread is started, and a deadline for the whole negotiation
+    (``policy.acse_timeout``) enforced by a reaper thread.  Only an accepted association takes
+    one of the ``policy.max_associations`` slots.
 
     Parameters
     ----------
@@ -554,7 +806,7 @@ class StorageAcceptor(socketserver.ThreadingTCPServer):
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], policy: AcceptorPolicy,
                  service: StorageService, ssl_context: ssl.SSLContext | None = None) -> None:
@@ -564,51 +816,175 @@ class StorageAcceptor(socketserver.ThreadingTCPServer):
         self.service = service
         self.ssl_context = ssl_context
         self._lock = threading.Lock()
-        self._open: set[socket.socket] = set()
+        self._open: dict[socket.socket, _Connection] = {}
+        self._stopping = threading.Event()
+        self._refused_reports: list[float] = []
+        self._refused_unreported = 0
         super().__init__(address, _Handler)
         self._thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
 
     def active_count(self) -> int:
         """Connections currently open."""
         with self._lock:
             return len(self._open)
 
+    def negotiated_count(self) -> int:
+        """Associations currently established (the ones ``max_associations`` counts)."""
+        with self._lock:
+            return sum(1 for c in self._open.values() if c.negotiated)
+
+    # -- admission ----------------------------------------------------------------------------
+    def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                       client_address: tuple[str, int] | str) -> bool:
+        """Admit a new connection to the negotiating budget (accept thread; no I/O but a log).
+
+        Returns
+        -------
+        bool
+            ``False`` closes the connection at once: node stopping, or too many connections
+            negotiating (in all, or from this address).
+        """
+        assert isinstance(request, socket.socket)
+        host = str(client_address[0]) if isinstance(client_address, tuple) else ""
+        reason = ""
+        with self._lock:
+            if self._stopping.is_set():
+                reason = "node stopping"
+            else:
+                negotiating = [c for c in self._open.values() if not c.negotiated]
+                if len(negotiating) >= self.policy.max_pending:
+                    reason = "too many connections negotiating"
+                elif sum(1 for c in negotiating if c.address == host) >= \
+                        self.policy.max_pending_per_host:
+                    reason = "too many connections negotiating from this address"
+            if not reason:
+                deadline = time.monotonic() + (self.policy.acse_timeout or 3600.0)
+                self._open[request] = _Connection(host, deadline)
+                return True
+        self._report_refused(host, reason)
+        return False
+
+    def _report_refused(self, host: str, reason: str) -> None:
+        """Log and audit a connection closed by the budget, at most 10 times a second."""
+        now = time.monotonic()
+        with self._lock:
+            self._refused_reports = [t for t in self._refused_reports if now - t < 1.0]
+            if len(self._refused_reports) >= 10:
+                self._refused_unreported += 1
+                return
+            self._refused_reports.append(now)
+            suppressed, self._refused_unreported = self._refused_unreported, 0
+        detail = f"{reason} (and {suppressed} more connection(s) not reported)" if suppressed \
+            else reason
+        LOGGER.warning("connection from %s closed before negotiation: %s", host, detail)
+        with contextlib.suppress(Exception):
+            self.service.on_negotiation_failed(host, f"connection refused: {detail}", None)
+
+    def _admit(self, sock: socket.socket) -> bool:
+        """Move a negotiating connection to a negotiated slot if one is free."""
+        with self._lock:
+            conn = self._open.get(sock)
+            if conn is None or self._stopping.is_set():
+                return False
+            if sum(1 for c in self._open.values() if c.negotiated) >= \
+                    self.policy.max_associations:
+                return False
+            conn.negotiated = True
+            return True
+
+    def _reap(self) -> None:
+        """Cut off connections whose negotiation passed its deadline (runs in its own thread)."""
+        while not self._stopping.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                late = [(s, c) for s, c in self._open.items()
+                        if not c.negotiated and not c.expired and c.deadline <= now]
+                for _, c in late:
+                    c.expired = True
+            for s, _ in late:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    # -- one connection -----------------------------------------------------------------------
     def handle_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
         """Run one association on the calling thread (socketserver's per-connection thread)."""
         with self._lock:
-            self._open.add(sock)
+            conn = self._open.get(sock)
+            if conn is None:  # not admitted through verify_request (direct call)
+                conn = _Connection(str(address[0]), time.monotonic() + 3600.0)
+                self._open[sock] = conn
+            conn.thread = threading.current_thread()
         try:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = sock
+            wrapped = sock
             if self.ssl_context is not None:
                 sock.settimeout(self.policy.acse_timeout or None)
                 try:
-                    conn = self.ssl_context.wrap_socket(sock, server_side=True)
+                    wrapped = self.ssl_context.wrap_socket(sock, server_side=True)
                 except (OSError, ssl.SSLError) as exc:
-                    LOGGER.warning("TLS handshake with %s failed: %s", address[0], exc)
+                    why = "deadline passed" if conn.expired else safe_text(str(exc), 200)
+                    LOGGER.warning("TLS handshake with %s failed: %s", address[0], why)
+                    with contextlib.suppress(Exception):
+                        self.service.on_negotiation_failed(
+                            str(address[0]), f"TLS handshake failed: {why}", None)
                     return
-            Association(conn, (str(address[0]), int(address[1])), self.policy, self.service,
-                        self.active_count).run()
-            if conn is not sock:
+            association = Association(
+                wrapped, (str(address[0]), int(address[1])), self.policy, self.service,
+                self.active_count, admit=lambda: self._admit(sock), stopping=self._stopping)
+            with self._lock:
+                conn.association = association
+            association.run()
+            if wrapped is not sock:
                 with contextlib.suppress(OSError, ssl.SSLError):
-                    conn.close()
+                    wrapped.close()
         finally:
             with self._lock:
-                self._open.discard(sock)
+                self._open.pop(sock, None)
 
     def start(self) -> None:
-        """Serve in a background thread."""
+        """Serve in a background thread (and the negotiation reaper in another)."""
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="srnode-scp", daemon=True)
         self._thread.start()
+        self._reaper = threading.Thread(target=self._reap, name="srnode-scp-reaper",
+                                        daemon=True)
+        self._reaper.start()
 
-    def stop(self) -> None:
-        """Stop listening and close every open association."""
-        self.shutdown()
-        with self._lock:
-            socks = list(self._open)
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-        self.server_close()
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop accepting, let messages in flight finish for ``grace`` seconds, abort the rest.
+
+        Connections still negotiating are closed at once; established associations between
+        messages get an A-ABORT at once; an association receiving or storing a message is
+        aborted right after its answer is sent, or when ``grace`` runs out.
+
+        Parameters
+        ----------
+        grace
+            Seconds to wait for messages in flight (0: abort everything now).
+        """
+        self._stopping.set()
+        self.shutdown()  # no new connections are accepted once this returns
+        self.server_close()  # the listening socket: later connection attempts are refused
+        deadline = time.monotonic() + max(0.0, grace)
+        while True:
+            with self._lock:
+                conns = list(self._open.items())
+            force = time.monotonic() >= deadline
+            busy = 0
+            for sock, conn in conns:
+                if conn.association is None or not conn.association.established:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+                elif not conn.association.abort_for_stop(force):
+                    busy += 1
+            if not busy or force:
+                break
+            time.sleep(0.05)
+        # Give the association threads a moment to finish what they were doing (an index
+        # commit under way) before the caller closes the database.
+        end = time.monotonic() + 5.0
+        for _, conn in conns:
+            if conn.thread is not None and conn.thread is not threading.current_thread():
+                conn.thread.join(max(0.0, end - time.monotonic()))
