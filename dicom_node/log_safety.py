@@ -84,6 +84,31 @@ def safe_uid(value: object) -> str:
     return f"<invalid UID #{short_hash(text)}>"
 
 
+def safe_ae(value: object) -> str:
+    """Return a valid AE title as is, anything else as a marker with a short hash of it.
+
+    Valid: 1-16 printable ASCII characters without backslash (PS3.5 AE).
+
+    Parameters
+    ----------
+    value
+        An AE title as sent by a peer.
+
+    Returns
+    -------
+    str
+        The AE title (stripped), ``""`` or ``"<invalid AE title #1a2b3c4d>"``.
+    """
+    if value is None:
+        return ""
+    text = (value if isinstance(value, str) else str(value)).strip()
+    if not text:
+        return ""
+    if len(text) <= 16 and "\\" not in text and not _CONTROL_RE.search(text):
+        return text
+    return f"<invalid AE title #{short_hash(text)}>"
+
+
 def safe_text(value: object, limit: int = MAX_TEXT_LENGTH) -> str:
     """Escape control and non-ASCII characters and bound the length of a peer-supplied text.
 
@@ -133,7 +158,9 @@ def _safe_value(key: str, value: Any) -> Any:
     if isinstance(value, str):
         if key.endswith("_uid") or key.endswith("_syntax"):
             return safe_uid(value)
-        return safe_text(value, limit=MAX_TEXT_LENGTH if key.endswith("_ae") else 512)
+        if key.endswith("_ae"):
+            return safe_ae(value)
+        return safe_text(value, limit=512)
     if isinstance(value, dict):
         return safe_fields(value)
     if isinstance(value, list | tuple):

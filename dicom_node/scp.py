@@ -44,7 +44,7 @@ from dicom_node import statuses
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.header_scan import scan_instance
-from dicom_node.log_safety import safe_text, safe_uid
+from dicom_node.log_safety import safe_ae, safe_text, safe_uid
 from dicom_node.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
 from dicom_node.validation import InvalidImageError, check_image, parse_dataset
 from storage.db import Database
@@ -184,7 +184,7 @@ class StorageSCP(StorageService):
         """Log and audit a rejected association request."""
         LOGGER.warning(
             "association rejected: calling AE %r from %s:%s, called AE %r (%s)",
-            safe_text(peer.ae_title), peer.address, peer.port, safe_text(peer.called_ae_title),
+            safe_ae(peer.ae_title), peer.address, peer.port, safe_ae(peer.called_ae_title),
             reason,
         )
         self.audit.record(
@@ -194,7 +194,7 @@ class StorageSCP(StorageService):
 
     def on_accepted(self, peer: Peer, rejected: list[PresentationContext]) -> None:
         """Log an accepted association and audit the presentation contexts it was refused."""
-        LOGGER.info("association accepted: calling AE %r from %s", safe_text(peer.ae_title),
+        LOGGER.info("association accepted: calling AE %r from %s", safe_ae(peer.ae_title),
                     peer.address)
         refused = [
             {"context_id": cx.context_id, "abstract_syntax": str(cx.abstract_syntax),
@@ -204,7 +204,7 @@ class StorageSCP(StorageService):
         if refused:
             LOGGER.warning(
                 "association from %r: %d presentation context(s) rejected (SOP class or "
-                "transfer syntax not accepted): %s", safe_text(peer.ae_title), len(refused),
+                "transfer syntax not accepted): %s", safe_ae(peer.ae_title), len(refused),
                 ", ".join(f"{safe_uid(r['abstract_syntax'])} "
                           f"{'/'.join(safe_uid(ts) for ts in r['transfer_syntaxes'])}"
                           for r in refused),
@@ -215,7 +215,7 @@ class StorageSCP(StorageService):
     def on_negotiation_failed(self, address: str, reason: str, peer: Peer | None) -> None:
         """Log and audit a connection that ended (or was closed) before an association."""
         LOGGER.warning("negotiation with %s%s failed: %s", address,
-                       f" (calling AE {safe_text(peer.ae_title)!r})" if peer else "",
+                       f" (calling AE {safe_ae(peer.ae_title)!r})" if peer else "",
                        safe_text(reason, limit=256))
         self.audit.record("negotiation_failed", address=address,
                           calling_ae=peer.ae_title if peer else "", reason=reason)
@@ -240,7 +240,7 @@ class StorageSCP(StorageService):
     def _refuse(self, calling_ae: str, address: str, status: int, reason: str,
                 **uids: Any) -> int:
         LOGGER.warning(
-            "C-STORE from %r refused with 0x%04X: %s %s", safe_text(calling_ae), status,
+            "C-STORE from %r refused with 0x%04X: %s %s", safe_ae(calling_ae), status,
             safe_text(reason, limit=256),
             " ".join(f"{k}={safe_uid(v)}" for k, v in uids.items() if v),
         )

@@ -38,7 +38,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import __version__, statuses
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
-from dicom_node.log_safety import is_valid_uid, safe_text
+from dicom_node.log_safety import is_valid_uid, safe_ae, safe_text
 
 LOGGER = logging.getLogger("srnode.scp")
 
@@ -453,6 +453,16 @@ class Association:
         pdu_type, body = read_request_pdu(self.sock, MAX_ASSOCIATE_RQ)
         if pdu_type != A_ASSOCIATE_RQ_PDU:
             raise AssociationAbortedError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02X}")
+        # AE titles are checked before pynetdicom decodes them: its codec logs an invalid value
+        # as sent, and a malformed title deserves an A-ASSOCIATE-RJ (audited), not an abort.
+        called_raw, calling_raw = bytes(body[4:20]), bytes(body[20:36])
+        for raw, triple, what in ((calling_raw, REJECT_CALLING_AE, "calling"),
+                                  (called_raw, REJECT_CALLED_AE, "called")):
+            if len(raw) == 16 and not _valid_ae_title(raw.decode("latin-1").strip()):
+                self.peer = Peer(calling_raw.decode("latin-1"), self.address[0],
+                                 self.address[1], called_raw.decode("latin-1"))
+                self._reject(triple, f"malformed {what} AE title")
+                return False
         pdu = A_ASSOCIATE_RQ()
         try:
             pdu.decode(bytes(struct.pack(">BBI", pdu_type, 0, len(body)) + body))
@@ -484,12 +494,7 @@ class Association:
             if full:
                 reject, reason = REJECT_LOCAL_LIMIT, "too many associations"
         if reject is not None:
-            primitive = A_ASSOCIATE()
-            primitive.result, primitive.result_source, primitive.diagnostic = reject
-            rj = A_ASSOCIATE_RJ()
-            rj.from_primitive(primitive)
-            self.sock.sendall(rj.encode())
-            self.service.on_rejected(self.peer, reason)
+            self._reject(reject, reason)
             return False
         roles = {
             item.sop_class_uid: (item.scu_role, item.scp_role)
@@ -521,6 +526,16 @@ class Association:
         self.established = True
         self.service.on_accepted(self.peer, [cx for cx in results if cx.result != 0x00])
         return True
+
+    def _reject(self, reject: tuple[int, ...], reason: str) -> None:
+        """Send an A-ASSOCIATE-RJ and tell the service."""
+        assert self.peer is not None
+        primitive = A_ASSOCIATE()
+        primitive.result, primitive.result_source, primitive.diagnostic = reject
+        rj = A_ASSOCIATE_RJ()
+        rj.from_primitive(primitive)
+        self.sock.sendall(rj.encode())
+        self.service.on_rejected(self.peer, reason)
 
     # -- data transfer ------------------------------------------------------------------------
     def _send_command(self, context_id: int, command: bytes) -> None:
@@ -569,7 +584,7 @@ class Association:
             if pdu_type == A_RELEASE_RQ_PDU:
                 if not idle:
                     LOGGER.warning("association from %r released in the middle of a message",
-                                   safe_text(self.peer.ae_title) if self.peer else "?")
+                                   safe_ae(self.peer.ae_title) if self.peer else "?")
                 self.sock.sendall(RELEASE_RP)
                 return
             if pdu_type == A_ABORT_PDU:
@@ -654,7 +669,7 @@ class Association:
         message_id = _us_or_none(fields, 0x0110)
         if message_id is None:
             LOGGER.warning("DIMSE command 0x%04X from %r without a valid Message ID refused",
-                           command_field, safe_text(self.peer.ae_title))
+                           command_field, safe_ae(self.peer.ae_title))
             self._send_command(context_id, encode_response(
                 command_field & 0x7FFF, 0, statuses.CANNOT_UNDERSTAND, abstract))
             return
@@ -699,7 +714,7 @@ class Association:
             if self.negotiate():
                 self.serve()
         except AssociationAbortedError as exc:
-            who = safe_text(self.peer.ae_title) if self.peer else self.address[0]
+            who = safe_ae(self.peer.ae_title) if self.peer else self.address[0]
             if exc.reason is not None:
                 LOGGER.warning("aborting association with %r: %s", who, exc)
                 self._abort(exc.reason)
@@ -709,7 +724,7 @@ class Association:
                 self._negotiation_failed(str(exc))
         except TimeoutError:
             LOGGER.warning("association with %r timed out (no data within the timeout)",
-                           safe_text(self.peer.ae_title) if self.peer else self.address[0])
+                           safe_ae(self.peer.ae_title) if self.peer else self.address[0])
             self._abort(0x00)
             if not self.established:
                 self._negotiation_failed("no complete association request within acse_timeout")
@@ -777,6 +792,7 @@ class _Connection:
 
     address: str
     deadline: float
+    started: float = field(default_factory=time.monotonic)
     association: Association | None = None
     negotiated: bool = False
     expired: bool = False
@@ -839,6 +855,10 @@ class StorageAcceptor(socketserver.ThreadingTCPServer):
                        client_address: tuple[str, int] | str) -> bool:
         """Admit a new connection to the negotiating budget (accept thread; no I/O but a log).
 
+        When the budget is full in all (many source addresses), the connection negotiating
+        longest is cut off to make room if it has been at it for more than a second (a real
+        sender needs milliseconds), so a crowd of idle peers cannot keep senders out.
+
         Returns
         -------
         bool
@@ -848,20 +868,31 @@ class StorageAcceptor(socketserver.ThreadingTCPServer):
         assert isinstance(request, socket.socket)
         host = str(client_address[0]) if isinstance(client_address, tuple) else ""
         reason = ""
+        evicted: socket.socket | None = None
+        now = time.monotonic()
         with self._lock:
             if self._stopping.is_set():
                 reason = "node stopping"
             else:
-                negotiating = [c for c in self._open.values() if not c.negotiated]
-                if len(negotiating) >= self.policy.max_pending:
-                    reason = "too many connections negotiating"
-                elif sum(1 for c in negotiating if c.address == host) >= \
+                negotiating = [(s, c) for s, c in self._open.items() if not c.negotiated]
+                if sum(1 for _, c in negotiating if c.address == host) >= \
                         self.policy.max_pending_per_host:
                     reason = "too many connections negotiating from this address"
+                elif len(negotiating) >= self.policy.max_pending:
+                    oldest_sock, oldest = min(negotiating, key=lambda sc: sc[1].started)
+                    if now - oldest.started > 1.0 and not oldest.expired:
+                        oldest.expired = True
+                        evicted = oldest_sock
+                    else:
+                        reason = "too many connections negotiating"
             if not reason:
-                deadline = time.monotonic() + (self.policy.acse_timeout or 3600.0)
+                deadline = now + (self.policy.acse_timeout or 3600.0)
                 self._open[request] = _Connection(host, deadline)
-                return True
+        if evicted is not None:
+            with contextlib.suppress(OSError):
+                evicted.shutdown(socket.SHUT_RDWR)
+        if not reason:
+            return True
         self._report_refused(host, reason)
         return False
 
