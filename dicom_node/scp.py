@@ -56,6 +56,7 @@ from storage.errors import (
 )
 from storage.filestore import FileStore, PendingWrite
 from storage.ingest import InstanceHeader, store_instance
+from storage.spool import Spool
 
 if TYPE_CHECKING:  # pragma: no cover
     from dicom_node.scp_pynetdicom import PynetdicomServer
@@ -231,11 +232,19 @@ class StorageSCP(StorageService):
         self.audit.record("echo", calling_ae=peer.ae_title, address=peer.address)
         return statuses.SUCCESS
 
-    def on_store(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
-                 peer: Peer) -> int:
+    def on_store(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
+                 sop_class_uid: str, peer: Peer) -> int:
         """Store one received instance (see :meth:`receive`)."""
-        return self.receive(data, affected_sop_instance_uid, sop_class_uid, peer.ae_title,
-                            peer.address)
+        try:
+            return self.receive(data, affected_sop_instance_uid, sop_class_uid, peer.ae_title,
+                                peer.address)
+        finally:
+            if isinstance(data, Spool):
+                data.discard()  # no-op once handed over as the pending write
+
+    def open_spool(self, initial: bytearray) -> Spool | None:
+        """Move a large data set being received to a spool file in the store."""
+        return Spool(self.store, initial)
 
     def _refuse(self, calling_ae: str, address: str, status: int, reason: str,
                 **uids: Any) -> int:
@@ -250,8 +259,8 @@ class StorageSCP(StorageService):
         )
         return status
 
-    def receive(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
-                calling_ae: str, address: str) -> int:
+    def receive(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
+                sop_class_uid: str, calling_ae: str, address: str) -> int:
         """Check, store and index one received instance; return the C-STORE status.
 
         This is the whole per-instance receive path of the C-STORE handler, callable without a
@@ -261,7 +270,8 @@ class StorageSCP(StorageService):
         Parameters
         ----------
         data
-            The encoded Part 10 file (file meta built from the presentation context).
+            The encoded Part 10 file (file meta built from the presentation context), in
+            memory or spooled to a file as it arrived (the caller discards the spool).
         affected_sop_instance_uid
             Affected SOP Instance UID of the C-STORE request.
         sop_class_uid
@@ -291,7 +301,12 @@ class StorageSCP(StorageService):
             )
         # Start writing and fsyncing the bytes now; parsing and indexing overlap with the disk.
         try:
-            pending = self.store.begin_write(data)
+            if isinstance(data, Spool):  # already on disk: mapped for the checks, then renamed
+                view = data.view()
+                pending = data.to_pending()
+                data = view  # type: ignore[assignment]
+            else:
+                pending = self.store.begin_write(data)
         except OSError as exc:
             return refuse(statuses.OUT_OF_RESOURCES,
                           f"cannot write file: {exc.strerror or exc}", sop_instance_uid=affected)

@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node import __version__, statuses
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
 from dicom_node.log_safety import is_valid_uid, safe_ae, safe_text
+from storage.spool import Spool
 
 LOGGER = logging.getLogger("srnode.scp")
 
@@ -67,6 +68,9 @@ MAX_ASSOCIATE_RQ = 64 << 10
 #: Largest DIMSE command set accepted (a real one is about 200 bytes; this leaves room for an
 #: over-long UID, which gets a failure status instead of an abort).
 MAX_COMMAND_SET = 256 << 10
+#: A data set growing past this many bytes is moved to a spool file (service permitting) and
+#: the rest appended there as it arrives, so memory per association stays below it.
+SPOOL_THRESHOLD = 8 << 20
 #: Bytes asked of the socket per read while negotiating.
 _NEGOTIATION_READ = 16 << 10
 #: Largest P-DATA-TF accepted when no maximum is negotiated (0 = unlimited): bounds memory.
@@ -182,10 +186,21 @@ class StorageService:
         """Answer a C-ECHO; return its status."""
         return 0x0000
 
-    def on_store(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
-                 peer: Peer) -> int:
-        """Store a received Part 10 file; return the C-STORE status."""
+    def on_store(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
+                 sop_class_uid: str, peer: Peer) -> int:
+        """Store a received Part 10 file; return the C-STORE status.
+
+        A spooled file (:class:`storage.spool.Spool`) is the service's to hand over or discard.
+        """
         raise NotImplementedError
+
+    def open_spool(self, initial: bytearray) -> Spool | None:
+        """Return a spool file holding ``initial`` for a large data set.
+
+        ``None`` keeps the data set in memory.  An :class:`OSError` (disk full) refuses the
+        C-STORE with ``statuses.OUT_OF_RESOURCES``.
+        """
+        return None
 
     def on_store_refused(self, peer: Peer, status: int, reason: str,
                          affected_sop_instance_uid: str) -> int:
@@ -445,6 +460,8 @@ class Association:
         self.in_message = False
         self.closing = False
         self.deadline = time.monotonic() + (policy.acse_timeout or 3600.0)
+        #: Spool file of the data set in flight (removed if the association ends first).
+        self._spool: Spool | None = None
 
     # -- negotiation --------------------------------------------------------------------------
     def negotiate(self) -> bool:
@@ -557,7 +574,7 @@ class Association:
         Memory per association is bounded whatever the peer sends: one PDU (at most the
         negotiated maximum), the command set (``MAX_COMMAND_SET``) and one data set (at most
         ``max_instance_bytes``; a larger one is counted and discarded as it arrives).  Empty
-        PDV items, which PS3.8 9.3.5.1 does not allow, abort the association.
+        PDV items that are not the last fragment of a message abort the association.
         """
         idle_timeout = self.policy.network_timeout or None
         busy_timeout = self.policy.dimse_timeout or None
@@ -566,8 +583,10 @@ class Association:
         limit = self.policy.max_pdu_size + 6 if self.policy.max_pdu_size else MAX_UNLIMITED_PDU
         max_instance = self.policy.max_instance_bytes
         command = bytearray()
-        dataset: bytearray | None = None
+        dataset: bytearray | Spool | None = None
         received = 0  # data set bytes of the message in flight, kept or not
+        dropped: tuple[int, str] | None = None  # why the data set in flight is not kept
+        spool_tried = False
         pending: tuple[int, dict[int, bytes]] | None = None  # context id, command awaiting data
         while True:
             idle = pending is None and not command
@@ -605,7 +624,9 @@ class Association:
                 if item_length < 2 or offset + 4 + item_length > end:
                     raise AssociationAbortedError("PDV item length beyond the PDU",
                                              ABORT_INVALID_PARAMETER)
-                if item_length == 2:
+                if item_length == 2 and not control & 0x02:
+                    # An empty fragment carries nothing and is only tolerated as the last one
+                    # (pynetdicom sends an empty data set that way); a stream of them is abuse.
                     raise AssociationAbortedError("empty PDV item", ABORT_INVALID_PARAMETER)
                 value = view[offset + 6:offset + 4 + item_length]
                 offset += 4 + item_length
@@ -634,14 +655,42 @@ class Association:
                     received += len(value)
                     if dataset is not None:
                         if max_instance and received > max_instance:
+                            self._drop_spool()
                             dataset = None  # too large: the rest is counted, not kept
+                            dropped = (statuses.INSTANCE_TOO_LARGE,
+                                       f"data set of more than {max_instance} bytes "
+                                       f"(max_instance_mb {max_instance // (1024 * 1024)})")
+                        elif isinstance(dataset, Spool):
+                            try:
+                                dataset.append(value)
+                            except OSError as exc:
+                                dataset = self._spool = None
+                                dropped = (statuses.OUT_OF_RESOURCES,
+                                           f"cannot write the spool file: {exc.strerror or exc}")
                         else:
                             dataset += value
+                            if len(dataset) > SPOOL_THRESHOLD and not spool_tried:
+                                spool_tried = True
+                                try:
+                                    self._spool = self.service.open_spool(dataset)
+                                except OSError as exc:
+                                    dataset, dropped = None, (
+                                        statuses.OUT_OF_RESOURCES,
+                                        f"cannot write the spool file: {exc.strerror or exc}")
+                                if self._spool is not None:
+                                    dataset = self._spool
                     if control & 0x02:
                         fields = pending[1]
                         pending = None
-                        self._dispatch(context_id, fields, dataset, received)
-                        dataset = None
+                        self._spool = None  # the service owns it now
+                        self._dispatch(context_id, fields, dataset, received, dropped)
+                        dataset, dropped, spool_tried = None, None, False
+
+    def _drop_spool(self) -> None:
+        """Discard the spool file of the data set in flight, if there is one."""
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.discard()
 
     def _begin_dataset(self, context_id: int, fields: dict[int, bytes]) -> bytearray | None:
         """Return the buffer a C-STORE data set is received into (file meta first), or ``None``.
@@ -659,7 +708,8 @@ class Association:
                                    str(context.transfer_syntax[0]), self.peer.ae_title))
 
     def _dispatch(self, context_id: int, fields: dict[int, bytes],
-                  dataset: bytearray | None, size: int) -> None:
+                  dataset: bytearray | Spool | None, size: int,
+                  dropped: tuple[int, str] | None = None) -> None:
         command_field = _us(fields, 0x0100)
         if command_field == C_CANCEL_RQ:
             return
@@ -683,23 +733,21 @@ class Association:
             sop_class = sop_class if is_valid_uid(sop_class) else abstract
             sop_instance = _ui(fields, 0x1000)
             echoed: str | None = sop_instance if len(sop_instance) <= 64 else None
-            max_instance = self.policy.max_instance_bytes
             if echoed is None:
+                if isinstance(dataset, Spool):
+                    dataset.discard()
                 status = self.service.on_store_refused(
                     self.peer, statuses.INVALID_UID,
                     f"Affected SOP Instance UID of {len(sop_instance)} bytes (at most 64)",
                     sop_instance)
-            elif max_instance and size > max_instance:
+            elif dropped is not None:
                 status = self.service.on_store_refused(
-                    self.peer, statuses.INSTANCE_TOO_LARGE,
-                    f"data set of {size} bytes exceeds max_instance_mb "
-                    f"({max_instance // (1024 * 1024)} MB)", sop_instance)
+                    self.peer, dropped[0], f"{dropped[1]}; {size} bytes received", sop_instance)
             elif dataset is None:
                 status = self.service.on_store_refused(
                     self.peer, statuses.CANNOT_UNDERSTAND, "no data set", sop_instance)
             else:
-                status = self.service.on_store(dataset, sop_instance, abstract,  # type: ignore[arg-type]
-                                               self.peer)
+                status = self.service.on_store(dataset, sop_instance, abstract, self.peer)
             self._send_command(context_id, encode_response(
                 C_STORE_RQ, message_id, status, sop_class, echoed))
             return
@@ -710,6 +758,12 @@ class Association:
 
     def run(self) -> None:
         """Negotiate, serve and close; never raises."""
+        try:
+            self._run()
+        finally:
+            self._drop_spool()
+
+    def _run(self) -> None:
         try:
             if self.negotiate():
                 self.serve()

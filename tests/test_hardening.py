@@ -354,7 +354,8 @@ def test_empty_pdvs_abort_with_flat_memory(served: ServedNode, ct: list[Path]) -
 
 
 def test_1gib_c_store_is_refused_without_holding_it(tmp_path: Path, ct: list[Path]) -> None:
-    node = ServedNode(tmp_path, node={"max_instance_mb": 32}, worker={"enabled": False})
+    """With the default max_instance_mb (512): spooled to disk as it comes, dropped at 512 MB."""
+    node = ServedNode(tmp_path, worker={"enabled": False})
     node.start()
     try:
         _warm_up(node, ct)
@@ -383,6 +384,42 @@ def test_1gib_c_store_is_refused_without_holding_it(tmp_path: Path, ct: list[Pat
         refused = [e for e in _audit(node.data["node"]["audit_log"])
                    if e["event"] == "instance_refused"]
         assert refused and refused[-1]["status"] == "0xC003"
+    finally:
+        node.stop()
+    assert not list((node.storage_dir / ".incoming").glob("*")), "spool file left behind"
+
+
+def test_large_instance_is_spooled_and_stored_intact(tmp_path: Path, ct: list[Path]) -> None:
+    """A 72 MB instance goes to the spool file as it arrives and is stored by a rename."""
+    node = ServedNode(tmp_path, worker={"enabled": False})
+    node.start()
+    try:
+        _warm_up(node, ct)
+        ds = pydicom.dcmread(ct[3])
+        ds.Rows = ds.Columns = 6000
+        ds.PixelData = os.urandom(6000 * 6000 * 2)
+        data = encode(ds, False, True)
+        assert data is not None
+        uid = str(ds.SOPInstanceUID)
+        base = _rss_kb(node.pid)
+        sampler = _RssSampler(node.pid)
+        sampler.start()
+        sock = _raw_association(node.port)
+        sock.sendall(_p_data(3, 0x03, _store_rq(uid)))
+        step = (1 << 20) - 12
+        for start in range(0, len(data), step):
+            last = start + step >= len(data)
+            sock.sendall(_p_data(3, 0x02 if last else 0x00, data[start:start + step]))
+        status = _response_status(sock)
+        peak = sampler.stop()
+        sock.close()
+        assert status == 0
+        growth_mb = (peak - base) / 1024
+        print(f"{len(data) / 2**20:.0f} MiB instance spooled: RSS growth {growth_mb:.1f} MB")
+        assert growth_mb < 40, growth_mb
+        stored = indexed_instances(node.database_url)[uid]
+        assert stored.read_bytes().endswith(bytes(data))
+        assert not list((node.storage_dir / ".incoming").glob("*"))
     finally:
         node.stop()
 
