@@ -28,8 +28,16 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from dicom_node import statuses
-from dicom_node.upper_layer import decode_command, encode_command
+from dicom_node.upper_layer import (
+    AcceptorPolicy,
+    Peer,
+    StorageAcceptor,
+    StorageService,
+    decode_command,
+    encode_command,
+)
 from storage.models import Instance
+from storage.spool import Spool
 from tests.dicom_factory import make_ct_series
 from tests.support.certs import make_pki
 from tests.support.faults import ServedNode, indexed_instances, storage_problems
@@ -586,3 +594,58 @@ def test_startup_indexes_a_complete_unindexed_file_and_quarantines_a_broken_one(
     assert len(list((root / "quarantine").iterdir())) == 1
     events = [e["event"] for e in _audit(cfg.node.audit_log)]
     assert "file_indexed_at_startup" in events and "file_quarantined" in events
+
+
+class _SlowService(StorageService):
+    """Takes ``delay`` seconds to store (a slow disk), answers success."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.started = threading.Event()
+        self.stored: list[str] = []
+
+    def on_store(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
+                 sop_class_uid: str, peer: Peer) -> int:
+        self.started.set()
+        time.sleep(self.delay)
+        self.stored.append(affected_sop_instance_uid)
+        return 0
+
+
+def _acceptor(service: StorageService) -> StorageAcceptor:
+    policy = AcceptorPolicy(
+        ae_title="SRNODE", require_called_ae_title=True, allowed_calling_ae_titles=[],
+        allowed_hosts={}, max_associations=4, acse_timeout=5.0, network_timeout=5.0,
+        max_pdu_size=65536, contexts=[build_context(Verification),
+                                      build_context(CTImageStorage, [CT_EXPLICIT])])
+    server = StorageAcceptor(("127.0.0.1", 0), policy, service)
+    server.start()
+    return server
+
+
+@pytest.mark.parametrize(("delay", "grace", "answered"), [(1.0, 5.0, True), (3.0, 0.5, False)])
+def test_stop_lets_a_store_in_flight_finish_within_the_grace_period(
+        ct: list[Path], delay: float, grace: float, answered: bool) -> None:
+    service = _SlowService(delay)
+    server = _acceptor(service)
+    port = server.server_address[1]
+    busy = _raw_association(port)
+    idle = _raw_association(port)
+    busy.sendall(_p_data(3, 0x03, _store_rq("1.2.3.4")) + _p_data(3, 0x02, _dataset(ct[0])))
+    assert service.started.wait(5)
+    t0 = time.monotonic()
+    server.stop(grace=grace)
+    took = time.monotonic() - t0
+    assert _read_pdu(idle)[0] == 0x07  # idle: A-ABORT at once
+    status = _response_status(busy)
+    if answered:
+        assert status == 0  # the store in flight was answered ...
+        assert _read_pdu(busy)[0] == 0x07  # ... then the association aborted
+        assert took < delay + 1.0
+    else:
+        assert status is None  # grace over: A-ABORT instead of the answer
+        assert took < grace + 6.0
+    for s in (busy, idle):
+        s.close()
+    with pytest.raises(OSError):
+        _connect(port, timeout=2)  # no longer accepting
