@@ -21,9 +21,9 @@ import logging
 import re
 from typing import Any
 
-#: A UID as PS3.5 9.1 allows it: at most 64 characters, digits in dot-separated components.
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
-MAX_UID_LENGTH = 64
+from storage.errors import InvalidUIDError
+from storage.filestore import validate_uid
+
 #: Longest peer-controlled text kept in a log line (longer values are cut and marked).
 MAX_TEXT_LENGTH = 64
 _CONTROL_RE = re.compile(r"[^\x20-\x7e]")
@@ -40,10 +40,32 @@ def is_valid_uid(value: object) -> bool:
     Returns
     -------
     bool
-        ``True`` for a string of at most 64 characters of dot-separated numeric components.
+        ``True`` for what :func:`storage.filestore.validate_uid` accepts (PS3.5 9.1).
     """
-    return (isinstance(value, str) and 0 < len(value) <= MAX_UID_LENGTH
-            and _UID_RE.match(value) is not None)
+    try:
+        validate_uid(value)  # type: ignore[arg-type]
+    except InvalidUIDError:
+        return False
+    return True
+
+
+def is_valid_ae_title(value: object) -> bool:
+    """Return whether ``value`` (stripped) is a valid AE title (PS3.5 AE).
+
+    Parameters
+    ----------
+    value
+        Anything a peer sent.
+
+    Returns
+    -------
+    bool
+        ``True`` for 1-16 printable ASCII characters without a backslash.
+    """
+    if not isinstance(value, str):
+        return False
+    text = value.strip()
+    return 0 < len(text) <= 16 and "\\" not in text and not _CONTROL_RE.search(text)
 
 
 def short_hash(value: str | bytes) -> str:
@@ -104,7 +126,7 @@ def safe_ae(value: object) -> str:
     text = (value if isinstance(value, str) else str(value)).strip()
     if not text:
         return ""
-    if len(text) <= 16 and "\\" not in text and not _CONTROL_RE.search(text):
+    if is_valid_ae_title(text):
         return text
     return f"<invalid AE title #{short_hash(text)}>"
 

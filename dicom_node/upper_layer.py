@@ -38,7 +38,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import __version__, statuses
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
-from dicom_node.log_safety import is_valid_uid, safe_ae, safe_text
+from dicom_node.log_safety import is_valid_ae_title, is_valid_uid, safe_ae, safe_text
 from storage.spool import Spool
 
 LOGGER = logging.getLogger("srnode.scp")
@@ -413,11 +413,6 @@ def read_request_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearr
     return pdu_type, body
 
 
-def _valid_ae_title(value: str) -> bool:
-    """Return whether an AE title (as decoded, stripped) is printable ASCII without backslash."""
-    return 0 < len(value) <= 16 and all(0x20 <= ord(c) < 0x7F for c in value) and "\\" not in value
-
-
 class Association:
     """One association on one thread: negotiation, then the data-transfer loop.
 
@@ -475,7 +470,7 @@ class Association:
         called_raw, calling_raw = bytes(body[4:20]), bytes(body[20:36])
         for raw, triple, what in ((calling_raw, REJECT_CALLING_AE, "calling"),
                                   (called_raw, REJECT_CALLED_AE, "called")):
-            if len(raw) == 16 and not _valid_ae_title(raw.decode("latin-1").strip()):
+            if len(raw) == 16 and not is_valid_ae_title(raw.decode("latin-1").strip()):
                 self.peer = Peer(calling_raw.decode("latin-1"), self.address[0],
                                  self.address[1], called_raw.decode("latin-1"))
                 self._reject(triple, f"malformed {what} AE title")
@@ -497,9 +492,9 @@ class Association:
         reason = "calling AE title not allowed (or not from its host)"
         if reject == REJECT_CALLED_AE:
             reason = "called AE title is not this node's"
-        if not _valid_ae_title(calling):
+        if not is_valid_ae_title(calling):
             reject, reason = REJECT_CALLING_AE, "malformed calling AE title"
-        elif not _valid_ae_title(called):
+        elif not is_valid_ae_title(called):
             reject, reason = REJECT_CALLED_AE, "malformed called AE title"
         if reject is None and pdu.protocol_version != 0x0001:
             reject, reason = REJECT_PROTOCOL_VERSION, "protocol version not supported"

@@ -649,3 +649,37 @@ def test_stop_lets_a_store_in_flight_finish_within_the_grace_period(
         s.close()
     with pytest.raises(OSError):
         _connect(port, timeout=2)  # no longer accepting
+
+
+# -- log_safety units ------------------------------------------------------------------------
+def test_peer_values_are_neutralised_for_logs_and_audit(tmp_path: Path) -> None:
+    import logging
+
+    from dicom_node.audit import AuditLog
+    from dicom_node.log_safety import SafeFormatter, safe_ae, safe_fields, safe_text, safe_uid
+
+    junk = f"1.2{FORGED}{PATIENT_NAME}"
+    assert safe_uid("1.2.840.10008.1.1") == "1.2.840.10008.1.1"
+    assert safe_uid(junk).startswith("<invalid UID #") and PATIENT_NAME not in safe_uid(junk)
+    assert safe_uid(junk) == safe_uid(junk) != safe_uid(junk + "x")  # stable, distinguishing
+    assert safe_ae("CT01") == "CT01"
+    assert safe_ae(f"{PATIENT_ID}\nX").startswith("<invalid AE title #")
+    text = safe_text("a\nb\x00c" + "x" * 1000, limit=64)
+    assert "\n" not in text and "\\x0a" in text and len(text) < 100
+    fields = safe_fields({"sop_instance_uid": junk, "calling_ae": "A\\B", "reason": "r\nr",
+                          "contexts": [{"abstract_syntax": junk,
+                                        "transfer_syntaxes": [junk, "1.2.840.10008.1.2"]}],
+                          "replaced": True})
+    dumped = json.dumps(fields)
+    assert PATIENT_NAME not in dumped and "FORGED" not in dumped
+    assert fields["contexts"][0]["transfer_syntaxes"][1] == "1.2.840.10008.1.2"
+    assert fields["replaced"] is True
+
+    record = logging.LogRecord("srnode.scp", logging.WARNING, __file__, 1,
+                               "value %s", (f"x{FORGED}",), None)
+    line = SafeFormatter("%(levelname)s %(message)s").format(record)
+    assert "\n" not in line and "\\x0aCRITICAL" in line
+
+    audit = AuditLog("/dev/full")
+    audit.record("echo", calling_ae="X")  # ENOSPC: counted, never raised
+    assert audit.failed_writes == 1
