@@ -146,8 +146,12 @@ def _response_status(sock: socket.socket) -> int | None:
 
 def _send_store(sock: socket.socket, affected: str, dataset: bytes, message_id: int = 1,
                 sop_class: str = str(CTImageStorage)) -> int | None:
-    sock.sendall(_p_data(3, 0x03, _store_rq(affected, message_id, sop_class))
-                 + _p_data(3, 0x02, dataset))
+    command = _store_rq(affected, message_id, sop_class)
+    step = 16000  # fragments fit any negotiated maximum PDU length used here
+    for start in range(0, len(command), step):
+        last = start + step >= len(command)
+        sock.sendall(_p_data(3, 0x03 if last else 0x01, command[start:start + step]))
+    sock.sendall(_p_data(3, 0x02, dataset))
     return _response_status(sock)
 
 
@@ -683,3 +687,23 @@ def test_peer_values_are_neutralised_for_logs_and_audit(tmp_path: Path) -> None:
     audit = AuditLog("/dev/full")
     audit.record("echo", calling_ae="X")  # ENOSPC: counted, never raised
     assert audit.failed_writes == 1
+
+
+def test_malformed_command_fields_get_failure_statuses(ct: list[Path]) -> None:
+    service = _SlowService(0.0)
+    server = _acceptor(service)
+    try:
+        sock = _raw_association(server.server_address[1])
+        no_message_id = encode_command([
+            (0x0002, _ui(str(CTImageStorage))), (0x0100, struct.pack("<H", 0x0001)),
+            (0x0110, b"\x01"), (0x0800, struct.pack("<H", 0x0000)), (0x1000, _ui("1.2.3")),
+        ])
+        sock.sendall(_p_data(3, 0x03, no_message_id) + _p_data(3, 0x02, _dataset(ct[0])))
+        assert _response_status(sock) == statuses.CANNOT_UNDERSTAND
+        assert _send_store(sock, "9" * 70_000, _dataset(ct[0])) == statuses.INVALID_UID
+        sock.sendall(_p_data(1, 0x03, _echo_rq()))
+        assert _response_status(sock) == 0
+        assert service.stored == []
+        sock.close()
+    finally:
+        server.stop()
