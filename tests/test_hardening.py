@@ -308,7 +308,11 @@ def test_refusals_and_echo_are_answered_when_the_audit_log_cannot_be_written(
 
 
 # -- 4: bounded memory ----------------------------------------------------------------------
-def test_thousand_sockets_announcing_1mib_requests(served: ServedNode, ct: list[Path]) -> None:
+@pytest.mark.parametrize("sources", ["one address", "250 addresses"])
+def test_thousand_sockets_announcing_1mib_requests(served: ServedNode, ct: list[Path],
+                                                   sources: str) -> None:
+    """From one address the per-address budget holds them; from 250 the global budget does
+    (the longest-negotiating connection is cut to make room for a newcomer)."""
     _warm_up(served, ct)
     pid = served.pid
     base = _rss_kb(pid)
@@ -317,9 +321,11 @@ def test_thousand_sockets_announcing_1mib_requests(served: ServedNode, ct: list[
     header = struct.pack(">BBI", 0x01, 0, 1 << 20) + b"\x00\x01"
     attackers: list[socket.socket] = []
     try:
-        for _ in range(1000):
+        for i in range(1000):
+            source = ("127.0.0.2" if sources == "one address"
+                      else f"127.0.{1 + i // 250}.{i % 250 + 1}")
             try:
-                s = _connect(served.port, source="127.0.0.2", timeout=2)
+                s = _connect(served.port, source=source, timeout=2)
                 s.sendall(header)
                 attackers.append(s)
             except OSError:
@@ -332,7 +338,7 @@ def test_thousand_sockets_announcing_1mib_requests(served: ServedNode, ct: list[
             s.close()
     assert statuses_during == [0] * 4
     growth_mb = (peak - base) / 1024
-    print(f"1000 x 1 MiB requests: RSS growth {growth_mb:.1f} MB, "
+    print(f"1000 x 1 MiB requests from {sources}: RSS growth {growth_mb:.1f} MB, "
           f"peak threads {sampler.peak_threads}")
     assert growth_mb < 50, growth_mb
     assert sampler.peak_threads < 100
