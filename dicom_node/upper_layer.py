@@ -37,6 +37,7 @@ from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.sop_class import Verification
 
 from dicom_node import __version__, statuses
+from dicom_node.admission import ConnectionBudget
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
 from dicom_node.log_safety import is_valid_ae_title, is_valid_uid, safe_ae, safe_text
 from storage.spool import Spool
@@ -835,27 +836,12 @@ class _Handler(socketserver.BaseRequestHandler):
         self.server.handle_connection(self.request, self.client_address)
 
 
-@dataclass
-class _Connection:
-    """Book-keeping of one open connection (accept thread, reaper and stop share it)."""
-
-    address: str
-    deadline: float
-    started: float = field(default_factory=time.monotonic)
-    association: Association | None = None
-    negotiated: bool = False
-    expired: bool = False
-    thread: threading.Thread | None = None
-
-
 class StorageAcceptor(socketserver.ThreadingTCPServer):
     """Listens for associations; one thread per association.
 
-    Connections still negotiating (TLS handshake, A-ASSOCIATE-RQ) have their own small budget
-    (``policy.max_pending``, ``policy.max_pending_per_host``), checked in the accept thread
-    before a thread is started, and a deadline for the whole negotiation
-    (``policy.acse_timeout``) enforced by a reaper thread.  Only an accepted association takes
-    one of the ``policy.max_associations`` slots.
+    Connections still negotiating have their own small budget and a deadline, and only an
+    accepted association takes one of the ``policy.max_associations`` slots
+    (:class:`dicom_node.admission.ConnectionBudget`).
 
     Parameters
     ----------
@@ -880,121 +866,42 @@ class StorageAcceptor(socketserver.ThreadingTCPServer):
         self.policy = policy
         self.service = service
         self.ssl_context = ssl_context
-        self._lock = threading.Lock()
-        self._open: dict[socket.socket, _Connection] = {}
-        self._stopping = threading.Event()
-        self._refused_reports: list[float] = []
-        self._refused_unreported = 0
+        self.budget = ConnectionBudget(policy.max_pending, policy.max_pending_per_host,
+                                       policy.max_associations, policy.acse_timeout,
+                                       self._report_refused)
         super().__init__(address, _Handler)
         self._thread: threading.Thread | None = None
         self._reaper: threading.Thread | None = None
 
     def active_count(self) -> int:
         """Connections currently open."""
-        with self._lock:
-            return len(self._open)
+        return self.budget.count()
 
     def negotiated_count(self) -> int:
         """Associations currently established (the ones ``max_associations`` counts)."""
-        with self._lock:
-            return sum(1 for c in self._open.values() if c.negotiated)
+        return self.budget.negotiated_count()
 
-    # -- admission ----------------------------------------------------------------------------
     def verify_request(self, request: socket.socket | tuple[bytes, socket.socket],
                        client_address: tuple[str, int] | str) -> bool:
-        """Admit a new connection to the negotiating budget (accept thread; no I/O but a log).
-
-        When the budget is full in all (many source addresses), the connection negotiating
-        longest is cut off to make room if it has been at it for more than a second (a real
-        sender needs milliseconds), so a crowd of idle peers cannot keep senders out.
+        """Admit a new connection to the negotiating budget (accept thread).
 
         Returns
         -------
         bool
-            ``False`` closes the connection at once: node stopping, or too many connections
-            negotiating (in all, or from this address).
+            ``False`` closes the connection at once.
         """
         assert isinstance(request, socket.socket)
         host = str(client_address[0]) if isinstance(client_address, tuple) else ""
-        reason = ""
-        evicted: socket.socket | None = None
-        now = time.monotonic()
-        with self._lock:
-            if self._stopping.is_set():
-                reason = "node stopping"
-            else:
-                negotiating = [(s, c) for s, c in self._open.items() if not c.negotiated]
-                if sum(1 for _, c in negotiating if c.address == host) >= \
-                        self.policy.max_pending_per_host:
-                    reason = "too many connections negotiating from this address"
-                elif len(negotiating) >= self.policy.max_pending:
-                    oldest_sock, oldest = min(negotiating, key=lambda sc: sc[1].started)
-                    if now - oldest.started > 1.0 and not oldest.expired:
-                        oldest.expired = True
-                        evicted = oldest_sock
-                    else:
-                        reason = "too many connections negotiating"
-            if not reason:
-                deadline = now + (self.policy.acse_timeout or 3600.0)
-                self._open[request] = _Connection(host, deadline)
-        if evicted is not None:
-            with contextlib.suppress(OSError):
-                evicted.shutdown(socket.SHUT_RDWR)
-        if not reason:
-            return True
-        self._report_refused(host, reason)
-        return False
+        return self.budget.admit_connection(request, host)
 
     def _report_refused(self, host: str, reason: str) -> None:
-        """Log and audit a connection closed by the budget, at most 10 times a second."""
-        now = time.monotonic()
-        with self._lock:
-            self._refused_reports = [t for t in self._refused_reports if now - t < 1.0]
-            if len(self._refused_reports) >= 10:
-                self._refused_unreported += 1
-                return
-            self._refused_reports.append(now)
-            suppressed, self._refused_unreported = self._refused_unreported, 0
-        detail = f"{reason} (and {suppressed} more connection(s) not reported)" if suppressed \
-            else reason
-        LOGGER.warning("connection from %s closed before negotiation: %s", host, detail)
-        with contextlib.suppress(Exception):
-            self.service.on_negotiation_failed(host, f"connection refused: {detail}", None)
-
-    def _admit(self, sock: socket.socket) -> bool:
-        """Move a negotiating connection to a negotiated slot if one is free."""
-        with self._lock:
-            conn = self._open.get(sock)
-            if conn is None or self._stopping.is_set():
-                return False
-            if sum(1 for c in self._open.values() if c.negotiated) >= \
-                    self.policy.max_associations:
-                return False
-            conn.negotiated = True
-            return True
-
-    def _reap(self) -> None:
-        """Cut off connections whose negotiation passed its deadline (runs in its own thread)."""
-        while not self._stopping.wait(0.1):
-            now = time.monotonic()
-            with self._lock:
-                late = [(s, c) for s, c in self._open.items()
-                        if not c.negotiated and not c.expired and c.deadline <= now]
-                for _, c in late:
-                    c.expired = True
-            for s, _ in late:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
+        LOGGER.warning("connection from %s closed before negotiation: %s", host, reason)
+        self.service.on_negotiation_failed(host, f"connection refused: {reason}", None)
 
     # -- one connection -----------------------------------------------------------------------
     def handle_connection(self, sock: socket.socket, address: tuple[str, int]) -> None:
         """Run one association on the calling thread (socketserver's per-connection thread)."""
-        with self._lock:
-            conn = self._open.get(sock)
-            if conn is None:  # not admitted through verify_request (direct call)
-                conn = _Connection(str(address[0]), time.monotonic() + 3600.0)
-                self._open[sock] = conn
-            conn.thread = threading.current_thread()
+        conn = self.budget.connection(sock, str(address[0]))
         try:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1012,23 +919,23 @@ class StorageAcceptor(socketserver.ThreadingTCPServer):
                     return
             association = Association(
                 wrapped, (str(address[0]), int(address[1])), self.policy, self.service,
-                self.active_count, admit=lambda: self._admit(sock), stopping=self._stopping)
-            with self._lock:
+                self.active_count, admit=lambda: self.budget.take_slot(sock),
+                stopping=self.budget.stopping)
+            with self.budget.lock:
                 conn.association = association
             association.run()
             if wrapped is not sock:
                 with contextlib.suppress(OSError, ssl.SSLError):
                     wrapped.close()
         finally:
-            with self._lock:
-                self._open.pop(sock, None)
+            self.budget.release(sock)
 
     def start(self) -> None:
         """Serve in a background thread (and the negotiation reaper in another)."""
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
                                         name="srnode-scp", daemon=True)
         self._thread.start()
-        self._reaper = threading.Thread(target=self._reap, name="srnode-scp-reaper",
+        self._reaper = threading.Thread(target=self.budget.reap_forever, name="srnode-scp-reaper",
                                         daemon=True)
         self._reaper.start()
 
@@ -1044,13 +951,12 @@ class StorageAcceptor(socketserver.ThreadingTCPServer):
         grace
             Seconds to wait for messages in flight (0: abort everything now).
         """
-        self._stopping.set()
+        self.budget.stopping.set()
         self.shutdown()  # no new connections are accepted once this returns
         self.server_close()  # the listening socket: later connection attempts are refused
         deadline = time.monotonic() + max(0.0, grace)
         while True:
-            with self._lock:
-                conns = list(self._open.items())
+            conns = self.budget.snapshot()
             force = time.monotonic() >= deadline
             busy = 0
             for sock, conn in conns:
