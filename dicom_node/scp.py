@@ -9,6 +9,7 @@ and only then is success returned.
 
 from __future__ import annotations
 
+import errno
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -243,7 +244,15 @@ class StorageSCP(StorageService):
                 data.discard()  # no-op once handed over as the pending write
 
     def open_spool(self, initial: bytearray) -> Spool | None:
-        """Move a large data set being received to a spool file in the store."""
+        """Move a large data set being received to a spool file in the store.
+
+        Raises
+        ------
+        OSError
+            The disk is below ``min_free_disk_mb`` (ENOSPC) or the file cannot be written.
+        """
+        if self.store.free_bytes() < self.config.node.min_free_disk_mb * 1024 * 1024:
+            raise OSError(errno.ENOSPC, "free disk below min_free_disk_mb")
         return Spool(self.store, initial)
 
     def _refuse(self, calling_ae: str, address: str, status: int, reason: str,

@@ -151,7 +151,9 @@ def _send_store(sock: socket.socket, affected: str, dataset: bytes, message_id: 
     for start in range(0, len(command), step):
         last = start + step >= len(command)
         sock.sendall(_p_data(3, 0x03 if last else 0x01, command[start:start + step]))
-    sock.sendall(_p_data(3, 0x02, dataset))
+    for start in range(0, max(len(dataset), 1), 60000):
+        last = start + 60000 >= len(dataset)
+        sock.sendall(_p_data(3, 0x02 if last else 0x00, dataset[start:start + 60000]))
     return _response_status(sock)
 
 
@@ -713,3 +715,22 @@ def test_malformed_command_fields_get_failure_statuses(ct: list[Path]) -> None:
         sock.close()
     finally:
         server.stop()
+
+
+def test_large_instance_below_the_disk_floor_is_refused_without_spooling(
+        tmp_path: Path, ct: list[Path]) -> None:
+    cfg = node_config(tmp_path, node={"min_free_disk_mb": 10**9})
+    ds = pydicom.dcmread(ct[0])
+    ds.Rows = ds.Columns = 2400  # 11.5 MB: past the spool threshold
+    ds.PixelData = bytes(2400 * 2400 * 2)
+    data = encode(ds, False, True)
+    assert data is not None
+    with running_node(cfg) as node:
+        sock = _raw_association(node.scp.port)
+        assert _send_store(sock, str(ds.SOPInstanceUID), bytes(data)) == \
+            statuses.OUT_OF_RESOURCES
+        sock.close()
+        incoming = Path(cfg.node.storage_dir) / ".incoming"
+        assert not incoming.exists() or not list(incoming.iterdir())
+    refused = [e for e in _audit(cfg.node.audit_log) if e["event"] == "instance_refused"]
+    assert refused and "spool" in refused[0]["reason"]
