@@ -233,7 +233,7 @@ class StorageSCP(StorageService):
         self.audit.record("echo", calling_ae=peer.ae_title, address=peer.address)
         return statuses.SUCCESS
 
-    def on_store(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
+    def on_store(self, data: bytes | Spool, affected_sop_instance_uid: str,
                  sop_class_uid: str, peer: Peer) -> int:
         """Store one received instance (see :meth:`receive`)."""
         try:
@@ -243,7 +243,7 @@ class StorageSCP(StorageService):
             if isinstance(data, Spool):
                 data.discard()  # no-op once handed over as the pending write
 
-    def open_spool(self, initial: bytearray) -> Spool | None:
+    def open_spool(self) -> Spool | None:
         """Move a large data set being received to a spool file in the store.
 
         Raises
@@ -253,7 +253,7 @@ class StorageSCP(StorageService):
         """
         if self.store.free_bytes() < self.config.node.min_free_disk_mb * 1024 * 1024:
             raise OSError(errno.ENOSPC, "free disk below min_free_disk_mb")
-        return Spool(self.store, initial)
+        return Spool(self.store)
 
     def _refuse(self, calling_ae: str, address: str, status: int, reason: str,
                 **uids: Any) -> int:

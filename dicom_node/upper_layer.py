@@ -39,6 +39,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node import __version__, statuses
 from dicom_node.admission import ConnectionBudget
 from dicom_node.codes import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_PREFIX
+from dicom_node.dataset_buffer import DataSetBuffer
 from dicom_node.log_safety import is_valid_ae_title, is_valid_uid, safe_ae, safe_text
 from storage.spool import Spool
 
@@ -187,7 +188,7 @@ class StorageService:
         """Answer a C-ECHO; return its status."""
         return 0x0000
 
-    def on_store(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
+    def on_store(self, data: bytes | Spool, affected_sop_instance_uid: str,
                  sop_class_uid: str, peer: Peer) -> int:
         """Store a received Part 10 file; return the C-STORE status.
 
@@ -195,8 +196,8 @@ class StorageService:
         """
         raise NotImplementedError
 
-    def open_spool(self, initial: bytearray) -> Spool | None:
-        """Return a spool file holding ``initial`` for a large data set.
+    def open_spool(self) -> Spool | None:
+        """Return an empty spool file for a large data set being received.
 
         ``None`` keeps the data set in memory.  An :class:`OSError` (disk full) refuses the
         C-STORE with ``statuses.OUT_OF_RESOURCES``.
@@ -456,8 +457,8 @@ class Association:
         self.in_message = False
         self.closing = False
         self.deadline = time.monotonic() + (policy.acse_timeout or 3600.0)
-        #: Spool file of the data set in flight (removed if the association ends first).
-        self._spool: Spool | None = None
+        #: The data set in flight (its spool file is removed if the association ends first).
+        self._buffer: DataSetBuffer | None = None
 
     # -- negotiation --------------------------------------------------------------------------
     def negotiate(self) -> bool:
@@ -568,21 +569,17 @@ class Association:
         """Run the data-transfer phase until release, abort, timeout or the node stopping.
 
         Memory per association is bounded whatever the peer sends: one PDU (at most the
-        negotiated maximum), the command set (``MAX_COMMAND_SET``) and one data set (at most
-        ``max_instance_bytes``; a larger one is counted and discarded as it arrives).  Empty
-        PDV items that are not the last fragment of a message abort the association.
+        negotiated maximum), the command set (``MAX_COMMAND_SET``) and one data set in memory
+        up to ``SPOOL_THRESHOLD`` (then in a spool file, up to ``max_instance_bytes``; see
+        :class:`dicom_node.dataset_buffer.DataSetBuffer`).  Empty PDV items that are not the
+        last fragment of a message abort the association.
         """
         idle_timeout = self.policy.network_timeout or None
         busy_timeout = self.policy.dimse_timeout or None
         timeout = idle_timeout
         self.sock.settimeout(timeout)
         limit = self.policy.max_pdu_size + 6 if self.policy.max_pdu_size else MAX_UNLIMITED_PDU
-        max_instance = self.policy.max_instance_bytes
         command = bytearray()
-        dataset: bytearray | Spool | None = None
-        received = 0  # data set bytes of the message in flight, kept or not
-        dropped: tuple[int, str] | None = None  # why the data set in flight is not kept
-        spool_tried = False
         pending: tuple[int, dict[int, bytes]] | None = None  # context id, command awaiting data
         while True:
             idle = pending is None and not command
@@ -640,72 +637,54 @@ class Association:
                         fields = decode_command(command)
                         command = bytearray()
                         if _us(fields, 0x0800) == NO_DATA_SET:
-                            self._dispatch(context_id, fields, None, 0)
+                            self._dispatch(context_id, fields, None)
                         else:
                             pending = (context_id, fields)
-                            dataset = self._begin_dataset(context_id, fields)
-                            received = 0
+                            self._buffer = self._begin_dataset(context_id, fields)
                 else:  # data set fragment
                     if pending is None or pending[0] != context_id:
                         raise AssociationAbortedError("data set fragment without its command")
-                    received += len(value)
-                    if dataset is not None:
-                        if max_instance and received > max_instance:
-                            self._drop_spool()
-                            dataset = None  # too large: the rest is counted, not kept
-                            dropped = (statuses.INSTANCE_TOO_LARGE,
-                                       f"data set of more than {max_instance} bytes "
-                                       f"(max_instance_mb {max_instance // (1024 * 1024)})")
-                        elif isinstance(dataset, Spool):
-                            try:
-                                dataset.append(value)
-                            except OSError as exc:
-                                dataset = self._spool = None
-                                dropped = (statuses.OUT_OF_RESOURCES,
-                                           f"cannot write the spool file: {exc.strerror or exc}")
-                        else:
-                            dataset += value
-                            if len(dataset) > SPOOL_THRESHOLD and not spool_tried:
-                                spool_tried = True
-                                try:
-                                    self._spool = self.service.open_spool(dataset)
-                                except OSError as exc:
-                                    dataset, dropped = None, (
-                                        statuses.OUT_OF_RESOURCES,
-                                        f"cannot write the spool file: {exc.strerror or exc}")
-                                if self._spool is not None:
-                                    dataset = self._spool
+                    assert self._buffer is not None
+                    self._buffer.add(value)
                     if control & 0x02:
                         fields = pending[1]
                         pending = None
-                        self._spool = None  # the service owns it now
-                        self._dispatch(context_id, fields, dataset, received, dropped)
-                        dataset, dropped, spool_tried = None, None, False
+                        buffer, self._buffer = self._buffer, None
+                        self._dispatch(context_id, fields, buffer)
 
-    def _drop_spool(self) -> None:
-        """Discard the spool file of the data set in flight, if there is one."""
-        spool, self._spool = self._spool, None
-        if spool is not None:
-            spool.discard()
+    def _drop_buffer(self) -> None:
+        """Discard the data set in flight (memory and spool file), if there is one."""
+        buffer, self._buffer = self._buffer, None
+        if buffer is not None:
+            buffer.discard()
 
-    def _begin_dataset(self, context_id: int, fields: dict[int, bytes]) -> bytearray | None:
-        """Return the buffer a C-STORE data set is received into (file meta first), or ``None``.
+    def _begin_dataset(self, context_id: int, fields: dict[int, bytes]) -> DataSetBuffer:
+        """Return the buffer a data set is received into (a C-STORE's with its file meta first).
 
-        ``None`` (the data set is discarded as it arrives) for anything but a C-STORE with an
-        Affected SOP Instance UID that fits a UI element.
+        Anything but a C-STORE with an Affected SOP Instance UID that fits a UI element is only
+        counted as it arrives, never kept.
         """
         command_field = fields.get(0x0100)
         sop_instance = _ui(fields, 0x1000)
-        if command_field != struct.pack("<H", C_STORE_RQ) or len(sop_instance) > 64:
-            return None
-        assert self.peer is not None
-        context = self.contexts[context_id]
-        return bytearray(file_meta(str(context.abstract_syntax), sop_instance,
-                                   str(context.transfer_syntax[0]), self.peer.ae_title))
+        prefix: bytes | None = None
+        if command_field == struct.pack("<H", C_STORE_RQ) and len(sop_instance) <= 64:
+            assert self.peer is not None
+            context = self.contexts[context_id]
+            prefix = file_meta(str(context.abstract_syntax), sop_instance,
+                               str(context.transfer_syntax[0]), self.peer.ae_title)
+        return DataSetBuffer(prefix, self.policy.max_instance_bytes, SPOOL_THRESHOLD,
+                             self.service.open_spool)
 
     def _dispatch(self, context_id: int, fields: dict[int, bytes],
-                  dataset: bytearray | Spool | None, size: int,
-                  dropped: tuple[int, str] | None = None) -> None:
+                  buffer: DataSetBuffer | None) -> None:
+        try:
+            self._answer(context_id, fields, buffer)
+        finally:
+            if buffer is not None:
+                buffer.discard()  # no-op once handed over
+
+    def _answer(self, context_id: int, fields: dict[int, bytes],
+                buffer: DataSetBuffer | None) -> None:
         command_field = _us(fields, 0x0100)
         if command_field == C_CANCEL_RQ:
             return
@@ -724,26 +703,26 @@ class Association:
             self._send_command(context_id, encode_response(
                 C_ECHO_RQ, message_id, status, VERIFICATION_SOP_CLASS))
             return
-        if command_field == C_STORE_RQ and _us(fields, 0x0800) != NO_DATA_SET:
+        if command_field == C_STORE_RQ and buffer is not None:
             sop_class = _ui(fields, 0x0002)
             sop_class = sop_class if is_valid_uid(sop_class) else abstract
             sop_instance = _ui(fields, 0x1000)
             echoed: str | None = sop_instance if len(sop_instance) <= 64 else None
+            data = buffer.take() if echoed is not None else None
             if echoed is None:
-                if isinstance(dataset, Spool):
-                    dataset.discard()
                 status = self.service.on_store_refused(
                     self.peer, statuses.INVALID_UID,
                     f"Affected SOP Instance UID of {len(sop_instance)} bytes (at most 64)",
                     sop_instance)
-            elif dropped is not None:
+            elif buffer.dropped is not None:
                 status = self.service.on_store_refused(
-                    self.peer, dropped[0], f"{dropped[1]}; {size} bytes received", sop_instance)
-            elif dataset is None:
+                    self.peer, buffer.dropped[0],
+                    f"{buffer.dropped[1]}; {buffer.received} bytes received", sop_instance)
+            elif data is None:
                 status = self.service.on_store_refused(
                     self.peer, statuses.CANNOT_UNDERSTAND, "no data set", sop_instance)
             else:
-                status = self.service.on_store(dataset, sop_instance, abstract, self.peer)
+                status = self.service.on_store(data, sop_instance, abstract, self.peer)
             self._send_command(context_id, encode_response(
                 C_STORE_RQ, message_id, status, sop_class, echoed))
             return
@@ -757,7 +736,7 @@ class Association:
         try:
             self._run()
         finally:
-            self._drop_spool()
+            self._drop_buffer()
 
     def _run(self) -> None:
         try:
