@@ -190,9 +190,20 @@ def _safe_value(key: str, value: Any) -> Any:
     return value
 
 
+#: Loggers of libraries that quote values received from peers in their messages.
+QUOTING_LIBRARIES = ("pynetdicom",)
+_QUOTED_RE = re.compile(r"'[^']*'")
+
+
+def _redact_quoted(match: re.Match[str]) -> str:
+    return f"'<value #{short_hash(match.group(0)[1:-1])}>'"
+
+
 class SafeFormatter(logging.Formatter):
     """A formatter that keeps one record on one line: CR, LF and other controls are escaped.
 
+    Records of :data:`QUOTING_LIBRARIES` (pynetdicom writes e.g. "Transfer Syntax Name '...'
+    is non-conformant" with the peer's value) have every quoted value replaced by a short hash.
     Tracebacks (``exc_info``) are srnode's own and keep their line breaks; only the message
     (which may quote peer data) is escaped.
     """
@@ -211,6 +222,8 @@ class SafeFormatter(logging.Formatter):
             The formatted line.
         """
         message = record.message
+        if record.name.split(".", 1)[0] in QUOTING_LIBRARIES:
+            message = record.message = _QUOTED_RE.sub(_redact_quoted, message)
         if _CONTROL_RE.search(message):
             record.message = re.sub(r"[\x00-\x1f\x7f]", _escape, message)
         return super().formatMessage(record)

@@ -42,10 +42,8 @@ def configure_logging(level: str = "INFO", log_file: str | Path | None = None) -
     # Library loggers: their debug output may contain data set elements.
     for name in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic", "highdicom"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # pynetdicom's value checks quote an invalid value received from a peer (a "UID" or AE
-    # title may hold patient data, or a forged line); srnode logs and audits those cases itself
-    # with the value neutralised.
-    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
+    # pynetdicom quotes values received from peers (a "UID" or AE title may hold patient data,
+    # or a forged line): SafeFormatter replaces quoted values in its records by a short hash.
     quiet_pydicom()
 
 

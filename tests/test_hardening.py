@@ -254,6 +254,15 @@ def test_identifiers_and_newlines_in_every_uid_position_never_reach_a_log(
         assert _read_pdu(sock)[0] == 0x03  # A-ASSOCIATE-RJ
         sock.close()
 
+    # abstract and transfer syntax of a proposed presentation context
+    for field_value in (str(CTImageStorage), CT_EXPLICIT):
+        bad = f"1.2\n{PATIENT_ID} FORGED {PATIENT_NAME}"[:len(field_value)].encode()
+        rq = base.replace(field_value.encode(), bad.ljust(len(field_value), b"9"), 1)
+        sock = _connect(served.port)
+        sock.sendall(rq)
+        assert _read_pdu(sock)[0] in (0x02, 0x03, 0x07)  # accepted (context refused) or not
+        sock.close()
+
     sock = _raw_association(served.port)
     uid = str(pydicom.dcmread(ct[0], stop_before_pixels=True).SOPInstanceUID)
     cases = [
