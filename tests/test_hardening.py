@@ -743,3 +743,33 @@ def test_large_instance_below_the_disk_floor_is_refused_without_spooling(
         assert not incoming.exists() or not list(incoming.iterdir())
     refused = [e for e in _audit(cfg.node.audit_log) if e["event"] == "instance_refused"]
     assert refused and "spool" in refused[0]["reason"]
+
+
+def test_every_file_write_failing_with_enospc_still_gets_answers(
+        tmp_path: Path, ct: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk as the node sees it: every os.write (received file, spool, audit) ENOSPC."""
+    import errno
+
+    real_write = os.write
+    full = threading.Event()
+
+    def write(fd: int, data: bytes) -> int:
+        if full.is_set():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with running_node(node_config(tmp_path)) as node:
+        port = node.scp.port
+        full.set()
+        assert _legit_store(port, ct[:4]) == [statuses.OUT_OF_RESOURCES] * 4
+        ae = AE("ECHO")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        assert node.audit.failed_writes >= 5
+        full.clear()  # space is back: the sender's retry is stored
+        assert _legit_store(port, ct[:4]) == [0] * 4
+        with node.db.session() as s:
+            assert len(s.execute(select(Instance.id)).all()) == 4
