@@ -244,7 +244,7 @@ class StorageSCP(StorageService):
                 data.discard()  # no-op once handed over as the pending write
 
     def open_spool(self) -> Spool | None:
-        """Move a large data set being received to a spool file in the store.
+        """Return an empty spool file in the store for a large data set being received.
 
         Raises
         ------
