@@ -13,6 +13,7 @@ from dicom_node.audit import AuditLog
 from dicom_node.config import Config
 from dicom_node.index import open_index, redact_url
 from dicom_node.network.scp import StorageSCP
+from dicom_node.receive.reconcile import reconcile_storage
 from storage.completeness import CompletenessScheduler
 from storage.filestore import FileStore
 
@@ -77,6 +78,10 @@ class Node:
             removed = self.store.remove_stale_temp_files()
             if removed:
                 LOGGER.info("removed %d incomplete temporary file(s) from an earlier run", removed)
+            report = reconcile_storage(self.db, self.store, self.audit)
+            if report.indexed or report.quarantined:
+                LOGGER.warning("storage reconciled with the index: %d file(s) indexed, %d moved "
+                               "to quarantine", len(report.indexed), len(report.quarantined))
             self.scp.start()
             self.scheduler.start()
             try:

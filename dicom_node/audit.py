@@ -9,11 +9,19 @@ already written is ever rewritten.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from dicom_node.log_safety import safe_fields
+
+LOGGER = logging.getLogger("srnode.audit")
+#: Seconds between two log lines about failing audit writes (one per failure would flood).
+_FAILURE_REPORT_INTERVAL = 60.0
 
 _FORBIDDEN_KEYS = frozenset({"patient_name", "patient_id", "patient_birth_date", "PatientName",
                              "PatientID", "PatientBirthDate"})
@@ -31,6 +39,9 @@ class AuditLog:
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
+        self._last_failure_report = float("-inf")
+        #: Entries that could not be written (disk full, file system read-only).
+        self.failed_writes = 0
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -42,7 +53,12 @@ class AuditLog:
         event
             Short event name, e.g. ``instance_received``, ``association_rejected``.
         **fields
-            JSON-serialisable details (UIDs, AE titles, statuses, reasons).
+            JSON-serialisable details (UIDs, AE titles, statuses, reasons).  String values are
+            neutralised (:func:`dicom_node.log_safety.safe_fields`): invalid UIDs become a
+            marker, control characters are escaped, lengths are bounded.
+
+        A failing write (disk full, I/O error) is counted and logged at most once a minute; it
+        never raises, so the DICOM answer that follows an audit entry is always sent.
 
         Raises
         ------
@@ -55,11 +71,20 @@ class AuditLog:
         if self.path is None:
             return
         entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "event": event}
-        entry.update(fields)
+        entry.update(safe_fields(fields))
         line = (json.dumps(entry, default=str, sort_keys=False) + "\n").encode("utf-8")
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+                try:
+                    os.write(fd, line)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                self.failed_writes += 1
+                now = time.monotonic()
+                if now - self._last_failure_report >= _FAILURE_REPORT_INTERVAL:
+                    self._last_failure_report = now
+                    LOGGER.error("cannot write the audit log %s (%s); %d entr%s lost so far",
+                                 self.path, exc.strerror or exc, self.failed_writes,
+                                 "y" if self.failed_writes == 1 else "ies")

@@ -71,6 +71,10 @@ class NodeConfig:
     allowed_calling_ae_titles: list[str] = field(default_factory=list)
     allowed_hosts: dict[str, list[str]] = field(default_factory=dict)
     max_associations: int = 16
+    max_pending_associations: int = 32
+    max_pending_per_host: int = 8
+    max_instance_mb: int = 512
+    shutdown_grace_seconds: float = 10.0
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
@@ -264,6 +268,12 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"[node] port: {n.port} is not a TCP port")
     if n.max_associations < 1:
         raise ConfigError("[node] max_associations must be >= 1")
+    if n.max_pending_associations < 1 or n.max_pending_per_host < 1:
+        raise ConfigError("[node] max_pending_associations and max_pending_per_host must be >= 1")
+    if n.max_instance_mb < 0:
+        raise ConfigError("[node] max_instance_mb must be >= 0 (0 = no limit)")
+    if n.shutdown_grace_seconds < 0:
+        raise ConfigError("[node] shutdown_grace_seconds must be >= 0")
     if not 0 < n.index_busy_timeout_seconds < n.dimse_timeout:
         raise ConfigError("[node] index_busy_timeout_seconds must be > 0 and < dimse_timeout")
     if n.max_pdu_size < 0:

@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from dicom_node.log_safety import SafeFormatter
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
@@ -27,7 +29,7 @@ def configure_logging(level: str = "INFO", log_file: str | Path | None = None) -
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    formatter = logging.Formatter(FORMAT)
+    formatter = SafeFormatter(FORMAT)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(formatter)
     root.addHandler(stream)
@@ -40,6 +42,8 @@ def configure_logging(level: str = "INFO", log_file: str | Path | None = None) -
     # Library loggers: their debug output may contain data set elements.
     for name in ("pynetdicom", "apscheduler", "sqlalchemy", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # pynetdicom quotes values received from peers (a "UID" or AE title may hold patient data,
+    # or a forged line): SafeFormatter replaces quoted values in its records by a short hash.
     quiet_pydicom()
 
 

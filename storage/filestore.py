@@ -125,6 +125,35 @@ class PendingWrite:
             raise StorageIOError(exc.errno, f"cannot write {name}: {exc.strerror or exc}") from exc
         self._future: Future[Path] = _writer().submit(self._sync, fd, name)
 
+    @classmethod
+    def adopt(cls, store: FileStore, fd: int, name: Path, size: int) -> PendingWrite:
+        """A pending write whose bytes are already in the temporary file ``name``.
+
+        Used for data sets spooled to disk as they arrived (:class:`storage.spool.Spool`).
+
+        Parameters
+        ----------
+        store
+            The file store (``name`` lies in its spool folder).
+        fd
+            Open descriptor of ``name``; closed by this object after the fsync.
+        name
+            The temporary file.
+        size
+            Bytes in it.
+
+        Returns
+        -------
+        PendingWrite
+            Being fsynced in the background; commit or discard it as any other.
+        """
+        self = cls.__new__(cls)
+        self.store = store
+        self.size = size
+        self._state = "pending"
+        self._future = _writer().submit(cls._sync, fd, name)
+        return self
+
     @staticmethod
     def _sync(fd: int, name: Path) -> Path:
         try:

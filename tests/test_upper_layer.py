@@ -284,6 +284,7 @@ def test_stop_closes_open_associations(tmp_path: Path) -> None:
     assert server.active_count() == 1
     server.stop()
     sock.settimeout(5)
+    assert _read_pdu(sock)[0] == 0x07  # an idle association gets an A-ABORT, then the close
     assert _read_pdu(sock) == (0, b"")
     sock.close()
 

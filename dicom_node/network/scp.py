@@ -9,6 +9,7 @@ and only then is success returned.
 
 from __future__ import annotations
 
+import errno
 import logging
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,7 @@ from dicom_node import metrics
 from dicom_node.audit import AuditLog
 from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from dicom_node.config import Config
+from dicom_node.log_safety import safe_ae, safe_text, safe_uid
 from dicom_node.network import statuses
 from dicom_node.network.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
 from dicom_node.receive.header import header_from_dataset
@@ -36,6 +38,7 @@ from storage.errors import (
 )
 from storage.filestore import FileStore, PendingWrite
 from storage.ingest import store_instance
+from storage.spool import Spool
 
 if TYPE_CHECKING:  # pragma: no cover
     from dicom_node.network.scp_pynetdicom import PynetdicomServer
@@ -78,6 +81,9 @@ class StorageSCP(StorageService):
             dimse_timeout=node.dimse_timeout,
             max_pdu_size=node.max_pdu_size,
             contexts=contexts,
+            max_instance_bytes=node.max_instance_mb * 1024 * 1024,
+            max_pending=node.max_pending_associations,
+            max_pending_per_host=node.max_pending_per_host,
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -115,10 +121,21 @@ class StorageSCP(StorageService):
         """Whether the SCP has been started and not stopped (for /healthz)."""
         return self._server is not None
 
-    def stop(self) -> None:
-        """Stop listening and close open associations."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stop listening, let C-STOREs in flight finish, abort the other associations.
+
+        Parameters
+        ----------
+        grace
+            Seconds C-STOREs in flight may take (default ``[node] shutdown_grace_seconds``);
+            the pynetdicom engine closes at once.
+        """
         if self._server is not None:
-            self._server.stop()
+            if isinstance(self._server, StorageAcceptor):
+                self._server.stop(self.config.node.shutdown_grace_seconds
+                                  if grace is None else grace)
+            else:
+                self._server.stop()
             self._server = None
 
     # -- StorageService ----------------------------------------------------------------------
@@ -126,7 +143,8 @@ class StorageSCP(StorageService):
         """Log and audit a rejected association request."""
         LOGGER.warning(
             "association rejected: calling AE %r from %s:%s, called AE %r (%s)",
-            peer.ae_title, peer.address, peer.port, peer.called_ae_title, reason,
+            safe_ae(peer.ae_title), peer.address, peer.port, safe_ae(peer.called_ae_title),
+            reason,
         )
         metrics.ASSOCIATIONS_REJECTED.labels(reason=metrics.reject_reason_label(reason)).inc()
         self.audit.record(
@@ -136,7 +154,8 @@ class StorageSCP(StorageService):
 
     def on_accepted(self, peer: Peer, rejected: list[PresentationContext]) -> None:
         """Log an accepted association and audit the presentation contexts it was refused."""
-        LOGGER.info("association accepted: calling AE %r from %s", peer.ae_title, peer.address)
+        LOGGER.info("association accepted: calling AE %r from %s", safe_ae(peer.ae_title),
+                    peer.address)
         refused = [
             {"context_id": cx.context_id, "abstract_syntax": str(cx.abstract_syntax),
              "transfer_syntaxes": [str(ts) for ts in cx.transfer_syntax]}
@@ -145,29 +164,61 @@ class StorageSCP(StorageService):
         if refused:
             LOGGER.warning(
                 "association from %r: %d presentation context(s) rejected (SOP class or "
-                "transfer syntax not accepted): %s", peer.ae_title, len(refused),
-                ", ".join(f"{r['abstract_syntax']} {'/'.join(r['transfer_syntaxes'])}"
+                "transfer syntax not accepted): %s", safe_ae(peer.ae_title), len(refused),
+                ", ".join(f"{safe_uid(r['abstract_syntax'])} "
+                          f"{'/'.join(safe_uid(ts) for ts in r['transfer_syntaxes'])}"
                           for r in refused),
             )
             self.audit.record("contexts_rejected", calling_ae=peer.ae_title,
                               address=peer.address, contexts=refused)
+
+    def on_negotiation_failed(self, address: str, reason: str, peer: Peer | None) -> None:
+        """Log and audit a connection that ended (or was closed) before an association."""
+        LOGGER.warning("negotiation with %s%s failed: %s", address,
+                       f" (calling AE {safe_ae(peer.ae_title)!r})" if peer else "",
+                       safe_text(reason, limit=256))
+        self.audit.record("negotiation_failed", address=address,
+                          calling_ae=peer.ae_title if peer else "", reason=reason)
+
+    def on_store_refused(self, peer: Peer, status: int, reason: str,
+                         affected_sop_instance_uid: str) -> int:
+        """Log and audit a C-STORE the acceptor refused itself (malformed command, too large)."""
+        return self._refuse(peer.ae_title, peer.address, status, reason,
+                            sop_instance_uid=affected_sop_instance_uid)
 
     def on_echo(self, peer: Peer) -> int:
         """Answer a C-ECHO (and audit it)."""
         self.audit.record("echo", calling_ae=peer.ae_title, address=peer.address)
         return statuses.SUCCESS
 
-    def on_store(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
-                 peer: Peer) -> int:
+    def on_store(self, data: bytes | Spool, affected_sop_instance_uid: str,
+                 sop_class_uid: str, peer: Peer) -> int:
         """Store one received instance (see :meth:`receive`)."""
-        return self.receive(data, affected_sop_instance_uid, sop_class_uid, peer.ae_title,
-                            peer.address)
+        try:
+            return self.receive(data, affected_sop_instance_uid, sop_class_uid, peer.ae_title,
+                                peer.address)
+        finally:
+            if isinstance(data, Spool):
+                data.discard()  # no-op once handed over as the pending write
+
+    def open_spool(self) -> Spool | None:
+        """Return an empty spool file in the store for a large data set being received.
+
+        Raises
+        ------
+        OSError
+            The disk is below ``min_free_disk_mb`` (ENOSPC) or the file cannot be written.
+        """
+        if self.store.free_bytes() < self.config.node.min_free_disk_mb * 1024 * 1024:
+            raise OSError(errno.ENOSPC, "free disk below min_free_disk_mb")
+        return Spool(self.store)
 
     def _refuse(self, calling_ae: str, address: str, status: int, reason: str,
                 **uids: Any) -> int:
         LOGGER.warning(
-            "C-STORE from %r refused with 0x%04X: %s %s", calling_ae, status, reason,
-            " ".join(f"{k}={v}" for k, v in uids.items() if v),
+            "C-STORE from %r refused with 0x%04X: %s %s", safe_ae(calling_ae), status,
+            safe_text(reason, limit=256),
+            " ".join(f"{k}={safe_uid(v)}" for k, v in uids.items() if v),
         )
         self.audit.record(
             "instance_refused", calling_ae=calling_ae, address=address,
@@ -176,8 +227,8 @@ class StorageSCP(StorageService):
         metrics.INSTANCES_REFUSED.labels(status=f"0x{status:04X}").inc()
         return status
 
-    def receive(self, data: bytes, affected_sop_instance_uid: str, sop_class_uid: str,
-                calling_ae: str, address: str) -> int:
+    def receive(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
+                sop_class_uid: str, calling_ae: str, address: str) -> int:
         """Check, store and index one received instance; return the C-STORE status.
 
         This is the whole per-instance receive path of the C-STORE handler, callable without a
@@ -187,7 +238,8 @@ class StorageSCP(StorageService):
         Parameters
         ----------
         data
-            The encoded Part 10 file (file meta built from the presentation context).
+            The encoded Part 10 file (file meta built from the presentation context), in
+            memory or spooled to a file as it arrived (the caller discards the spool).
         affected_sop_instance_uid
             Affected SOP Instance UID of the C-STORE request.
         sop_class_uid
@@ -217,7 +269,12 @@ class StorageSCP(StorageService):
             )
         # Start writing and fsyncing the bytes now; parsing and indexing overlap with the disk.
         try:
-            pending = self.store.begin_write(data)
+            if isinstance(data, Spool):  # already on disk: mapped for the checks, then renamed
+                view = data.view()
+                pending = data.to_pending()
+                data = view  # type: ignore[assignment]
+            else:
+                pending = self.store.begin_write(data)
         except OSError as exc:
             return refuse(statuses.OUT_OF_RESOURCES,
                           f"cannot write file: {exc.strerror or exc}", sop_instance_uid=affected)
@@ -265,8 +322,8 @@ class StorageSCP(StorageService):
         if header.sop_class_uid != sop_class_uid:
             return refuse(
                 statuses.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                f"SOP Class UID {header.sop_class_uid} does not match the presentation context "
-                f"{sop_class_uid}", **uids,
+                f"SOP Class UID {safe_uid(header.sop_class_uid)} does not match the presentation "
+                f"context {safe_uid(sop_class_uid)}", **uids,
             )
         try:
             outcome = store_instance(self.db, self.store, header, pending, calling_ae)

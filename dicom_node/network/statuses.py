@@ -18,6 +18,8 @@ CANNOT_UNDERSTAND = 0xC000
 INVALID_UID = 0xC001
 #: Error: Cannot understand: the image attributes are inconsistent (e.g. pixel data too short).
 INVALID_IMAGE = 0xC002
+#: Error: Cannot understand: the instance is larger than ``[node] max_instance_mb``.
+INSTANCE_TOO_LARGE = 0xC003
 #: Failure: Processing failure (unexpected error; logged with a reason).
 PROCESSING_FAILURE = 0x0110
 #: Failure: Unrecognized operation (a DIMSE command the acceptor does not provide).
