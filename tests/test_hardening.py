@@ -28,14 +28,9 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from dicom_node.network import statuses
-from dicom_node.network.upper_layer import (
-    AcceptorPolicy,
-    Peer,
-    StorageAcceptor,
-    StorageService,
-    decode_command,
-    encode_command,
-)
+from dicom_node.network.acceptor import StorageAcceptor
+from dicom_node.network.pdu import decode_command, encode_command
+from dicom_node.network.service import AcceptorPolicy, Peer, StorageService
 from storage.models import Instance
 from storage.spool import Spool
 from tests.dicom_factory import make_ct_series

@@ -20,15 +20,9 @@ from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.network.upper_layer import (
-    AcceptorPolicy,
-    Peer,
-    StorageAcceptor,
-    StorageService,
-    decode_command,
-    encode_response,
-    file_meta,
-)
+from dicom_node.network.acceptor import StorageAcceptor
+from dicom_node.network.pdu import decode_command, encode_response, file_meta
+from dicom_node.network.service import AcceptorPolicy, Peer, StorageService
 from tests.dicom_factory import make_ct_series
 
 
@@ -121,7 +115,7 @@ def _p_data(context_id: int, control: int, value: bytes) -> bytes:
 
 
 def _echo_rq(message_id: int = 7) -> bytes:
-    from dicom_node.network.upper_layer import encode_command
+    from dicom_node.network.pdu import encode_command
 
     return encode_command([
         (0x0002, b"1.2.840.10008.1.1\0"), (0x0100, struct.pack("<H", 0x0030)),
@@ -258,7 +252,7 @@ def test_silent_peer_is_dropped_after_the_network_timeout() -> None:
 
 
 def test_unsupported_operation_gets_a_status_not_an_abort(acceptor: tuple) -> None:
-    from dicom_node.network.upper_layer import encode_command
+    from dicom_node.network.pdu import encode_command
 
     server, _ = acceptor
     sock = _raw_association(server.server_address[1])
@@ -290,7 +284,7 @@ def test_stop_closes_open_associations(tmp_path: Path) -> None:
 
 
 def test_message_left_half_sent_is_dropped_after_the_dimse_timeout() -> None:
-    from dicom_node.network.upper_layer import encode_command
+    from dicom_node.network.pdu import encode_command
 
     service = RecordingService()
     server = StorageAcceptor(("127.0.0.1", 0),

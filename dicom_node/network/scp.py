@@ -25,7 +25,8 @@ from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
 from dicom_node.config import Config
 from dicom_node.log_safety import safe_ae, safe_text, safe_uid
 from dicom_node.network import statuses
-from dicom_node.network.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
+from dicom_node.network.acceptor import StorageAcceptor
+from dicom_node.network.service import AcceptorPolicy, Peer, StorageService
 from dicom_node.receive.header import header_from_dataset
 from dicom_node.receive.header_scan import scan_instance
 from dicom_node.receive.validation import InvalidImageError, check_image, parse_dataset

@@ -18,12 +18,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationServer
 
-from dicom_node.network.upper_layer import (
-    REJECT_CALLED_AE,
-    AcceptorPolicy,
-    Peer,
-    StorageService,
-)
+from dicom_node.network.pdu import REJECT_CALLED_AE
+from dicom_node.network.service import AcceptorPolicy, Peer, StorageService
 
 if TYPE_CHECKING:  # pragma: no cover
     from pynetdicom.presentation import PresentationContext
