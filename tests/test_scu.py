@@ -21,7 +21,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     MRImageStorage,
@@ -552,3 +552,46 @@ def test_tls_missing_files_are_value_errors(tmp_path: Path, pki: PKI) -> None:
     with pytest.raises(ValueError, match="cannot load"):
         client_ssl_context(TLSConfig(enabled=True, ca_file=str(pki.ca_cert),
                                      cert_file=str(pki.client_cert), key_file=str(pki.server_key)))
+
+
+def test_one_association_per_send_with_only_the_needed_contexts(tmp_path: Path) -> None:
+    from dicom_node.derive.files import write_datasets
+
+    # a three-instance CT series (one SOP class, one transfer syntax) and one MR instance
+    src = pydicom.dcmread(_testfile(CT))
+    series = []
+    for k in range(3):
+        ds = src.copy()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        series.append(ds)
+    paths = write_datasets(series, tmp_path / "series")
+    requests: list[list[tuple[str, tuple[str, ...]]]] = []
+
+    def on_requested(event: evt.Event) -> None:
+        rq = event.assoc.requestor.requested_contexts
+        requests.append(sorted((str(c.abstract_syntax), tuple(sorted(c.transfer_syntax)))
+                               for c in rq))
+
+    ae = AE(ae_title="RECORDER")
+    ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(MRImageStorage, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server((LOCALHOST, 0), block=False,
+                             evt_handlers=[(evt.EVT_REQUESTED, on_requested),
+                                           (evt.EVT_C_STORE, lambda e: 0x0000)])
+    try:
+        port = server.socket.getsockname()[1]
+        report = send_instances(_dest("RECORDER", port), paths, calling_ae_title="SRNODE")
+        assert len(report.sent) == 3
+        report = send_instances(_dest("RECORDER", port), [_testfile(MR)],
+                                calling_ae_title="SRNODE")
+        assert len(report.sent) == 1
+    finally:
+        server.shutdown()
+    ts = str(src.file_meta.TransferSyntaxUID)
+    assert len(requests) == 2  # one association per send, not one per instance
+    ct_contexts = {abstract for abstract, _ in requests[0]}
+    assert ct_contexts == {str(CTImageStorage)}, requests[0]
+    assert all(ts in syntaxes for _, syntaxes in requests[0]), requests[0]
+    assert {abstract for abstract, _ in requests[1]} == {str(MRImageStorage)}, requests[1]

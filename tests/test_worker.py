@@ -264,14 +264,18 @@ def test_each_destination_gets_its_configured_transfer_syntax(tmp_path: Path) ->
 
     ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
     with StoreSCP(tmp_path / "a") as rle, StoreSCP(tmp_path / "b") as j2k, \
-            StoreSCP(tmp_path / "c") as plain:
+            StoreSCP(tmp_path / "c") as plain, StoreSCP(tmp_path / "d") as dfl, \
+            StoreSCP(tmp_path / "e") as imp:
         cfg = node_config(
             tmp_path,
             destinations=[{**_dest("rle", "STORESCP", rle.port), "transfer_syntax": "rle"},
                           {**_dest("j2k", "STORESCP", j2k.port),
                            "transfer_syntax": "jpeg2000-lossless"},
-                          _dest("plain", "STORESCP", plain.port)],
-            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["rle", "j2k", "plain"]}],
+                          _dest("plain", "STORESCP", plain.port),
+                          {**_dest("dfl", "STORESCP", dfl.port), "transfer_syntax": "deflate"},
+                          {**_dest("imp", "STORESCP", imp.port), "transfer_syntax": "implicit"}],
+            rules=[{"name": "r", "modalities": ["CT"],
+                    "destinations": ["rle", "j2k", "plain", "dfl", "imp"]}],
         )
         with running_node(cfg, run_worker=True) as node:
             queue = JobQueue(node.db)
@@ -280,7 +284,8 @@ def test_each_destination_gets_its_configured_transfer_syntax(tmp_path: Path) ->
             jobs = _wait(queue, lambda j: j[0]["state"] in ("done", "failed"))
         assert jobs[0]["state"] == "done", jobs
         got = {}
-        for name, scp in (("rle", rle), ("j2k", j2k), ("plain", plain)):
+        for name, scp in (("rle", rle), ("j2k", j2k), ("plain", plain), ("dfl", dfl),
+                          ("imp", imp)):
             files = scp.files()
             assert len(files) == len(ct)
             got[name] = {str(pydicom.dcmread(f).SOPInstanceUID): pydicom.dcmread(f) for f in files}
@@ -290,9 +295,13 @@ def test_each_destination_gets_its_configured_transfer_syntax(tmp_path: Path) ->
             "1.2.840.10008.1.2.4.90"}
         assert {str(d.file_meta.TransferSyntaxUID) for d in got["plain"].values()} == {
             "1.2.840.10008.1.2.1"}
+        assert {str(d.file_meta.TransferSyntaxUID) for d in got["dfl"].values()} == {
+            "1.2.840.10008.1.2.1.99"}
+        assert {str(d.file_meta.TransferSyntaxUID) for d in got["imp"].values()} == {
+            "1.2.840.10008.1.2"}
         for uid, ds in got["plain"].items():  # lossless: identical pixels, same UIDs
-            np.testing.assert_array_equal(ds.pixel_array, got["rle"][uid].pixel_array)
-            np.testing.assert_array_equal(ds.pixel_array, got["j2k"][uid].pixel_array)
+            for other in ("rle", "j2k", "dfl", "imp"):
+                np.testing.assert_array_equal(ds.pixel_array, got[other][uid].pixel_array)
 
 
 def test_safety_gate_holds_nan_and_infinite_figures() -> None:
