@@ -96,6 +96,13 @@ def write(datasets: list[Dataset], folder: Path) -> list[Path]:
     return paths
 
 
+def by_position(datasets: list[Dataset], normal: np.ndarray) -> list[Dataset]:
+    """The derived instances in slice order (along the normal), whatever their numbering."""
+    return sorted(
+        datasets, key=lambda d: float(np.array(d.ImagePositionPatient, dtype=float) @ normal)
+    )
+
+
 def options(**kw: object) -> DerivationOptions:
     kw.setdefault("now", NOW)
     return DerivationOptions(**kw)  # type: ignore[arg-type]
@@ -324,7 +331,9 @@ def test_legacy_enhanced_mr_source_gives_classic_mr_with_frame_numbers(tmp_path:
     enhanced_uid = pydicom.dcmread(paths[0]).SOPInstanceUID
     result = volume_result(source, 2)
     out = build_derived_series(source, result, options())
-    for k, ds in enumerate(out):
+    # highdicom writes the frames from the last position down: the numbering follows
+    assert [ds.InstanceNumber for ds in by_position(out, source.normal)] == list(range(7, 0, -1))
+    for k, ds in enumerate(by_position(out, source.normal)):
         assert ds.SOPClassUID == MRImageStorage and "NumberOfFrames" not in ds
         assert "PerFrameFunctionalGroupsSequence" not in ds
         assert "SharedFunctionalGroupsSequence" not in ds
@@ -341,7 +350,8 @@ def test_legacy_enhanced_mr_source_gives_classic_mr_with_frame_numbers(tmp_path:
 def test_enhanced_ct_supplemental_source(tmp_path: Path) -> None:
     source = load_series([source_path("eCT_Supplemental.dcm")])
     result = volume_result(source, 2)
-    out = build_derived_series(source, result, options())
+    out = by_position(build_derived_series(source, result, options()), source.normal)
+    assert [ds.InstanceNumber for ds in out] == [3, 2, 1]  # as the frames run
     assert len(out) == 3 and all(ds.SOPClassUID == CTImageStorage for ds in out)
     assert [[i.ReferencedFrameNumber for i in ds.SourceImageSequence] for ds in out] == [
         [2], [2, 1], [1]

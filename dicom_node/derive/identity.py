@@ -190,11 +190,33 @@ def processing_item(
     return item
 
 
+def equipment_history(
+    previous: Sequence[Dataset] | None, acquisition: Dataset, processing: Dataset
+) -> list[Dataset]:
+    """Contributing Equipment items of a derived instance: the source's history, then srnode.
+
+    Every item the source already lists is kept as it is (the scanner, workstations that
+    processed it before).  The acquisition item built from the source header is added only when
+    the history names no acquisition equipment (DCM 109101) yet; srnode's processing item
+    (DCM 109102) always comes last.
+    """
+    items = [copy.deepcopy(item) for item in previous or []]
+    has_acquisition = any(
+        code.get("CodeValue") == c.ACQUISITION_EQUIPMENT.value
+        and code.get("CodingSchemeDesignator") == c.ACQUISITION_EQUIPMENT.scheme_designator
+        for item in items
+        for code in item.get("PurposeOfReferenceCodeSequence", [])
+    )
+    if not has_acquisition:
+        items.insert(0, acquisition)
+    return [*items, copy.deepcopy(processing)]
+
+
 def set_identity(
     ds: Dataset, source: SourceSeries, series_uid: UID, series_number: int, description: str,
-    k: int, options: DerivationOptions, now: datetime,
+    instance_number: int, options: DerivationOptions, now: datetime,
 ) -> None:
-    """New UIDs, numbers, description, image type and creation dates of instance ``k``."""
+    """New UIDs, numbers, description, image type and creation dates of one instance."""
     modality = source.modality
     ds.SOPClassUID = c.CLASSIC_IMAGE_STORAGE[modality]
     ds.SOPInstanceUID = new_uid(options.uid_root)
@@ -203,7 +225,7 @@ def set_identity(
     ds.FrameOfReferenceUID = source.frame_of_reference_uid
     ds.Modality = modality
     ds.SeriesNumber = series_number
-    ds.InstanceNumber = k + 1
+    ds.InstanceNumber = instance_number
     if description:
         ds.SeriesDescription = description
     elif "SeriesDescription" in ds:
@@ -275,16 +297,8 @@ def set_derivation(
         refs.append(inst)
     referenced.ReferencedInstanceSequence = DicomSequence(refs)
     ds.ReferencedSeriesSequence = DicomSequence([referenced])
-    previous = [
-        item
-        for item in ds.get("ContributingEquipmentSequence", [])
-        if not any(
-            code.get("CodeValue") in (c.ACQUISITION_EQUIPMENT.value, c.PROCESSING_EQUIPMENT.value)
-            for code in item.get("PurposeOfReferenceCodeSequence", [])
-        )
-    ]
     ds.ContributingEquipmentSequence = DicomSequence(
-        [*previous, acquisition, copy.deepcopy(processing)]
+        equipment_history(ds.get("ContributingEquipmentSequence"), acquisition, processing)
     )
     if source.lossy:
         ds.LossyImageCompression = "01"

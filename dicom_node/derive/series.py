@@ -93,6 +93,22 @@ class SourceSeries:
         Of the stored source pixels.
     lossy
         Whether any source instance was lossy compressed (attribute or transfer syntax).
+    slice_thickness_present
+        Whether the source states a Slice Thickness (Type 2: it may be empty); when not,
+        :attr:`slice_thickness` is only the slice spacing used for processing.
+    instance_numbers
+        Per slice, the source Instance Number (single-frame) or frame number (multi-frame);
+        ``None`` where absent.
+    padding_value
+        The source's Pixel Padding Value (stored units), or ``None``.
+    padding_mask
+        ``(z, y, x)`` bool, true where a source pixel is padding (Pixel Padding Value, up to
+        Pixel Padding Range Limit); ``None`` when the source has no padding.  Padding voxels of
+        :attr:`volume` hold :attr:`padding_fill` instead of the padding value, so that neither
+        the enhancement nor its consistency check sees the artificial edge.
+    padding_fill
+        Modality value written into padding voxels of :attr:`volume` (the lowest non-padding
+        value).
     """
 
     datasets: list[Dataset]
@@ -116,6 +132,11 @@ class SourceSeries:
     bits_stored: int = 16
     pixel_representation: int = 0
     lossy: bool = False
+    slice_thickness_present: bool = True
+    instance_numbers: list[int | None] = field(default_factory=list)
+    padding_value: int | None = None
+    padding_mask: np.ndarray | None = None
+    padding_fill: float = 0.0
 
     @property
     def normal(self) -> np.ndarray:
@@ -153,6 +174,8 @@ class _Frame:
     has_rescale: bool
     centers: tuple[float, ...]
     widths: tuple[float, ...]
+    number: int | None = None
+    padding: np.ndarray | None = None
 
 
 def _floats(value: object) -> tuple[float, ...]:
@@ -162,6 +185,25 @@ def _floats(value: object) -> tuple[float, ...]:
     if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
         return (float(value),)  # type: ignore[arg-type]
     return tuple(float(v) for v in value)  # type: ignore[union-attr]
+
+
+def _int_or_none(value: object) -> int | None:
+    """Return an IS/US value as ``int``, or ``None`` when absent or unreadable."""
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _padding(ds: Dataset, pixels: np.ndarray) -> np.ndarray | None:
+    """Mask of the stored pixels that are Pixel Padding Value (up to the Range Limit), if any."""
+    pad = _int_or_none(ds.get("PixelPaddingValue"))
+    if pad is None:
+        return None
+    limit = _int_or_none(ds.get("PixelPaddingRangeLimit"))
+    lo, hi = (pad, pad) if limit is None else (min(pad, limit), max(pad, limit))
+    mask = (pixels >= lo) & (pixels <= hi)
+    return mask if mask.any() else None
 
 
 def _check_pixels_present(ds: Dataset, path: Path) -> None:
@@ -217,6 +259,8 @@ def _classic_frames(ds: Dataset, path: Path) -> list[_Frame]:
             has_rescale=has_rescale,
             centers=_floats(ds.get("WindowCenter")),
             widths=_floats(ds.get("WindowWidth")),
+            number=_int_or_none(ds.get("InstanceNumber")),
+            padding=_padding(ds, pixels),
         )
     ]
 
@@ -262,6 +306,8 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
                 has_rescale=has_rescale,
                 centers=_floats(voi.get("WindowCenter")) if voi is not None else (),
                 widths=_floats(voi.get("WindowWidth")) if voi is not None else (),
+                number=i + 1,
+                padding=_padding(ds, pixels[i]),
             )
         )
     return frames
@@ -392,6 +438,7 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
         [f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
          for f in frames]
     ).astype(np.float32)
+    padding_mask, padding_fill, padding_value = _fill_padding(frames, volume)
     ds0 = first.ds
     study_uids = {str(f.ds.get("StudyInstanceUID", "")) for f in frames}
     for_uids = {str(f.ds.get("FrameOfReferenceUID", "")) for f in frames}
@@ -421,4 +468,32 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
         bits_stored=int(ds0.get("BitsStored", 16) or 16),
         pixel_representation=int(ds0.get("PixelRepresentation", 0) or 0),
         lossy=lossy,
+        slice_thickness_present=bool(thickness_values),
+        instance_numbers=[f.number for f in frames],
+        padding_value=padding_value,
+        padding_mask=padding_mask,
+        padding_fill=padding_fill,
     )
+
+
+def _fill_padding(
+    frames: list[_Frame], volume: np.ndarray
+) -> tuple[np.ndarray | None, float, int | None]:
+    """Replace padding voxels of ``volume`` (in place) by the lowest non-padding value.
+
+    Returns
+    -------
+    tuple
+        The padding mask (``None`` without padding), the fill value and the Pixel Padding Value.
+    """
+    if all(f.padding is None for f in frames):
+        return None, 0.0, None
+    mask = np.stack(
+        [f.padding if f.padding is not None else np.zeros(f.pixels.shape, bool) for f in frames]
+    )
+    values = {_int_or_none(f.ds.get("PixelPaddingValue")) for f in frames} - {None}
+    if len(values) != 1:
+        raise SeriesError(f"inconsistent Pixel Padding Value: {sorted(values)}")  # type: ignore[type-var]
+    fill = float(volume[~mask].min()) if not mask.all() else 0.0
+    volume[mask] = np.float32(fill)
+    return mask, fill, values.pop()
