@@ -80,8 +80,13 @@ ENHANCED_IMAGE_STORAGE: dict[UID, str] = {
     LegacyConvertedEnhancedCTImageStorage: "CT",
     LegacyConvertedEnhancedMRImageStorage: "MR",
 }
-#: Storage SOP classes srnode accepts; every other SOP class is refused at negotiation.
-STORAGE_SOP_CLASSES: tuple[UID, ...] = (*CLASSIC_IMAGE_STORAGE.values(), *ENHANCED_IMAGE_STORAGE)
+#: Storage SOP classes srnode enhances (CT/MR images).
+ENHANCEABLE_SOP_CLASSES: tuple[UID, ...] = (
+    *CLASSIC_IMAGE_STORAGE.values(), *ENHANCED_IMAGE_STORAGE
+)
+#: Storage SOP classes srnode accepts with ``[node] accept_all_storage = false``: only those it
+#: enhances (every other SOP class is then refused at negotiation).
+STORAGE_SOP_CLASSES: tuple[UID, ...] = ENHANCEABLE_SOP_CLASSES
 #: Transfer syntaxes accepted: uncompressed, deflate and every compressed syntax the installed
 #: decoders (pylibjpeg, openjpeg, RLE, gdcm) can decode.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (

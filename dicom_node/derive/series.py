@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.codes import CLASSIC_IMAGE_STORAGE, ENHANCED_IMAGE_STORAGE, LOSSY_TRANSFER_SYNTAXES
 from dicom_node.derive.functional_groups import first_group_item
@@ -313,12 +314,68 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
     return frames
 
 
+class NotDicomError(SeriesError):
+    """The file is not DICOM at all (no Part-10 header and no DICOM data set)."""
+
+
+#: Transfer syntax of a data set stored without File Meta Information, by its encoding
+#: ``(is_implicit_VR, is_little_endian)``.
+_ENCODING_TS = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+
+
+def read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read one DICOM file: a Part-10 file, or a bare data set without the Part-10 header.
+
+    A bare data set (no preamble, no ``DICM``, no File Meta Information, as some archives and
+    exports write) is read when it holds the SOP Class, SOP Instance and Series Instance UIDs;
+    its Transfer Syntax UID is set from the encoding found.
+
+    Raises
+    ------
+    NotDicomError
+        The file is no DICOM data set.
+    SeriesError
+        A DICOM file that cannot be read or whose header is incomplete (e.g. truncated).
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        part10 = True
+    except InvalidDicomError:
+        part10 = False
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on non-DICOM bytes
+            raise NotDicomError(f"{path.name}: not a readable DICOM file: not DICOM") from exc
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise SeriesError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+    required = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")
+    try:
+        missing = [k for k in required if not ds.get(k)]
+    except Exception as exc:  # noqa: BLE001 - undecodable element values
+        raise SeriesError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+    if missing:
+        if not part10:
+            raise NotDicomError(f"{path.name}: not a readable DICOM file: not DICOM")
+        raise SeriesError(
+            f"{path.name}: incomplete DICOM header (truncated file?): no {', '.join(missing)}"
+        )
+    if not part10:
+        encoding = getattr(ds, "original_encoding", None)
+        ts = _ENCODING_TS.get(tuple(encoding)) if encoding else None  # type: ignore[arg-type]
+        if ts is None:
+            raise NotDicomError(f"{path.name}: not a readable DICOM file: unknown encoding")
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
 def _read(path: Path) -> Dataset:
     """Read one DICOM file, mapping read failures to :class:`SeriesError`."""
-    try:
-        return pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise SeriesError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+    return read_dataset(path)
 
 
 def load_series(paths: Sequence[Path]) -> SourceSeries:

@@ -1,0 +1,88 @@
+"""Which series are queued and why the others are not (issue 12, item 13)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dicom_node.status import format_skipped, skipped_series
+from storage.completeness import check_completeness
+from storage.db import Database
+from storage.filestore import FileStore
+from storage.ingest import store_instance
+from storage.jobs import JobQueue
+from storage.records import InstanceHeader
+from storage.rules import Rule
+from tests.support import db as db_support
+from tests.support.db import synthetic_instance
+from tests.support.headers import read_header
+
+db_url = db_support.db_url
+database = db_support.database
+
+STUDY = "1.2.826.0.1.3680043.8.498.12"
+
+
+def _add(db: Database, store: FileStore, series: str, *, enhanceable: bool = True,
+         **kw: object) -> None:
+    data = synthetic_instance(STUDY, series, f"{series}.1", **kw)  # type: ignore[arg-type]
+    header = read_header(data)
+    if not enhanceable:  # e.g. a dose report forwarded with the study
+        header = dataclasses.replace(header, enhanceable=False,
+                                     sop_class_uid="1.2.840.10008.5.1.4.1.1.88.67")
+    store_instance(db, store, header, data, "MOD", datetime.now(UTC) - timedelta(hours=1))
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "store")
+
+
+@pytest.mark.parametrize(
+    ("image_type", "derived"),
+    [
+        (("ORIGINAL", "PRIMARY", "AXIAL"), False),
+        (("DERIVED", "PRIMARY", "AXIAL"), False),  # reconstructed axial images: an acquisition
+        (("DERIVED", "PRIMARY", "AXIAL", "CT_SOM5 SPI"), False),
+        (("DERIVED", "SECONDARY", "AXIAL"), True),
+        (("DERIVED", "PRIMARY", "MPR"), True),
+        (("DERIVED", "PRIMARY", "PROJECTION IMAGE", "MIP"), True),
+        (("DERIVED",), True),
+    ],
+)
+def test_secondary_derived_is_decided_by_image_type(
+    image_type: tuple[str, ...], derived: bool
+) -> None:
+    header = read_header(synthetic_instance(STUDY, f"{STUDY}.9", f"{STUDY}.9.1",
+                                            image_type=image_type))
+    assert isinstance(header, InstanceHeader)
+    assert header.is_derived is derived
+
+
+def test_derived_primary_is_queued_and_every_skip_has_a_reason(
+    database: Database, store: FileStore
+) -> None:
+    s = [f"{STUDY}.{i}" for i in range(6)]
+    _add(database, store, s[0], image_type=("DERIVED", "PRIMARY", "AXIAL"))
+    _add(database, store, s[1], image_type=("DERIVED", "SECONDARY", "MPR"))
+    _add(database, store, s[2], image_type=("DERIVED", "SECONDARY", "AXIAL", "SRNODE"))
+    _add(database, store, s[3], enhanceable=False)
+    _add(database, store, s[4], modality="MR")  # no rule for MR
+    _add(database, store, s[5])
+    created = check_completeness(database, [Rule(name="ct", modalities=("CT",))], 1, 60)
+    queued = {JobQueue(database).get(j)["series_instance_uid"] for j in created}
+    assert queued == {s[0], s[5]}
+    reasons = {r["series_instance_uid"]: r["reason"] for r in skipped_series(database, 20)}
+    assert set(reasons) == {s[1], s[2], s[3], s[4]}
+    assert "secondary derived" in reasons[s[1]]
+    assert "own output" in reasons[s[2]]
+    assert "not a CT/MR image" in reasons[s[3]]
+    assert "no rule matches (modality MR" in reasons[s[4]]
+    lines = format_skipped(skipped_series(database))
+    assert len(lines) == 4 and all(line.startswith("skipped") for line in lines)
+    assert not any("Doe" in line or "PAT-0001" in line for line in lines)  # no PHI
+    # checking again neither queues them nor repeats anything
+    assert check_completeness(database, [Rule(name="ct", modalities=("CT",))], 1, 60) == []
