@@ -32,7 +32,11 @@ from dicom_node.config import DerivedConfig
 from dicom_node.derive.builder import CT_FLOOR_HU, DerivationOptions, build_derived_series
 from dicom_node.derive.series import SourceSeries, load_series
 from sr_engine.api import ConsistencyReport, EnhanceResult
-from tests.dicom_factory import make_ct_series, make_mr_series, source_path
+from tests.dicom_factory import (
+    make_ct_series,
+    make_enhanced_ct_in_hu,
+    make_mr_series,
+)
 
 warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
@@ -348,7 +352,7 @@ def test_legacy_enhanced_mr_source_gives_classic_mr_with_frame_numbers(tmp_path:
 
 
 def test_enhanced_ct_supplemental_source(tmp_path: Path) -> None:
-    source = load_series([source_path("eCT_Supplemental.dcm")])
+    source = load_series([make_enhanced_ct_in_hu(tmp_path)])
     result = volume_result(source, 2)
     out = by_position(build_derived_series(source, result, options()), source.normal)
     assert [ds.InstanceNumber for ds in out] == [3, 2, 1]  # as the frames run
@@ -476,7 +480,7 @@ SOURCES: dict[str, Callable[[Path], list[Path]]] = {
     "ct": lambda d: make_ct_series(d, n_slices=3, rows=32),
     "mr": lambda d: make_mr_series(d, n_slices=3, rows=32),
     "legacy-enhanced-mr": lambda d: make_mr_series(d, n_slices=3, rows=32, enhanced=True),
-    "enhanced-ct": lambda d: [source_path("eCT_Supplemental.dcm")],
+    "enhanced-ct": lambda d: [make_enhanced_ct_in_hu(d)],
 }
 
 

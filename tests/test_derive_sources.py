@@ -16,10 +16,15 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_node.derive.builder import build_derived_series
-from dicom_node.derive.series import SourceSeries, load_series
+from dicom_node.derive.series import SeriesError, SourceSeries, load_series
 from sr_engine import enhance_volume
 from sr_engine.api import EnhanceRequest, EnhanceResult
-from tests.dicom_factory import make_ct_series
+from tests.dicom_factory import (
+    make_ct_series,
+    make_enhanced_ct_in_hu,
+    make_mr_series,
+    source_path,
+)
 from tests.test_derive import (
     _dciodvfy,
     _errors,
@@ -245,3 +250,79 @@ def test_padding_does_not_enter_the_consistency_check(tmp_path: Path) -> None:
     assert got.mean_abs_error == pytest.approx(reference.mean_abs_error, abs=1e-3)
     assert got.max_abs_error == pytest.approx(reference.max_abs_error, abs=1e-3)
     assert got.psnr == pytest.approx(reference.psnr, abs=1e-3)
+
+
+# --- item 3: CT not in Hounsfield units ----------------------------------------------------------
+
+
+def test_ct_parametric_map_is_refused_with_its_units(tmp_path: Path) -> None:
+    # pydicom's eCT_Supplemental: Rescale Type US and a value mapping in ml/100ml/s
+    with pytest.raises(SeriesError, match="ml/100ml/s.*not Hounsfield"):
+        load_series([source_path("eCT_Supplemental.dcm")])
+    paths = make_ct_series(tmp_path / "classic", n_slices=2, rows=16)
+    rewrite(paths, lambda k, ds: setattr(ds, "RescaleType", "MGML"))
+    with pytest.raises(SeriesError, match="Rescale Type MGML"):
+        load_series(paths)
+
+
+def test_enhanced_ct_in_hu_keeps_its_rescale_type(tmp_path: Path) -> None:
+    path = make_enhanced_ct_in_hu(tmp_path / "src")
+    source = load_series([path])
+    out = build_derived_series(source, volume_result(source, 2), options())
+    assert {ds.RescaleType for ds in out} == {"HU"}
+    assert all("RealWorldValueMappingSequence" not in ds for ds in out)
+    assert_no_new_dciodvfy_errors([path], out, tmp_path / "out")
+
+
+# --- item 4: Siemens MOSAIC ----------------------------------------------------------------------
+
+
+def test_mosaic_is_refused(tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path, n_slices=1, rows=32)
+    rewrite(paths, lambda k, ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "M", "ND",
+                                                           "MOSAIC"]))
+    with pytest.raises(SeriesError, match="MOSAIC"):
+        load_series(paths)
+
+
+# --- item 11: enhanced MR to classic MR ----------------------------------------------------------
+
+
+def test_enhanced_mr_groups_give_only_classic_mr_attributes(tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "src", n_slices=3, rows=16, enhanced=True)
+
+    def add_mr_groups(k: int, ds: Dataset) -> None:
+        timing = Dataset()
+        timing.RepetitionTime = 500.0
+        timing.FlipAngle = 15.0
+        timing.EchoTrainLength = 1
+        timing.RFEchoTrainLength = 1
+        timing.GradientEchoTrainLength = 0
+        mode = Dataset()
+        mode.OperatingModeType, mode.OperatingMode = "STATIC FIELD", "IEC_NORMAL"
+        timing.OperatingModeSequence = DicomSequence([mode])
+        sar = Dataset()
+        sar.SpecificAbsorptionRateDefinition = "IEC_WHOLE_BODY"
+        sar.SpecificAbsorptionRateValue = 0.5
+        timing.SpecificAbsorptionRateSequence = DicomSequence([sar])
+        fov = Dataset()
+        fov.InPlanePhaseEncodingDirection = "ROW"
+        fov.MRAcquisitionFrequencyEncodingSteps = 256
+        fov.PercentSampling = 100.0
+        shared = ds.SharedFunctionalGroupsSequence[0]
+        shared.MRTimingAndRelatedParametersSequence = DicomSequence([timing])
+        shared.MRFOVGeometrySequence = DicomSequence([fov])
+
+    rewrite(paths, add_mr_groups)
+    source = load_series(paths)
+    out = build_derived_series(source, slice_result(source), options())
+    for ds in out:
+        for keyword in ("OperatingModeSequence", "SpecificAbsorptionRateSequence",
+                        "RFEchoTrainLength", "GradientEchoTrainLength",
+                        "MRAcquisitionFrequencyEncodingSteps"):
+            assert keyword not in ds, keyword
+        # the classic MR Image module's attributes still come through (converted ones first)
+        assert "FlipAngle" in ds and "InPlanePhaseEncodingDirection" in ds
+        assert float(ds.PercentSampling) == 100.0
+        assert "RescaleType" not in ds  # no MR Image module attribute
+    assert_no_new_dciodvfy_errors(paths, out, tmp_path / "out")

@@ -220,6 +220,63 @@ def _check_pixels_present(ds: Dataset, path: Path) -> None:
         )
 
 
+#: CT Rescale Type values accepted: Hounsfield units (absent: HU, as the CT Image IOD implies)
+#: and US (unspecified, which scanners write for HU-calibrated data; kept as US in the output).
+_HU_RESCALE_TYPES = ("", "HU", "US")
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    """Image Type values, upper case (also Frame Type of an enhanced instance's first frame)."""
+    values = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    frame_type = first_group_item(ds, 0, "MRImageFrameTypeSequence") or first_group_item(
+        ds, 0, "CTImageFrameTypeSequence")
+    if frame_type is not None:
+        values += [str(v).strip().upper() for v in (frame_type.get("FrameType") or [])]
+    return values
+
+
+def _check_enhanceable_content(ds: Dataset, path: Path, modality: str, enhanced: bool) -> None:
+    """Refuse content that enhancement would make wrong, with the reason.
+
+    - Siemens MOSAIC images (Image Type MOSAIC): one stored image holds a grid of slices; once
+      resampled as one image, the tiles cannot be split into slices again.
+    - CT not in Hounsfield units (Rescale Type other than HU, or a Real World Value Mapping in
+      other units, e.g. a perfusion map in ml/100ml/s): the engine, the physical floor and the
+      derived series all assume HU.
+    """
+    if "MOSAIC" in _image_type(ds):
+        raise SeriesError(
+            f"{path.name}: Siemens MOSAIC image (Image Type MOSAIC): its tiles are separate "
+            "slices that cannot be split again after enhancement; not enhanced"
+        )
+    if modality != "CT":
+        return
+    types = {str(ds.get("RescaleType", "") or "").strip().upper()}
+    mappings = list(ds.get("RealWorldValueMappingSequence") or [])
+    if enhanced:
+        for i in range(int(ds.get("NumberOfFrames", 1) or 1)):
+            pvt = first_group_item(ds, i, "PixelValueTransformationSequence")
+            if pvt is not None:
+                types.add(str(pvt.get("RescaleType", "") or "").strip().upper())
+            rwvm = first_group_item(ds, i, "RealWorldValueMappingSequence")
+            if rwvm is not None:
+                mappings.append(rwvm)
+    other = sorted(t for t in types if t not in _HU_RESCALE_TYPES)
+    if other:
+        raise SeriesError(
+            f"{path.name}: CT values are not in Hounsfield units (Rescale Type {other[0]}); "
+            "parametric maps are not enhanced"
+        )
+    for mapping in mappings:
+        units = mapping.get("MeasurementUnitsCodeSequence") or []
+        code = str(units[0].get("CodeValue", "") or "") if units else ""
+        if code and code.lower() != "[hnsf'u]":
+            raise SeriesError(
+                f"{path.name}: CT values are mapped to {code} (Real World Value Mapping), not "
+                "Hounsfield units; parametric maps are not enhanced"
+            )
+
+
 def _decode(ds: Dataset, path: Path) -> np.ndarray:
     """Decode the stored pixel values, refusing undecodable data with :class:`SeriesError`."""
     try:
@@ -422,6 +479,7 @@ def load_series(paths: Sequence[Path]) -> SourceSeries:
                 f"{path.name}: SOP Class {sop_class or '(none)'} is not a CT/MR image storage class"
             )
         _check_pixels_present(ds, path)
+        _check_enhanceable_content(ds, path, modality, enhanced)
         series_uids.add(str(ds.get("SeriesInstanceUID", "")))
         modalities.add(modality)
         kinds.add(enhanced)
