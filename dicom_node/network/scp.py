@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_node.audit import AuditLog
-from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, accepted_sop_classes
 from dicom_node.config import Config
 from dicom_node.network import statuses
 from dicom_node.network.upper_layer import AcceptorPolicy, Peer, StorageAcceptor, StorageService
@@ -65,7 +65,7 @@ class StorageSCP(StorageService):
         node = config.node
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
-                     for sop_class in STORAGE_SOP_CLASSES]
+                     for sop_class in accepted_sop_classes(node.accept_all_storage)]
         self.policy = AcceptorPolicy(
             ae_title=node.ae_title,
             require_called_ae_title=node.require_called_ae_title,
@@ -233,7 +233,8 @@ class StorageSCP(StorageService):
             if header is None:
                 ds = parse_dataset(data)
                 header = header_from_dataset(ds)
-                check_image(ds)
+                if header.enhanceable:  # other SOP classes are stored as they are
+                    check_image(ds)
         except InvalidImageError as exc:
             return refuse(statuses.INVALID_IMAGE, str(exc), sop_instance_uid=affected)
         except InvalidUIDError as exc:
@@ -260,6 +261,10 @@ class StorageSCP(StorageService):
                 f"SOP Class UID {header.sop_class_uid} does not match the presentation context "
                 f"{sop_class_uid}", **uids,
             )
+        if not header.enhanceable and self.config.node.other_sop_classes == "discard":
+            self.audit.record("instance_discarded", calling_ae=calling_ae, address=address,
+                              sop_class_uid=header.sop_class_uid, **uids)
+            return statuses.SUCCESS
         try:
             outcome = store_instance(self.db, self.store, header, pending, calling_ae)
         except DatabaseUnavailableError as exc:
