@@ -10,6 +10,7 @@ geometry, duplicate positions, colour images, no pixel data) raises :class:`Seri
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from dicom_node.codes import CLASSIC_IMAGE_STORAGE, ENHANCED_IMAGE_STORAGE, LOSSY_TRANSFER_SYNTAXES
 from dicom_node.derive.functional_groups import first_group_item
+
+LOGGER = logging.getLogger(__name__)
 
 #: Largest difference between direction-cosine components still counted as the same orientation.
 ORIENTATION_TOLERANCE = 1e-4
@@ -277,8 +280,36 @@ def _check_enhanceable_content(ds: Dataset, path: Path, modality: str, enhanced:
             )
 
 
+#: pydicom's decoder logger: it logs every failed plugin attempt as an ERROR with a traceback,
+#: even when the next plugin then decodes the frame.
+_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+
+
+class _PluginAttemptFilter(logging.Filter):
+    """Turn pydicom's per-plugin decoding failures into one-line DEBUG records.
+
+    If every plugin fails, pydicom raises with all their messages and :func:`_decode` reports
+    that as a :class:`SeriesError`; a single plugin failing is no error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop records logged with an exception by pydicom's plugin loop; log one DEBUG line."""
+        if record.exc_info and record.funcName == "_decode_frame":
+            LOGGER.debug("decoder plugin attempt failed: %s", record.getMessage())
+            return False
+        return True
+
+
+def quiet_decoder_attempts() -> None:
+    """Install :class:`_PluginAttemptFilter` on pydicom's decoder logger (once per process)."""
+    logger = logging.getLogger(_DECODER_LOGGER)
+    if not any(isinstance(f, _PluginAttemptFilter) for f in logger.filters):
+        logger.addFilter(_PluginAttemptFilter())
+
+
 def _decode(ds: Dataset, path: Path) -> np.ndarray:
     """Decode the stored pixel values, refusing undecodable data with :class:`SeriesError`."""
+    quiet_decoder_attempts()
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad or unsupported pixel data

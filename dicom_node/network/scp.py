@@ -41,6 +41,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 LOGGER = logging.getLogger(__name__)
 
+#: Rejected presentation contexts named in the WARNING line (the full list is logged at DEBUG).
+REJECTED_CONTEXTS_LOGGED = 3
+
+
+def _contexts_text(contexts: list[dict[str, Any]]) -> str:
+    """``abstract syntax transfer/syntaxes`` of each presentation context, comma separated."""
+    return ", ".join(f"{r['abstract_syntax']} {'/'.join(r['transfer_syntaxes'])}"
+                     for r in contexts)
+
 class StorageSCP(StorageService):
     """C-ECHO and C-STORE service class provider for CT and MR images.
 
@@ -138,10 +147,12 @@ class StorageSCP(StorageService):
         if refused:
             LOGGER.warning(
                 "association from %r: %d presentation context(s) rejected (SOP class or "
-                "transfer syntax not accepted): %s", peer.ae_title, len(refused),
-                ", ".join(f"{r['abstract_syntax']} {'/'.join(r['transfer_syntaxes'])}"
-                          for r in refused),
+                "transfer syntax not accepted), first %d: %s", peer.ae_title, len(refused),
+                min(len(refused), REJECTED_CONTEXTS_LOGGED),
+                _contexts_text(refused[:REJECTED_CONTEXTS_LOGGED]),
             )
+            LOGGER.debug("association from %r: every rejected presentation context: %s",
+                         peer.ae_title, _contexts_text(refused))
             self.audit.record("contexts_rejected", calling_ae=peer.ae_title,
                               address=peer.address, contexts=refused)
 
