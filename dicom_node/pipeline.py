@@ -42,6 +42,7 @@ class Derivation:
     gate: Gate
     gate_reason: str
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable facts for the job result and logs."""
@@ -62,6 +63,7 @@ class Derivation:
             },
             "gate": self.gate,
             "gate_reason": self.gate_reason,
+            "notes": self.notes,
         }
 
 
@@ -127,7 +129,7 @@ def derive_series(
 
     stage("loading")
     t0 = time.perf_counter()
-    source = load_series(paths)
+    source = load_series(paths, slice_mode=mode == "slice")
     seconds["loading"] = time.perf_counter() - t0
 
     stage("enhancing")
@@ -169,6 +171,7 @@ def derive_series(
         gate=gate,
         gate_reason=reason,
         seconds=seconds,
+        notes=list(source.notes),
     )
 
 
@@ -343,6 +346,8 @@ def enhance_path(
             problems.append(f"series {series_uid} not enhanced: {exc}{hint}")
             LOGGER.warning("series %s not enhanced: %s", series_uid, exc)
             continue
+        for note in d.notes:
+            print(f"note: series {series_uid}: {note}", file=sys.stderr)
         if d.gate == "hold":
             problems.append(f"series {series_uid}: held by the safety gate ({d.gate_reason})")
             continue

@@ -8,12 +8,14 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
 
 from dicom_node.derive.builder import build_derived_series
 from dicom_node.derive.series import SeriesError, SourceSeries, load_series
@@ -326,3 +328,87 @@ def test_enhanced_mr_groups_give_only_classic_mr_attributes(tmp_path: Path) -> N
         assert float(ds.PercentSampling) == 100.0
         assert "RescaleType" not in ds  # no MR Image module attribute
     assert_no_new_dciodvfy_errors(paths, out, tmp_path / "out")
+
+
+# --- item 12: slice mode needs no regular stack --------------------------------------------------
+
+
+def _slice_mode_output(paths: list[Path], folder: Path) -> tuple[SourceSeries, list[Dataset]]:
+    """Volume mode refuses the series; slice mode derives it (dciodvfy-clean)."""
+    with pytest.raises(SeriesError):
+        load_series(paths)
+    source = load_series(paths, slice_mode=True)
+    out = build_derived_series(source, engine_result(source, "slice", 2), options(mode="slice"))
+    assert_no_new_dciodvfy_errors(paths, out, folder)
+    return source, out
+
+
+def test_slice_mode_accepts_gantry_tilt(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "src", n_slices=4, rows=16)
+
+    def tilt(k: int, ds: Dataset) -> None:  # 5 mm slices, 20 degree tilt: y moves 1.82 mm/slice
+        ipp = [float(v) for v in ds.ImagePositionPatient]
+        ds.ImagePositionPatient = [ipp[0], round(ipp[1] + k * 1.82, 3), ipp[2]]
+
+    rewrite(paths, tilt)
+    source, out = _slice_mode_output(paths, tmp_path / "out")
+    src = by_position([pydicom.dcmread(p) for p in paths], source.normal)
+    for s, d in zip(src, by_position(out, source.normal), strict=True):
+        assert float(d.ImagePositionPatient[1]) == pytest.approx(
+            float(s.ImagePositionPatient[1]) + 0.5 * (float(d.PixelSpacing[0])
+                                                      - float(s.PixelSpacing[0])), abs=1e-4)
+        assert d.SourceImageSequence[0].ReferencedSOPInstanceUID == s.SOPInstanceUID
+
+
+def test_slice_mode_accepts_gaps_and_missing_slices(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "src", n_slices=6, rows=16)
+    paths[2].unlink()
+    paths = [p for p in paths if p.exists()]
+    _, out = _slice_mode_output(paths, tmp_path / "out")
+    assert len(out) == 5 and all("SpacingBetweenSlices" not in d for d in out)
+
+
+def test_slice_mode_accepts_duplicate_positions_of_a_multi_echo_series(tmp_path: Path) -> None:
+    paths = make_mr_series(tmp_path / "src", n_slices=3, rows=16)
+    rewrite(paths, lambda k, ds: setattr(ds, "EchoNumbers", 1))
+    echoes = []
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.EchoNumbers, ds.EchoTime, ds.InstanceNumber = 2, 80.0, 4 + k
+        echo = path.with_name(f"echo2_{k}.dcm")
+        ds.save_as(echo, enforce_file_format=True)
+        echoes.append(echo)
+    source, out = _slice_mode_output(paths + echoes, tmp_path / "out")
+    assert len(out) == 6
+    refs = {d.SourceImageSequence[0].ReferencedSOPInstanceUID for d in out}
+    assert len(refs) == 6
+
+
+def test_slice_mode_leaves_out_a_localizer_and_says_so(tmp_path: Path, capsys: Any) -> None:
+    paths = make_ct_series(tmp_path / "src", n_slices=3, rows=16)
+    scout = paths[0].with_name("SCOUT.dcm")
+    ds = pydicom.dcmread(paths[0])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]  # sagittal
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(scout, enforce_file_format=True)
+    source, out = _slice_mode_output([*paths, scout], tmp_path / "out")
+    assert len(out) == 3
+    (note,) = source.notes
+    assert "1 image(s) not enhanced" in note and "SCOUT.dcm" in note
+    # srnode enhance says so too
+    from dicom_node.config import parse_config
+    from dicom_node.pipeline import enhance_path
+
+    written = enhance_path(tmp_path / "src", tmp_path / "cli", parse_config({}), model="linear",
+                           progress=False)
+    assert sum(len(v) for v in written.values()) == 3
+    assert "SCOUT.dcm" in capsys.readouterr().err
+
+
+def test_slice_mode_keeps_an_absent_frame_of_reference_absent(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "src", n_slices=3, rows=16)
+    rewrite(paths, lambda k, ds: delattr(ds, "FrameOfReferenceUID"))
+    _, out = _slice_mode_output(paths, tmp_path / "out")
+    assert all("FrameOfReferenceUID" not in d for d in out)

@@ -222,7 +222,10 @@ def set_identity(
     ds.SOPInstanceUID = new_uid(options.uid_root)
     ds.StudyInstanceUID = source.study_instance_uid
     ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = source.frame_of_reference_uid
+    if source.frame_of_reference_uid:
+        ds.FrameOfReferenceUID = source.frame_of_reference_uid
+    elif "FrameOfReferenceUID" in ds:  # absent in the source (slice mode): kept absent
+        del ds.FrameOfReferenceUID
     ds.Modality = modality
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance_number
@@ -247,8 +250,11 @@ def set_identity(
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
         if keyword not in ds:  # Type 2 in the Patient module
             setattr(ds, keyword, None if keyword != "PatientName" else "")
-    for keyword in ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-                    "AccessionNumber", "PositionReferenceIndicator", "Manufacturer"):
+    type2 = ["StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+             "Manufacturer"]
+    if source.frame_of_reference_uid:
+        type2.append("PositionReferenceIndicator")
+    for keyword in type2:
         if keyword not in ds:  # Type 2 in General Study / Frame of Reference / Equipment
             setattr(ds, keyword, None)
 

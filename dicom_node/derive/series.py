@@ -113,6 +113,8 @@ class SourceSeries:
     padding_fill
         Modality value written into padding voxels of :attr:`volume` (the lowest non-padding
         value).
+    notes
+        What loading left out (slice mode: images that do not belong to the main stack).
     """
 
     datasets: list[Dataset]
@@ -141,6 +143,7 @@ class SourceSeries:
     padding_value: int | None = None
     padding_mask: np.ndarray | None = None
     padding_fill: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def normal(self) -> np.ndarray:
@@ -180,6 +183,7 @@ class _Frame:
     widths: tuple[float, ...]
     number: int | None = None
     padding: np.ndarray | None = None
+    label: str = ""
 
 
 def _floats(value: object) -> tuple[float, ...]:
@@ -350,6 +354,7 @@ def _classic_frames(ds: Dataset, path: Path) -> list[_Frame]:
             widths=_floats(ds.get("WindowWidth")),
             number=_int_or_none(ds.get("InstanceNumber")),
             padding=_padding(ds, pixels),
+            label=path.name,
         )
     ]
 
@@ -397,6 +402,7 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
                 widths=_floats(voi.get("WindowWidth")) if voi is not None else (),
                 number=i + 1,
                 padding=_padding(ds, pixels[i]),
+                label=f"{path.name} frame {i + 1}",
             )
         )
     return frames
@@ -466,7 +472,7 @@ def _read(path: Path) -> Dataset:
     return read_dataset(path)
 
 
-def load_series(paths: Sequence[Path]) -> SourceSeries:
+def load_series(paths: Sequence[Path], *, slice_mode: bool = False) -> SourceSeries:
     """Read the instances of one CT/MR series and return a geometry-sorted volume.
 
     Parameters
@@ -474,6 +480,12 @@ def load_series(paths: Sequence[Path]) -> SourceSeries:
     paths
         The files of the series: single-frame CT/MR Image Storage instances, or enhanced
         multi-frame instances (Enhanced CT/MR, Legacy Converted Enhanced CT/MR).
+    slice_mode
+        Load for slice mode, which enhances every image on its own: gantry tilt, gaps, missing
+        slices, duplicate positions (multi-echo) and an absent Frame of Reference UID are
+        accepted, and images whose orientation, matrix or pixel spacing differ from the main
+        stack (a localizer mixed in) are left out and listed in :attr:`SourceSeries.notes`.
+        The strict checks below apply otherwise (volume mode).
 
     Returns
     -------
@@ -522,11 +534,48 @@ def load_series(paths: Sequence[Path]) -> SourceSeries:
         raise SeriesError(f"mixed series: {len(series_uids)} different Series Instance UIDs")
     if len(modalities) != 1 or len(kinds) != 1:
         raise SeriesError("mixed series: single-frame and multi-frame, or CT and MR instances")
-    return _assemble(frames, modalities.pop(), kinds.pop(), lossy)
+    notes: list[str] = []
+    if slice_mode:
+        frames = _main_stack(frames, notes)
+    source = _assemble(frames, modalities.pop(), kinds.pop(), lossy, slice_mode)
+    source.notes = notes
+    return source
 
 
-def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) -> SourceSeries:
-    """Check the frames' geometry, sort them along the normal and stack the volume."""
+def _stack_key(f: _Frame) -> tuple[object, ...]:
+    """Frames with the same key can be enhanced as one stack (orientation, matrix, spacing)."""
+    return (
+        tuple(np.round(f.orientation / ORIENTATION_TOLERANCE).astype(int).tolist()),
+        f.pixels.shape,
+        tuple(round(v, 4) for v in f.pixel_spacing),
+    )
+
+
+def _main_stack(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
+    """Keep the largest group of frames sharing orientation, matrix and pixel spacing."""
+    groups: dict[tuple[object, ...], list[_Frame]] = {}
+    for f in frames:
+        groups.setdefault(_stack_key(f), []).append(f)
+    if len(groups) == 1:
+        return frames
+    main = max(groups.values(), key=len)
+    left = [f for f in frames if all(f is not m for m in main)]
+    names = ", ".join(f.label for f in left[:10]) + (" ..." if len(left) > 10 else "")
+    notes.append(
+        f"{len(left)} image(s) not enhanced: orientation, matrix or pixel spacing differ from the "
+        f"main stack of {len(main)} (e.g. a localizer): {names}"
+    )
+    return main
+
+
+def _assemble(
+    frames: list[_Frame], modality: str, enhanced: bool, lossy: bool, slice_mode: bool = False
+) -> SourceSeries:
+    """Check the frames' geometry, sort them along the normal and stack the volume.
+
+    ``slice_mode``: only what slice mode needs (one orientation, matrix and pixel spacing);
+    positions may be irregular, tilted or repeated and the Frame of Reference UID absent.
+    """
     first = frames[0]
     shape = first.pixels.shape
     for f in frames[1:]:
@@ -556,7 +605,12 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
     distances = distances[order]
     positions = np.stack([f.position for f in frames])
     thickness_values = {f.thickness for f in frames if f.thickness is not None}
-    if len(frames) > 1:
+    if len(frames) > 1 and slice_mode:
+        gaps = np.diff(distances)
+        positive = gaps[gaps >= POSITION_ATOL_MM]
+        dz = (round(float(np.median(positive)), 6) if positive.size
+              else float(first.thickness) if first.thickness else 1.0)
+    elif len(frames) > 1:
         gaps = np.diff(distances)
         if np.any(gaps < POSITION_ATOL_MM):
             k = int(np.argmin(gaps))
@@ -590,7 +644,7 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
     for_uids = {str(f.ds.get("FrameOfReferenceUID", "")) for f in frames}
     if len(study_uids) != 1:
         raise SeriesError("mixed series: more than one Study Instance UID")
-    if len(for_uids) != 1 or "" in for_uids:
+    if len(for_uids) != 1 or ("" in for_uids and not slice_mode):
         raise SeriesError("missing geometry: Frame of Reference UID absent or inconsistent")
     return SourceSeries(
         datasets=[f.ds for f in frames],
