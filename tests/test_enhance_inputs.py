@@ -42,13 +42,18 @@ def test_truncated_file_is_named_and_the_run_fails(tmp_path: Path, capsys: Any) 
     paths = make_ct_series(tmp_path / "in", n_slices=5, rows=16)
     _truncate(paths[2], 600)  # header cut off mid-way: no Series Instance UID left
     (tmp_path / "in" / "notes.txt").write_text("not DICOM")
-    with pytest.raises(EnhanceError) as info:  # nothing left to enhance
+    # slice mode: the four readable slices are enhanced, the truncated file is named
+    with pytest.raises(EnhanceIncompleteError) as incomplete:
         _enhance(tmp_path / "in", tmp_path / "out")
+    assert paths[2].name in str(incomplete.value) and "truncated" in str(incomplete.value)
+    assert sum(len(v) for v in incomplete.value.written.values()) == 4
+    assert "notes.txt" in capsys.readouterr().err  # non-DICOM files are named, not fatal
+    # volume mode: the gap refuses the series, and the message points at the unreadable file
+    with pytest.raises(EnhanceError) as info:
+        _enhance(tmp_path / "in", tmp_path / "out2", mode="volume")
     message = str(info.value)
     assert paths[2].name in message and "truncated" in message
-    # the series with the gap is named as not enhanced, pointing at the unreadable file
     assert f"unreadable files beside it: {paths[2].name}" in message
-    assert "notes.txt" in capsys.readouterr().err  # non-DICOM files are named, not fatal
 
 
 def test_truncated_pixel_data_names_the_file(tmp_path: Path) -> None:
