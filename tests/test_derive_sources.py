@@ -199,6 +199,17 @@ def test_existing_contributing_equipment_is_kept_and_srnode_appended(tmp_path: P
     assert_no_new_dciodvfy_errors(paths, out, tmp_path / "out")
 
 
+def test_no_acquisition_item_is_invented_without_a_manufacturer(tmp_path: Path) -> None:
+    paths = make_ct_series(tmp_path / "src", n_slices=2, rows=16)
+    rewrite(paths, lambda k, ds: setattr(ds, "Manufacturer", None))
+    source = load_series(paths)
+    out = build_derived_series(source, slice_result(source), options())
+    for ds in out:
+        (item,) = ds.ContributingEquipmentSequence  # srnode only; no "UNKNOWN" scanner
+        assert item.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert_no_new_dciodvfy_errors(paths, out, tmp_path / "out")
+
+
 # --- item 10: pixel padding ----------------------------------------------------------------------
 
 

@@ -146,11 +146,18 @@ def derivation_description(
     return text[: c.ST_MAX_CHARS]
 
 
-def acquisition_item(ds: Dataset) -> Dataset:
-    """Contributing Equipment item (DCM 109101) from the source header, inventing nothing else."""
+def acquisition_item(ds: Dataset) -> Dataset | None:
+    """Contributing Equipment item (DCM 109101) from the source header, inventing nothing.
+
+    ``None`` when the source names no Manufacturer (Type 1 in the item): an item saying
+    "unknown" would be an invented value.
+    """
+    manufacturer = str(ds.get("Manufacturer", "") or "").strip()
+    if not manufacturer:
+        return None
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = DicomSequence([code_item(c.ACQUISITION_EQUIPMENT)])
-    item.Manufacturer = str(ds.get("Manufacturer", "") or "") or "UNKNOWN"
+    item.Manufacturer = manufacturer
     for keyword in (
         "InstitutionName",
         "InstitutionAddress",
@@ -191,7 +198,7 @@ def processing_item(
 
 
 def equipment_history(
-    previous: Sequence[Dataset] | None, acquisition: Dataset, processing: Dataset
+    previous: Sequence[Dataset] | None, acquisition: Dataset | None, processing: Dataset
 ) -> list[Dataset]:
     """Contributing Equipment items of a derived instance: the source's history, then srnode.
 
@@ -207,7 +214,7 @@ def equipment_history(
         for item in items
         for code in item.get("PurposeOfReferenceCodeSequence", [])
     )
-    if not has_acquisition:
+    if not has_acquisition and acquisition is not None:
         items.insert(0, acquisition)
     return [*items, copy.deepcopy(processing)]
 
@@ -261,7 +268,7 @@ def set_identity(
 
 def set_derivation(
     ds: Dataset, source: SourceSeries, contributing: Sequence[int], derivation: str,
-    acquisition: Dataset, processing: Dataset,
+    acquisition: Dataset | None, processing: Dataset,
 ) -> None:
     """Derivation description and code, source references and contributing equipment."""
     ds.DerivationDescription = derivation
