@@ -86,3 +86,36 @@ def test_derived_primary_is_queued_and_every_skip_has_a_reason(
     assert not any("Doe" in line or "PAT-0001" in line for line in lines)  # no PHI
     # checking again neither queues them nor repeats anything
     assert check_completeness(database, [Rule(name="ct", modalities=("CT",))], 1, 60) == []
+
+
+def test_status_and_jobs_commands_show_the_skips(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dicom_node.cli import main
+    from dicom_node.index import open_index
+    from dicom_node.status import format_status, node_status
+
+    cfg_path = tmp_path / "config.toml"
+    cfg_path.write_text(
+        f'[node]\nstorage_dir = "{tmp_path / "storage"}"\n'
+        f'database_url = "sqlite:///{tmp_path / "srnode.db"}"\n'
+        '[[rules]]\nname = "ct"\nmodalities = ["CT"]\n'
+    )
+    from dicom_node.config import load_config
+
+    cfg = load_config(cfg_path)
+    db = open_index(cfg, migrate=True)
+    try:
+        store = FileStore(tmp_path / "storage")
+        _add(db, store, f"{STUDY}.1", image_type=("DERIVED", "SECONDARY", "MPR"))
+        _add(db, store, f"{STUDY}.2", image_type=("DERIVED", "PRIMARY", "AXIAL"))
+        check_completeness(db, cfg.rules, 1, 60)
+    finally:
+        db.dispose()
+    status = node_status(cfg)
+    assert [s["series_instance_uid"] for s in status["skipped_series"]] == [f"{STUDY}.1"]
+    assert "secondary derived" in format_status(status)
+    assert main(["jobs", "--config", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"series {STUDY}.1" in out and "secondary derived" in out
+    assert "queued" in out  # the DERIVED\PRIMARY series got its job
