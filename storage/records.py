@@ -7,6 +7,7 @@ builder clips text to them and :mod:`storage.models` sizes its columns with them
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: Longest stored value of each indexed text attribute (the VR's maximum length; PN allows
@@ -84,9 +85,18 @@ class InstanceHeader:
         reformat, projection or rendering value (:data:`SECONDARY_IMAGE_TYPE_VALUES`).  Many
         scanners label reconstructed axial images ``DERIVED\PRIMARY``: those are acquisitions.
         """
-        values = [v.strip().upper() for v in self.image_type]
-        if not values or values[0] != "DERIVED":
-            return False
-        if len(values) < 2 or values[1] != "PRIMARY":
-            return True
-        return any(v in SECONDARY_IMAGE_TYPE_VALUES for v in values[2:])
+        return is_secondary_derived(self.image_type)
+
+
+def is_secondary_derived(image_type: Sequence[str]) -> bool:
+    r"""Whether Image Type values mark a secondary derived object.
+
+    ``DERIVED`` with value 2 other than ``PRIMARY``, or ``DERIVED\PRIMARY`` with a reformat,
+    projection or rendering value (:data:`SECONDARY_IMAGE_TYPE_VALUES`).
+    """
+    values = [v.strip().upper() for v in image_type]
+    if not values or values[0] != "DERIVED":
+        return False
+    if len(values) < 2 or values[1] != "PRIMARY":
+        return True
+    return any(v in SECONDARY_IMAGE_TYPE_VALUES for v in values[2:])

@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
+from sqlalchemy import select, update
 
 from dicom_node.status import format_skipped, skipped_series
 from storage.completeness import check_completeness
@@ -14,6 +16,7 @@ from storage.db import Database
 from storage.filestore import FileStore
 from storage.ingest import store_instance
 from storage.jobs import JobQueue
+from storage.models import Series
 from storage.records import InstanceHeader
 from storage.rules import Rule
 from tests.support import db as db_support
@@ -119,3 +122,26 @@ def test_status_and_jobs_commands_show_the_skips(
     out = capsys.readouterr().out
     assert f"series {STUDY}.1" in out and "secondary derived" in out
     assert "queued" in out  # the DERIVED\PRIMARY series got its job
+
+
+def test_upgrade_relabels_derived_primary_series_without_queueing_them(
+    db_url: str, tmp_path: Path
+) -> None:
+    db = Database(db_url)
+    try:
+        db.upgrade()
+        store = FileStore(tmp_path / "store")
+        _add(db, store, f"{STUDY}.1", image_type=("DERIVED", "PRIMARY", "AXIAL"))
+        _add(db, store, f"{STUDY}.2", image_type=("DERIVED", "SECONDARY", "MPR"))
+        with db.engine.begin() as conn:  # back to 0001 with its meaning of is_derived
+            conn.execute(update(Series).values(is_derived=True))
+            cfg = db.alembic_config()
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0001")
+        db.upgrade()
+        with db.session() as s:
+            flags = {r.series_instance_uid: r.is_derived for r in s.scalars(select(Series))}
+        assert flags == {f"{STUDY}.1": False, f"{STUDY}.2": True}
+    finally:
+        db.dispose()
+
