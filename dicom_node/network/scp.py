@@ -50,6 +50,7 @@ def _contexts_text(contexts: list[dict[str, Any]]) -> str:
     return ", ".join(f"{r['abstract_syntax']} {'/'.join(r['transfer_syntaxes'])}"
                      for r in contexts)
 
+
 class StorageSCP(StorageService):
     """C-ECHO and C-STORE service class provider for CT and MR images.
 
