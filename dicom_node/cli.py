@@ -82,17 +82,21 @@ def cmd_echo(args: argparse.Namespace) -> int:
 def cmd_jobs(args: argparse.Namespace) -> int:
     """List jobs."""
     from dicom_node.index import index_created, open_index
+    from dicom_node.status import format_skipped, skipped_series
     from storage.jobs import JobQueue
 
     db = open_index(_config(args), migrate=False)
     try:
         jobs = (JobQueue(db).list_jobs(states=args.state or None, limit=args.limit)
                 if index_created(db) else [])
+        skipped = skipped_series(db) if index_created(db) and not args.json else []
     finally:
         db.dispose()
     if args.json:
         print(json.dumps(jobs, indent=2, default=str))
         return 0
+    for line in format_skipped(skipped):
+        print(line)
     if not jobs:
         print("no jobs")
         return 0
@@ -143,20 +147,25 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_enhance(args: argparse.Namespace) -> int:
     """Enhance DICOM files offline and write derived series."""
-    from dicom_node.pipeline import EnhanceError, enhance_path
+    from dicom_node.pipeline import EnhanceError, EnhanceIncompleteError, enhance_path
 
     cfg = _config(args)
+    status = 0
     try:
         written = enhance_path(
             Path(args.input), Path(args.output), cfg,
             mode=args.mode, scale=args.scale, model=args.model, progress=not args.quiet,
+            keep_going=args.keep_going,
         )
+    except EnhanceIncompleteError as exc:
+        print(f"srnode enhance: {exc}", file=sys.stderr)
+        written, status = exc.written, 1
     except EnhanceError as exc:
         print(f"srnode enhance: {exc}", file=sys.stderr)
         return 2
     for series_uid, paths in written.items():
         print(f"derived series {series_uid}: {len(paths)} instance(s) in {paths[0].parent}")
-    return 0
+    return status
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -262,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--model", default="auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--keep-going", action="store_true",
+                   help="exit 0 even when files or series were skipped (they are still named)")
 
     p = add("train", cmd_train, "train a super-resolution model")
     p.add_argument("--model", default="fast")

@@ -30,6 +30,7 @@ from pydicom.uid import (
     MRImageStorage,
     RLELossless,
 )
+from pynetdicom.presentation import AllStoragePresentationContexts
 
 # --- Coded concepts (CID 7203, 7202, 7210, 7005) ---------------------------------------------
 
@@ -80,8 +81,27 @@ ENHANCED_IMAGE_STORAGE: dict[UID, str] = {
     LegacyConvertedEnhancedCTImageStorage: "CT",
     LegacyConvertedEnhancedMRImageStorage: "MR",
 }
-#: Storage SOP classes srnode accepts; every other SOP class is refused at negotiation.
-STORAGE_SOP_CLASSES: tuple[UID, ...] = (*CLASSIC_IMAGE_STORAGE.values(), *ENHANCED_IMAGE_STORAGE)
+#: Storage SOP classes srnode enhances (CT/MR images).
+ENHANCEABLE_SOP_CLASSES: tuple[UID, ...] = (
+    *CLASSIC_IMAGE_STORAGE.values(), *ENHANCED_IMAGE_STORAGE
+)
+#: Storage SOP classes srnode accepts with ``[node] accept_all_storage = false``: only those it
+#: enhances (every other SOP class is then refused at negotiation).
+STORAGE_SOP_CLASSES: tuple[UID, ...] = ENHANCEABLE_SOP_CLASSES
+#: Every Storage SOP class (pynetdicom's list of the standard's storage SOP classes, plus those
+#: srnode enhances): accepted by default, so that a PACS forwarding whole studies (dose reports,
+#: secondary captures, presentation states) never fails; only CT/MR images are enhanced.
+ALL_STORAGE_SOP_CLASSES: tuple[UID, ...] = tuple(
+    dict.fromkeys(
+        [*ENHANCEABLE_SOP_CLASSES,
+         *(UID(cx.abstract_syntax) for cx in AllStoragePresentationContexts)]
+    )
+)
+
+
+def accepted_sop_classes(accept_all_storage: bool) -> tuple[UID, ...]:
+    """Storage SOP classes offered at association negotiation (``[node] accept_all_storage``)."""
+    return ALL_STORAGE_SOP_CLASSES if accept_all_storage else STORAGE_SOP_CLASSES
 #: Transfer syntaxes accepted: uncompressed, deflate and every compressed syntax the installed
 #: decoders (pylibjpeg, openjpeg, RLE, gdcm) can decode.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (

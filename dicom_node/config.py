@@ -87,6 +87,8 @@ class NodeConfig:
     log_file: str = ""
     audit_log: str = "./var/audit.log"
     tls: TLSConfig = field(default_factory=TLSConfig)
+    accept_all_storage: bool = True
+    other_sop_classes: str = "store"
 
 
 @dataclass
@@ -281,6 +283,11 @@ def _validate(cfg: Config) -> None:
     if n.scp_engine not in ("srnode", "pynetdicom"):
         raise ConfigError(
             f"[node] scp_engine: {n.scp_engine!r} is not one of \"srnode\", \"pynetdicom\""
+        )
+    if n.other_sop_classes not in ("store", "discard"):
+        raise ConfigError(
+            f"[node] other_sop_classes: {n.other_sop_classes!r} is not one of \"store\", "
+            "\"discard\""
         )
     if n.tls.enabled and not (n.tls.cert_file and n.tls.key_file):
         raise ConfigError("[node.tls] enabled needs cert_file and key_file")

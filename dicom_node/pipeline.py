@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node import __version__
@@ -43,6 +42,7 @@ class Derivation:
     gate: Gate
     gate_reason: str
     seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable facts for the job result and logs."""
@@ -63,6 +63,7 @@ class Derivation:
             },
             "gate": self.gate,
             "gate_reason": self.gate_reason,
+            "notes": self.notes,
         }
 
 
@@ -128,7 +129,7 @@ def derive_series(
 
     stage("loading")
     t0 = time.perf_counter()
-    source = load_series(paths)
+    source = load_series(paths, slice_mode=mode == "slice")
     seconds["loading"] = time.perf_counter() - t0
 
     stage("enhancing")
@@ -170,21 +171,110 @@ def derive_series(
         gate=gate,
         gate_reason=reason,
         seconds=seconds,
+        notes=list(source.notes),
     )
+
+
+@dataclass
+class InputScan:
+    """What :func:`scan_input` found under an input path.
+
+    Attributes
+    ----------
+    series
+        Series Instance UID -> readable DICOM files.
+    unreadable
+        ``(file, reason)`` of DICOM files that cannot be read (truncated, incomplete header).
+    not_dicom
+        Files that are not DICOM at all (ignored, but named).
+    own_output
+        Series Instance UID -> files of series srnode produced (skipped, as the node does).
+    """
+
+    series: dict[str, list[Path]] = field(default_factory=dict)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    not_dicom: list[Path] = field(default_factory=list)
+    own_output: dict[str, list[Path]] = field(default_factory=dict)
+
+
+def scan_input(root: Path) -> InputScan:
+    """Sort every file under ``root`` (recursively) into series and the files not used.
+
+    The files not used are srnode's own output, unreadable DICOM files and non-DICOM files.
+    Part-10 files and bare data sets without the Part-10 header are both read.  srnode's own
+    output is recognised exactly as the node recognises it when receiving
+    (:func:`dicom_node.receive.header.header_from_dataset`).
+    """
+    from dicom_node.derive.series import NotDicomError, SeriesError, read_dataset
+    from dicom_node.receive.header import header_from_dataset
+
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    scan = InputScan()
+    for path in files:
+        try:
+            ds = read_dataset(path, stop_before_pixels=True)
+            header = header_from_dataset(ds)
+        except NotDicomError:
+            scan.not_dicom.append(path)
+            continue
+        except SeriesError as exc:
+            scan.unreadable.append((path, str(exc)))
+            continue
+        except Exception as exc:  # noqa: BLE001 - malformed values: named, never fatal
+            scan.unreadable.append((path, f"{path.name}: {exc}"))
+            continue
+        target = scan.own_output if header.produced_by_node else scan.series
+        target.setdefault(header.series_instance_uid, []).append(path)
+    return scan
 
 
 def find_series(root: Path) -> dict[str, list[Path]]:
     """Group every readable DICOM file under ``root`` (any names, recursively) by series UID."""
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    groups: dict[str, list[Path]] = {}
-    for path in files:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"])
-            uid = str(ds.SeriesInstanceUID)
-        except Exception:  # noqa: BLE001 - not DICOM or unreadable: skip it
-            continue
-        groups.setdefault(uid, []).append(path)
-    return groups
+    scan = scan_input(root)
+    return {**scan.series, **scan.own_output}
+
+
+class EnhanceIncompleteError(EnhanceError):
+    """Some files or series were skipped; the others were written (:attr:`written`)."""
+
+    def __init__(self, problems: list[str], written: dict[str, list[Path]]) -> None:
+        super().__init__("skipped:\n  " + "\n  ".join(problems))
+        self.problems = problems
+        self.written = written
+
+
+def _prepare_output(output_dir: Path) -> None:
+    """Create the output folder or refuse it with a clear :class:`EnhanceError`."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EnhanceError(f"cannot create the output folder {output_dir}: {exc}") from exc
+    if not output_dir.is_dir():
+        raise EnhanceError(f"output path {output_dir} is not a folder")
+
+
+def _write_series(datasets: Sequence[Dataset], output_dir: Path, series_uid: str) -> list[Path]:
+    """Write one derived series all or nothing: into a hidden partial folder, then renamed.
+
+    Raises
+    ------
+    EnhanceError
+        The files cannot be written (disk full, permissions); nothing of the series is left.
+    """
+    import shutil
+
+    final = output_dir / series_uid
+    partial = output_dir / f".{series_uid}.partial"
+    try:
+        paths = write_datasets(datasets, partial)
+        partial.rename(final)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise EnhanceError(
+            f"cannot write derived series {series_uid} to {output_dir}: "
+            f"{exc.strerror or exc}; nothing of it was left there"
+        ) from exc
+    return [final / p.name for p in paths]
 
 
 def enhance_path(
@@ -196,8 +286,18 @@ def enhance_path(
     scale: int = 2,
     model: str = "auto",
     progress: bool = True,
+    keep_going: bool = False,
 ) -> dict[str, list[Path]]:
     """``srnode enhance``: derive every series found under ``input_path`` into ``output_dir``.
+
+    Every unreadable file and every series that is not enhanced is named on stderr.  srnode's
+    own output found under ``input_path`` is skipped (as the node skips it) and only noted.
+    Each derived series is written all or nothing.
+
+    Parameters
+    ----------
+    keep_going
+        Return normally although files or series were skipped (they are still named).
 
     Returns
     -------
@@ -206,8 +306,11 @@ def enhance_path(
 
     Raises
     ------
+    EnhanceIncompleteError
+        Files or series were skipped (unless ``keep_going``); the rest was written.
     EnhanceError
-        When no DICOM series was found or none could be enhanced.
+        When no DICOM series was found, none could be enhanced, or the output cannot be
+        written (then nothing partial is left).
     """
     from tqdm import tqdm
 
@@ -216,27 +319,45 @@ def enhance_path(
 
     if not input_path.exists():
         raise EnhanceError(f"{input_path} does not exist")
-    groups = find_series(input_path)
-    if not groups:
-        raise EnhanceError(f"no DICOM files found under {input_path}")
+    scan = scan_input(input_path)
+    problems = [f"unreadable file {path}: {reason}" for path, reason in scan.unreadable]
+    for uid, files in scan.own_output.items():
+        print(f"note: series {uid} ({len(files)} files) is srnode's own output: not enhanced "
+              "again", file=sys.stderr)
+    for path in scan.not_dicom:
+        print(f"note: {path} is not a DICOM file: ignored", file=sys.stderr)
+    if not scan.series:
+        if scan.own_output and not problems:
+            return {}
+        raise EnhanceError(
+            f"no DICOM files found under {input_path}" if not problems
+            else "nothing could be enhanced:\n  " + "\n  ".join(problems)
+        )
+    _prepare_output(output_dir)
     written: dict[str, list[Path]] = {}
-    errors: list[str] = []
-    bar = tqdm(groups.items(), desc="series", unit="series", disable=not progress)
+    bar = tqdm(scan.series.items(), desc="series", unit="series", disable=not progress)
     for series_uid, paths in bar:
         try:
             d = derive_series(paths, config, mode=mode, scale=scale, model=model)
         except (SeriesError, EngineError, ValueError) as exc:
-            errors.append(f"series {series_uid}: {exc}")
+            folders = {p.parent for p in paths}
+            nearby = [p.name for p, _ in scan.unreadable if p.parent in folders]
+            hint = f" (unreadable files beside it: {', '.join(nearby)})" if nearby else ""
+            problems.append(f"series {series_uid} not enhanced: {exc}{hint}")
             LOGGER.warning("series %s not enhanced: %s", series_uid, exc)
             continue
+        for note in d.notes:
+            print(f"note: series {series_uid}: {note}", file=sys.stderr)
         if d.gate == "hold":
-            errors.append(f"series {series_uid}: held by the safety gate ({d.gate_reason})")
+            problems.append(f"series {series_uid}: held by the safety gate ({d.gate_reason})")
             continue
-        out = output_dir / d.derived_series_uid
-        written[d.derived_series_uid] = write_datasets(d.datasets, out)
+        written[d.derived_series_uid] = _write_series(d.datasets, output_dir,
+                                                      d.derived_series_uid)
     if not written:
-        raise EnhanceError("nothing could be enhanced:\n  " + "\n  ".join(errors))
-    for e in errors:
+        raise EnhanceError("nothing could be enhanced:\n  " + "\n  ".join(problems))
+    if problems and not keep_going:
+        raise EnhanceIncompleteError(problems, written)
+    for e in problems:
         print(f"warning: {e}", file=sys.stderr)
     return written
 

@@ -20,6 +20,34 @@ from storage.jobs import JobQueue
 from storage.models import Instance, Series
 
 
+def skipped_series(db: Database, limit: int = 10) -> list[dict[str, Any]]:
+    """The most recently received series that are not enhanced, with the recorded reason.
+
+    UIDs, modality, counts and the reason only, never patient identifiers.
+    """
+    with db.session() as s:
+        rows = s.scalars(
+            select(Series)
+            .where(Series.skip_reason.isnot(None))
+            .order_by(Series.last_received_at.desc(), Series.id.desc())
+            .limit(limit)
+        ).all()
+        return [
+            {"series_instance_uid": r.series_instance_uid, "modality": r.modality,
+             "instances": r.num_instances, "reason": r.skip_reason}
+            for r in rows
+        ]
+
+
+def format_skipped(skipped: list[dict[str, Any]]) -> list[str]:
+    """One line per skipped series (for ``srnode status`` and ``srnode jobs``)."""
+    return [
+        f"skipped     series {r['series_instance_uid']} ({r['modality'] or '-'}, "
+        f"{r['instances']} instances): {r['reason']}"
+        for r in skipped
+    ]
+
+
 def node_status(config: Config) -> dict[str, Any]:
     """Counts of series, instances and jobs, last reception, disk space and recent failures.
 
@@ -30,6 +58,7 @@ def node_status(config: Config) -> dict[str, Any]:
     last = None
     failed: list[dict[str, Any]] = []
     jobs = {str(state): 0 for state in JobState}
+    skipped: list[dict[str, Any]] = []
     try:
         if index_created(db):
             queue = JobQueue(db)
@@ -40,6 +69,7 @@ def node_status(config: Config) -> dict[str, Any]:
                 last = s.execute(select(func.max(Series.last_received_at))).scalar_one()
             failed = queue.list_jobs(states=sorted(RETRYABLE_STATES), limit=10)
             jobs = queue.counts()
+            skipped = skipped_series(db)
     finally:
         db.dispose()
     storage = Path(config.node.storage_dir)
@@ -63,6 +93,7 @@ def node_status(config: Config) -> dict[str, Any]:
              "error": j["error"]} for j in failed
         ],
         "checked_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "skipped_series": skipped,
     }
 
 
@@ -98,6 +129,7 @@ def format_status(status: dict[str, Any]) -> str:
                      "floor")
     for f in status["recent_failures"]:
         lines.append(f"{f['state']:<11} job {f['id']}: {f['error']}")
+    lines.extend(format_skipped(status.get("skipped_series", [])))
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""Completeness check: turn quiet (or too old) series into jobs.
+r"""Completeness check: turn quiet (or too old) series into jobs.
 
 A series is complete for a rule when no instance arrived for the rule's quiet period
 (``rule.quiet_period_seconds`` or the default); a series that keeps growing is forced complete
@@ -16,8 +16,12 @@ New instances after a job was created (instance count differs from the job's
   quiet.
 
 Series that this node produced (ImageType token or a recorded UID) are never queued, so a PACS
-routing our output back cannot start a loop.  Other series whose ImageType value 1 is DERIVED
-(reformats, other products' output) are skipped too, unless a rule sets ``include_derived``.
+routing our output back cannot start a loop.  Secondary derived series (``DERIVED\SECONDARY``,
+reformats, MIPs: :attr:`storage.records.InstanceHeader.is_derived`) are skipped too, unless a
+rule sets ``include_derived``; ``DERIVED\PRIMARY`` reconstructions are acquisitions and are
+queued.  Series of SOP classes srnode does not enhance (dose reports, secondary captures) are
+never queued.  Every skipped series gets its reason in ``series.skip_reason`` (shown by
+``srnode status`` and ``srnode jobs``); the reason is cleared when a job is created.
 
 Candidate series rows are locked (``FOR UPDATE`` on PostgreSQL; SQLite transactions hold the
 write lock) and ingest resets ``completeness_checked_at``, so an instance committed during a
@@ -32,17 +36,60 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import exists, or_, select
+from sqlalchemy import exists, false, or_, select
 from sqlalchemy.orm import Session
 
 from storage.db import Database
 from storage.job_rows import create_job, supersede
 from storage.job_types import SUPERSEDABLE_STATES, JobState
 from storage.models import Job, ProducedSeries, Series, utcnow
+from storage.records import SKIP_REASON_LENGTH
 from storage.rules import Rule
 
 LOGGER = logging.getLogger(__name__)
 
+#: Reasons recorded on series that are never queued.
+SKIP_PRODUCED = "srnode's own output (never enhanced again)"
+SKIP_DERIVED = (
+    "secondary derived series (DERIVED\\SECONDARY, reformat or MIP); no rule sets include_derived"
+)
+SKIP_NOT_ENHANCEABLE = "SOP class is not a CT/MR image: stored, never enhanced"
+
+
+def _record_skips(session: Session, any_derived: bool, now: datetime) -> None:
+    """Record why never-queued series are skipped, once per series, and mark them checked.
+
+    Never queued: srnode's own output, secondary derived series (unless a rule includes them)
+    and SOP classes srnode does not enhance.
+    """
+    produced = exists().where(ProducedSeries.series_instance_uid == Series.series_instance_uid)
+    unexplained = session.scalars(
+        select(Series).where(
+            Series.skip_reason.is_(None),
+            or_(
+                Series.produced_by_node.is_(True),
+                produced,
+                Series.enhanceable.is_(False),
+                Series.is_derived.is_(True) if not any_derived else false(),
+            ),
+        )
+    ).all()
+    for series in unexplained:
+        if series.produced_by_node or session.get(ProducedSeries, series.series_instance_uid):
+            reason = SKIP_PRODUCED
+        elif not series.enhanceable:
+            reason = SKIP_NOT_ENHANCEABLE
+        else:
+            reason = SKIP_DERIVED
+        _skip(series, reason, now)
+
+
+def _skip(series: Series, reason: str, now: datetime) -> None:
+    """Record the reason a series is not enhanced (logged once, with its UID only)."""
+    if series.skip_reason != reason:
+        LOGGER.info("series %s not queued: %s", series.series_instance_uid, reason)
+    series.skip_reason = reason[:SKIP_REASON_LENGTH]
+    series.completeness_checked_at = now
 
 
 def check_completeness(
@@ -88,6 +135,7 @@ def check_completeness(
     any_derived = any(r.include_derived for r in rules)
     created: list[int] = []
     with db.session() as session:
+        _record_skips(session, any_derived, now)
         produced = exists().where(ProducedSeries.series_instance_uid == Series.series_instance_uid)
         not_checked = or_(
             Series.completeness_checked_at.is_(None),
@@ -98,6 +146,7 @@ def check_completeness(
             .where(
                 Series.is_derived.is_(False) if not any_derived else Series.is_derived.isnot(None),
                 Series.produced_by_node.is_(False),
+                Series.enhanceable.isnot(False),
                 ~produced,
                 or_(
                     Series.last_received_at <= now - timedelta(seconds=shortest_quiet),
@@ -129,6 +178,7 @@ def _check_series(
     """Create the jobs one series needs now; mark it checked when nothing is pending."""
     created: list[int] = []
     pending = False
+    matched = False
     quiet_for = (now - series.last_received_at).total_seconds()
     forced = (now - series.first_received_at).total_seconds() >= max_age
     for rule in rules:
@@ -141,6 +191,7 @@ def _check_series(
             series.num_instances,
         ):
             continue
+        matched = True
         quiet = quiet_for >= quiet_by_rule[rule.name]
         latest = session.scalars(
             select(Job)
@@ -174,10 +225,24 @@ def _check_series(
             rule.name,
         )
         created.append(job_id)
+    if created:
+        series.skip_reason = None
     if not pending and not created:
         # Nothing matched (or every match is covered): skip this series until it changes.
         series.completeness_checked_at = now
+        if not matched and (quiet_for >= min(quiet_by_rule.values()) or forced):
+            _skip(series, _no_rule_reason(series), now)
     return created
+
+
+def _no_rule_reason(series: Series) -> str:
+    """Reason recorded when no rule selects a complete series."""
+    if series.is_derived:
+        return SKIP_DERIVED.split(";")[0] + "; no rule with include_derived matches it"
+    return (
+        f"no rule matches (modality {series.modality or '-'}, "
+        f"{series.num_instances} instance{'s' if series.num_instances != 1 else ''})"
+    )
 
 
 def _has_new_instances(series: Series, job: Job) -> bool:

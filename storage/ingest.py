@@ -106,6 +106,7 @@ def _get_or_create_series(
             image_type="\\".join(h.image_type)[: TEXT_LIMITS["image_type"]],
             is_derived=h.is_derived,
             produced_by_node=produced or h.produced_by_node,
+            enhanceable=h.enhanceable,
             num_instances=0,
             first_received_at=received_at,
             last_received_at=received_at,

@@ -20,13 +20,14 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
 from storage.job_types import JobState
-from storage.records import TEXT_LIMITS, UID_LENGTH
+from storage.records import SKIP_REASON_LENGTH, TEXT_LIMITS, UID_LENGTH
 
 
 def _text_column(name: str) -> String:
@@ -136,6 +137,8 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     calling_ae_title: Mapped[str] = mapped_column(_text_column("ae_title"), default="")
     completeness_checked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    enhanceable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    skip_reason: Mapped[str | None] = mapped_column(String(SKIP_REASON_LENGTH), nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series")

@@ -7,6 +7,7 @@ builder clips text to them and :mod:`storage.models` sizes its columns with them
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: Longest stored value of each indexed text attribute (the VR's maximum length; PN allows
@@ -26,6 +27,14 @@ TEXT_LIMITS: dict[str, int] = {
 }
 #: Longest UID (PS3.5 9.1).
 UID_LENGTH = 64
+#: Longest recorded reason why a series is not enhanced.
+SKIP_REASON_LENGTH = 256
+#: Image Type values (3 onward) that mark a secondary derived object even when value 2 says
+#: PRIMARY: reformats, projections and renderings of an acquisition, not an acquisition.
+SECONDARY_IMAGE_TYPE_VALUES = frozenset({
+    "MPR", "REFORMATTED", "CPR", "CURVED", "MIP", "MINIP", "MNIP", "PROJECTION IMAGE",
+    "VOLUME RENDERING", "VRT", "SSD", "SURFACE",
+})
 
 
 @dataclass
@@ -36,6 +45,9 @@ class InstanceHeader:
     ----------
     produced_by_node
         Whether the instance carries srnode's own output marker (never queued again).
+    enhanceable
+        Whether the SOP class is one srnode can enhance (a CT/MR image storage class); other
+        instances are stored (or discarded) but never queued.
     """
 
     patient_id: str
@@ -56,6 +68,7 @@ class InstanceHeader:
     instance_number: int | None
     image_type: tuple[str, ...]
     produced_by_node: bool = False
+    enhanceable: bool = True
 
     def __repr__(self) -> str:
         """Describe the instance by UIDs only (no PHI)."""
@@ -66,5 +79,24 @@ class InstanceHeader:
 
     @property
     def is_derived(self) -> bool:
-        """Whether ImageType value 1 is DERIVED."""
-        return bool(self.image_type) and self.image_type[0].upper() == "DERIVED"
+        r"""Whether the instance is a secondary derived object (skipped unless a rule says so).
+
+        ImageType ``DERIVED\SECONDARY`` (anything but PRIMARY as value 2), or DERIVED with a
+        reformat, projection or rendering value (:data:`SECONDARY_IMAGE_TYPE_VALUES`).  Many
+        scanners label reconstructed axial images ``DERIVED\PRIMARY``: those are acquisitions.
+        """
+        return is_secondary_derived(self.image_type)
+
+
+def is_secondary_derived(image_type: Sequence[str]) -> bool:
+    r"""Whether Image Type values mark a secondary derived object.
+
+    ``DERIVED`` with value 2 other than ``PRIMARY``, or ``DERIVED\PRIMARY`` with a reformat,
+    projection or rendering value (:data:`SECONDARY_IMAGE_TYPE_VALUES`).
+    """
+    values = [v.strip().upper() for v in image_type]
+    if not values or values[0] != "DERIVED":
+        return False
+    if len(values) < 2 or values[1] != "PRIMARY":
+        return True
+    return any(v in SECONDARY_IMAGE_TYPE_VALUES for v in values[2:])

@@ -187,3 +187,21 @@ def make_mr_series(
     return _make_series(
         out_dir, MR_SOURCE, n_slices, rows, transfer_syntax, enhanced, spacing, thickness, "MR"
     )
+
+
+def make_enhanced_ct_in_hu(out_dir: Path) -> Path:
+    """pydicom's ``eCT_Supplemental.dcm`` (2 frames) relabelled as Hounsfield units.
+
+    As shipped, the file is a perfusion-style map (Rescale Type US and a Real World Value
+    Mapping in ml/100ml/s) that srnode refuses; without the mapping and with Rescale Type HU it
+    is an ordinary Enhanced CT Image.
+    """
+    ds = pydicom.dcmread(source_path("eCT_Supplemental.dcm"))
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    del shared.RealWorldValueMappingSequence
+    shared.PixelValueTransformationSequence[0].RescaleType = "HU"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "eCT_HU.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path

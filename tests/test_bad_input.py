@@ -252,7 +252,9 @@ def test_mixed_orientation_or_matrix_is_stored_then_the_job_fails_clearly(tmp_pa
     ds.InstanceNumber = 4
     ds.save_as(odd, enforce_file_format=True)
     matrix.append(odd)
-    cfg = node_config(tmp_path, rules=[{"name": "r", "modalities": ["CT"]}])
+    # volume mode: slice mode would leave the odd image out and enhance the rest (issue 12)
+    cfg = node_config(tmp_path, rules=[{"name": "r", "modalities": ["CT"], "mode": "volume",
+                                        "scale": 2}])
     with running_node(cfg, run_worker=True) as node:
         for files in (oriented, matrix):
             rc, out = storescu("127.0.0.1", node.scp.port, files, called_ae_title="SRNODE")

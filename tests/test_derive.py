@@ -32,7 +32,11 @@ from dicom_node.config import DerivedConfig
 from dicom_node.derive.builder import CT_FLOOR_HU, DerivationOptions, build_derived_series
 from dicom_node.derive.series import SourceSeries, load_series
 from sr_engine.api import ConsistencyReport, EnhanceResult
-from tests.dicom_factory import make_ct_series, make_mr_series, source_path
+from tests.dicom_factory import (
+    make_ct_series,
+    make_enhanced_ct_in_hu,
+    make_mr_series,
+)
 
 warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
@@ -94,6 +98,13 @@ def write(datasets: list[Dataset], folder: Path) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def by_position(datasets: list[Dataset], normal: np.ndarray) -> list[Dataset]:
+    """The derived instances in slice order (along the normal), whatever their numbering."""
+    return sorted(
+        datasets, key=lambda d: float(np.array(d.ImagePositionPatient, dtype=float) @ normal)
+    )
 
 
 def options(**kw: object) -> DerivationOptions:
@@ -324,7 +335,9 @@ def test_legacy_enhanced_mr_source_gives_classic_mr_with_frame_numbers(tmp_path:
     enhanced_uid = pydicom.dcmread(paths[0]).SOPInstanceUID
     result = volume_result(source, 2)
     out = build_derived_series(source, result, options())
-    for k, ds in enumerate(out):
+    # highdicom writes the frames from the last position down: the numbering follows
+    assert [ds.InstanceNumber for ds in by_position(out, source.normal)] == list(range(7, 0, -1))
+    for k, ds in enumerate(by_position(out, source.normal)):
         assert ds.SOPClassUID == MRImageStorage and "NumberOfFrames" not in ds
         assert "PerFrameFunctionalGroupsSequence" not in ds
         assert "SharedFunctionalGroupsSequence" not in ds
@@ -339,9 +352,10 @@ def test_legacy_enhanced_mr_source_gives_classic_mr_with_frame_numbers(tmp_path:
 
 
 def test_enhanced_ct_supplemental_source(tmp_path: Path) -> None:
-    source = load_series([source_path("eCT_Supplemental.dcm")])
+    source = load_series([make_enhanced_ct_in_hu(tmp_path)])
     result = volume_result(source, 2)
-    out = build_derived_series(source, result, options())
+    out = by_position(build_derived_series(source, result, options()), source.normal)
+    assert [ds.InstanceNumber for ds in out] == [3, 2, 1]  # as the frames run
     assert len(out) == 3 and all(ds.SOPClassUID == CTImageStorage for ds in out)
     assert [[i.ReferencedFrameNumber for i in ds.SourceImageSequence] for ds in out] == [
         [2], [2, 1], [1]
@@ -466,7 +480,7 @@ SOURCES: dict[str, Callable[[Path], list[Path]]] = {
     "ct": lambda d: make_ct_series(d, n_slices=3, rows=32),
     "mr": lambda d: make_mr_series(d, n_slices=3, rows=32),
     "legacy-enhanced-mr": lambda d: make_mr_series(d, n_slices=3, rows=32, enhanced=True),
-    "enhanced-ct": lambda d: [source_path("eCT_Supplemental.dcm")],
+    "enhanced-ct": lambda d: [make_enhanced_ct_in_hu(d)],
 }
 
 

@@ -179,7 +179,7 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path: Path) -> 
 
 
 def test_other_sop_classes_are_refused_at_negotiation(tmp_path: Path) -> None:
-    cfg = node_config(tmp_path)
+    cfg = node_config(tmp_path, node={"accept_all_storage": False})
     with running_node(cfg) as node:
         ae = _scu()
         ae.add_requested_context(SecondaryCaptureImageStorage)

@@ -19,7 +19,12 @@ from pydicom.uid import (
 )
 
 from dicom_node.derive.series import SeriesError, SourceSeries, load_series
-from tests.dicom_factory import make_ct_series, make_mr_series, source_path
+from tests.dicom_factory import (
+    make_ct_series,
+    make_enhanced_ct_in_hu,
+    make_mr_series,
+    source_path,
+)
 
 warnings.filterwarnings("ignore", category=UserWarning, module="pydicom")
 
@@ -95,8 +100,8 @@ def test_legacy_converted_enhanced_matches_classic(tmp_path: Path, make: object)
     assert sorted(frames) == [1, 2, 3, 4]  # type: ignore[type-var]
 
 
-def test_enhanced_ct_supplemental_frames_sorted_and_rescaled() -> None:
-    path = source_path("eCT_Supplemental.dcm")
+def test_enhanced_ct_supplemental_frames_sorted_and_rescaled(tmp_path: Path) -> None:
+    path = make_enhanced_ct_in_hu(tmp_path)
     series = load_series([path])
     ds = pydicom.dcmread(path)
     assert series.is_enhanced and series.modality == "CT" and series.volume.shape == (2, 512, 512)

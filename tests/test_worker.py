@@ -227,7 +227,8 @@ def test_warning_gate_marks_the_description(tmp_path: Path) -> None:
     assert len(descriptions) == 1 and "(CHECK)" in descriptions.pop()
 
 
-def test_inconsistent_series_fails_with_a_clear_error(tmp_path: Path) -> None:
+def test_odd_image_is_left_out_in_slice_mode_and_reported(tmp_path: Path) -> None:
+    """Slice mode enhances the main stack and names the image of another matrix (issue 12)."""
     ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=32)
     odd = make_ct_series(tmp_path / "odd", n_slices=1, rows=16)[0]
     ds = pydicom.dcmread(odd)
@@ -236,6 +237,28 @@ def test_inconsistent_series_fails_with_a_clear_error(tmp_path: Path) -> None:
     ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
     ds.save_as(odd, enforce_file_format=True)
     cfg = node_config(tmp_path, rules=[{"name": "r", "modalities": ["CT"]}])
+    with running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, [*ct, odd], called_ae_title="SRNODE")
+        assert rc == 0, out
+        jobs = _wait(queue, lambda j: j[0]["state"] in ("failed", "done"))
+    assert jobs[0]["state"] == "done", jobs
+    (note,) = jobs[0]["result"]["notes"]
+    assert "1 image(s) not enhanced" in note and "matrix" in note
+    assert jobs[0]["result"]["instances"] == 3
+
+
+def test_inconsistent_series_fails_with_a_clear_error(tmp_path: Path) -> None:
+    """Volume mode keeps the strict checks: a permanent failure naming the reason."""
+    ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=32)
+    odd = make_ct_series(tmp_path / "odd", n_slices=1, rows=16)[0]
+    ds = pydicom.dcmread(odd)
+    ref = pydicom.dcmread(ct[0])
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = ref.StudyInstanceUID, ref.SeriesInstanceUID
+    ds.FrameOfReferenceUID = ref.FrameOfReferenceUID
+    ds.save_as(odd, enforce_file_format=True)
+    cfg = node_config(tmp_path, rules=[{"name": "r", "modalities": ["CT"], "mode": "volume",
+                                        "scale": 2}])
     with running_node(cfg, run_worker=True) as node:
         queue = JobQueue(node.db)
         rc, out = storescu("127.0.0.1", node.scp.port, [*ct, odd], called_ae_title="SRNODE")

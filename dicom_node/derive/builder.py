@@ -38,7 +38,14 @@ from pydicom.uid import UID
 from dicom_node import codes as c
 from dicom_node.derive.elements import DerivationError, check_uid_root, new_uid
 from dicom_node.derive.enhanced import classic_from_enhanced
-from dicom_node.derive.geometry import output_positions, output_slice_locations, set_image_plane
+from dicom_node.derive.geometry import (
+    nearest_source_slices,
+    output_positions,
+    output_slice_locations,
+    set_image_plane,
+    source_indices,
+    spacing_between_slices,
+)
 from dicom_node.derive.identity import (
     acquisition_item,
     copy_header,
@@ -65,12 +72,16 @@ def _infer_mode_scale(
     """Return the processing mode and scale, from the options or the result's geometry."""
     nz = result.volume.shape[0]
     src_off = np.asarray(source.slice_offsets)
+    grid = np.arange(source.num_slices) * source.spacing[0]
     mode = options.mode
     if mode is None:
         same = (
             nz == source.num_slices
             and len(result.slice_offsets) == nz
-            and np.allclose(result.slice_offsets, src_off, atol=1e-3)
+            and (
+                np.allclose(result.slice_offsets, src_off, atol=1e-3)
+                or np.allclose(result.slice_offsets, grid, atol=1e-3)
+            )
         )
         mode = "slice" if same else "volume"
     if mode not in MODES:
@@ -127,7 +138,8 @@ def build_derived_series(
     Returns
     -------
     list of pydicom.dataset.Dataset
-        The instances in slice order (Instance Number 1..n), each with File Meta Information.
+        The instances in Instance Number order (1..n), each with File Meta Information; the
+        numbers run along the slice normal in the same direction as the source's.
 
     Raises
     ------
@@ -147,12 +159,18 @@ def build_derived_series(
     if rows > 65535 or cols > 65535:
         raise DerivationError(f"matrix {rows}x{cols} exceeds the US range of Rows/Columns")
 
-    src_off = np.asarray(source.slice_offsets)
-    nearest = [int(np.argmin(np.abs(src_off - off))) for off in result.slice_offsets]
+    nearest = nearest_source_slices(source_indices(source, result, mode), source.num_slices)
     enc = encode_pixels(source, result, nearest)
 
     dz, dy, dx = (float(v) for v in result.spacing)
     positions = output_positions(source, result, mode)
+    between = spacing_between_slices(positions, source.normal)
+    # Slice mode keeps the source's thickness, and an empty (Type 2) one stays empty.
+    thickness = (
+        None if mode == "slice" and not source.slice_thickness_present
+        else result.slice_thickness
+    )
+    numbers = instance_numbers(source, nz)
 
     ds0 = source.datasets[0]
     series_number = int(ds0.get("SeriesNumber") or 0) + options.series_number_offset
@@ -167,7 +185,7 @@ def build_derived_series(
     derivation = derivation_description(result, mode, scale, enc, units, options)
     processing = processing_item(options, now, result, mode, scale)
 
-    slice_locs = output_slice_locations(source, result)
+    slice_locs = output_slice_locations(source, result, mode)
 
     headers: dict[int, Dataset] = {}
     out: list[Dataset] = []
@@ -185,15 +203,30 @@ def build_derived_series(
             headers[j] = base
         ds = copy.deepcopy(headers[j])
         acquisition = acquisition_item(source.datasets[j])
-        set_identity(ds, source, series_uid, series_number, description, k, options, local_now)
+        set_identity(
+            ds, source, series_uid, series_number, description, numbers[k], options, local_now
+        )
         set_derivation(
             ds, source, result.contributing_slices[k], derivation, acquisition, processing
         )
         set_image_plane(
-            ds, source, positions[k], (dy, dx), result, nz,
+            ds, source, positions[k], (dy, dx), thickness, between,
             None if slice_locs is None else slice_locs[k],
         )
         set_pixel_module(ds, source, enc, k, j, rows, cols)
         set_file_meta(ds, ts, options)
         out.append(ds)
-    return out
+    return sorted(out, key=lambda d: int(d.InstanceNumber))
+
+
+def instance_numbers(source: SourceSeries, nz: int) -> list[int]:
+    """Instance Number of each output slice (in slice order), running as the source's run.
+
+    Output slices are ordered along the slice normal.  When the source's Instance Numbers (or
+    frame numbers) decrease along the normal (e.g. a head-first CT numbered from the head down),
+    the derived numbers do too, so both series scroll in the same anatomical direction.
+    """
+    known = [n for n in source.instance_numbers if n is not None]
+    steps = np.sign(np.diff(known)) if len(known) > 1 else np.zeros(0)
+    descending = int(np.count_nonzero(steps < 0)) > int(np.count_nonzero(steps > 0))
+    return [nz - k for k in range(nz)] if descending else [k + 1 for k in range(nz)]

@@ -38,27 +38,73 @@ _ENHANCED_ONLY_KEYWORDS = (
 )
 
 
-#: Functional groups whose first-level attributes a classic CT/MR header takes over.
-_FUNCTIONAL_GROUPS = (
+#: Functional groups of a legacy converted instance: their attributes came from classic images
+#: and go back as they are.
+_CONVERTED_GROUPS = (
     "UnassignedSharedConvertedAttributesSequence",
     "UnassignedPerFrameConvertedAttributesSequence",
+)
+
+#: Functional groups of an enhanced instance whose first-level attributes a classic header takes
+#: over, restricted to :data:`_CLASSIC_MODULE_KEYWORDS` of the modality.
+_FUNCTIONAL_GROUPS = (
     "CTXRayDetailsSequence",
     "CTAcquisitionDetailsSequence",
     "CTReconstructionSequence",
     "CTExposureSequence",
+    "CTGeometrySequence",
+    "CTTableDynamicsSequence",
     "MRTimingAndRelatedParametersSequence",
     "MRImagingModifierSequence",
     "MRReceiveCoilSequence",
     "MRTransmitCoilSequence",
     "MRFOVGeometrySequence",
+    "MRModifierSequence",
+    "MRAveragesSequence",
 )
 
+#: Attributes of the classic CT Image module (PS3.3 C.8.2.1) and MR Image module (C.8.3.1)
+#: that enhanced functional groups can supply; anything else in those groups (operating modes,
+#: SAR sequences, echo train details...) has no place in the classic IOD and is left out.
+_CLASSIC_MODULE_KEYWORDS: dict[str, frozenset[str]] = {
+    "CT": frozenset({
+        "KVP", "DataCollectionDiameter", "DataCollectionCenterPatient", "ReconstructionDiameter",
+        "ReconstructionTargetCenterPatient", "DistanceSourceToDetector",
+        "DistanceSourceToPatient", "GantryDetectorTilt", "TableHeight", "RotationDirection",
+        "ExposureTime", "XRayTubeCurrent", "Exposure", "ExposureInuAs", "FilterType",
+        "GeneratorPower", "FocalSpots", "ConvolutionKernel", "RevolutionTime",
+        "SingleCollimationWidth", "TotalCollimationWidth", "TableSpeed", "TableFeedPerRotation",
+        "SpiralPitchFactor", "ExposureModulationType", "CTDIvol", "CTDIPhantomTypeCodeSequence",
+        "WaterEquivalentDiameter", "WaterEquivalentDiameterCalculationMethodCodeSequence",
+    }),
+    "MR": frozenset({
+        "ScanningSequence", "SequenceVariant", "ScanOptions", "MRAcquisitionType",
+        "SequenceName", "AngioFlag", "RepetitionTime", "EchoTime", "InversionTime",
+        "NumberOfAverages", "ImagingFrequency", "ImagedNucleus", "EchoNumbers",
+        "MagneticFieldStrength", "NumberOfPhaseEncodingSteps", "EchoTrainLength",
+        "PercentSampling", "PercentPhaseFieldOfView", "PixelBandwidth", "NominalInterval",
+        "BeatRejectionFlag", "LowRRValue", "HighRRValue", "IntervalsAcquired",
+        "IntervalsRejected", "PVCRejection", "SkipBeats", "HeartRate", "CardiacNumberOfImages",
+        "TriggerWindow", "ReconstructionDiameter", "ReceiveCoilName", "TransmitCoilName",
+        "AcquisitionMatrix", "InPlanePhaseEncodingDirection", "FlipAngle", "SAR",
+        "VariableFlipAngleFlag", "dBdt", "TemporalPositionIdentifier",
+        "NumberOfTemporalPositions", "TemporalResolution",
+    }),
+}
 
-def _merge_missing(target: Dataset, items: Iterable[Dataset]) -> None:
-    """Copy first-level attributes of ``items`` into ``target`` where ``target`` lacks them."""
+
+def _merge_missing(
+    target: Dataset, items: Iterable[Dataset], allowed: frozenset[str] | None = None
+) -> None:
+    """Copy first-level attributes of ``items`` into ``target`` where ``target`` lacks them.
+
+    ``allowed``: only these keywords (``None``: every standard attribute).
+    """
     for item in items:
         for elem in item:
             if elem.tag.is_private or elem.tag in target:
+                continue
+            if allowed is not None and elem.keyword not in allowed:
                 continue
             target.add(copy.deepcopy(elem))
 
@@ -75,8 +121,11 @@ def classic_from_enhanced(ds: Dataset, frame_index: int, modality: str) -> Datas
         if elem.keyword in _ENHANCED_ONLY_KEYWORDS:
             continue
         out.add(copy.deepcopy(elem))
-    for keyword in _FUNCTIONAL_GROUPS:
+    for keyword in _CONVERTED_GROUPS:
         _merge_missing(out, functional_group_items(ds, frame_index, keyword))
+    allowed = _CLASSIC_MODULE_KEYWORDS.get(modality, frozenset())
+    for keyword in _FUNCTIONAL_GROUPS:
+        _merge_missing(out, functional_group_items(ds, frame_index, keyword), allowed)
     content = functional_group_items(ds, frame_index, "FrameContentSequence")
     acq_dt = str(content[0].get("FrameAcquisitionDateTime", "")) if content else ""
     acq_dt = acq_dt or str(ds.get("AcquisitionDateTime", "") or "")
@@ -93,6 +142,10 @@ def classic_from_enhanced(ds: Dataset, frame_index: int, modality: str) -> Datas
     flips = functional_group_items(ds, frame_index, "MRTimingAndRelatedParametersSequence")
     if flips and "FlipAngle" not in out and flips[0].get("FlipAngle") is not None:
         out.FlipAngle = flips[0].FlipAngle
+    pvt = functional_group_items(ds, frame_index, "PixelValueTransformationSequence")
+    rescale_type = str(pvt[0].get("RescaleType", "") or "") if pvt else ""
+    if modality == "CT" and rescale_type and not out.get("RescaleType"):
+        out.RescaleType = rescale_type  # the units stay what the source says
     _map_enhanced_contrast(out)
     anatomy = functional_group_items(ds, frame_index, "FrameAnatomySequence")
     laterality = str(anatomy[0].get("FrameLaterality", "") or "") if anatomy else ""

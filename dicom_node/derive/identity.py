@@ -146,11 +146,18 @@ def derivation_description(
     return text[: c.ST_MAX_CHARS]
 
 
-def acquisition_item(ds: Dataset) -> Dataset:
-    """Contributing Equipment item (DCM 109101) from the source header, inventing nothing else."""
+def acquisition_item(ds: Dataset) -> Dataset | None:
+    """Contributing Equipment item (DCM 109101) from the source header, inventing nothing.
+
+    ``None`` when the source names no Manufacturer (Type 1 in the item): an item saying
+    "unknown" would be an invented value.
+    """
+    manufacturer = str(ds.get("Manufacturer", "") or "").strip()
+    if not manufacturer:
+        return None
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = DicomSequence([code_item(c.ACQUISITION_EQUIPMENT)])
-    item.Manufacturer = str(ds.get("Manufacturer", "") or "") or "UNKNOWN"
+    item.Manufacturer = manufacturer
     for keyword in (
         "InstitutionName",
         "InstitutionAddress",
@@ -190,20 +197,45 @@ def processing_item(
     return item
 
 
+def equipment_history(
+    previous: Sequence[Dataset] | None, acquisition: Dataset | None, processing: Dataset
+) -> list[Dataset]:
+    """Contributing Equipment items of a derived instance: the source's history, then srnode.
+
+    Every item the source already lists is kept as it is (the scanner, workstations that
+    processed it before).  The acquisition item built from the source header is added only when
+    the history names no acquisition equipment (DCM 109101) yet; srnode's processing item
+    (DCM 109102) always comes last.
+    """
+    items = [copy.deepcopy(item) for item in previous or []]
+    has_acquisition = any(
+        code.get("CodeValue") == c.ACQUISITION_EQUIPMENT.value
+        and code.get("CodingSchemeDesignator") == c.ACQUISITION_EQUIPMENT.scheme_designator
+        for item in items
+        for code in item.get("PurposeOfReferenceCodeSequence", [])
+    )
+    if not has_acquisition and acquisition is not None:
+        items.insert(0, acquisition)
+    return [*items, copy.deepcopy(processing)]
+
+
 def set_identity(
     ds: Dataset, source: SourceSeries, series_uid: UID, series_number: int, description: str,
-    k: int, options: DerivationOptions, now: datetime,
+    instance_number: int, options: DerivationOptions, now: datetime,
 ) -> None:
-    """New UIDs, numbers, description, image type and creation dates of instance ``k``."""
+    """New UIDs, numbers, description, image type and creation dates of one instance."""
     modality = source.modality
     ds.SOPClassUID = c.CLASSIC_IMAGE_STORAGE[modality]
     ds.SOPInstanceUID = new_uid(options.uid_root)
     ds.StudyInstanceUID = source.study_instance_uid
     ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = source.frame_of_reference_uid
+    if source.frame_of_reference_uid:
+        ds.FrameOfReferenceUID = source.frame_of_reference_uid
+    elif "FrameOfReferenceUID" in ds:  # absent in the source (slice mode): kept absent
+        del ds.FrameOfReferenceUID
     ds.Modality = modality
     ds.SeriesNumber = series_number
-    ds.InstanceNumber = k + 1
+    ds.InstanceNumber = instance_number
     if description:
         ds.SeriesDescription = description
     elif "SeriesDescription" in ds:
@@ -225,15 +257,18 @@ def set_identity(
     for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
         if keyword not in ds:  # Type 2 in the Patient module
             setattr(ds, keyword, None if keyword != "PatientName" else "")
-    for keyword in ("StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-                    "AccessionNumber", "PositionReferenceIndicator", "Manufacturer"):
+    type2 = ["StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+             "Manufacturer"]
+    if source.frame_of_reference_uid:
+        type2.append("PositionReferenceIndicator")
+    for keyword in type2:
         if keyword not in ds:  # Type 2 in General Study / Frame of Reference / Equipment
             setattr(ds, keyword, None)
 
 
 def set_derivation(
     ds: Dataset, source: SourceSeries, contributing: Sequence[int], derivation: str,
-    acquisition: Dataset, processing: Dataset,
+    acquisition: Dataset | None, processing: Dataset,
 ) -> None:
     """Derivation description and code, source references and contributing equipment."""
     ds.DerivationDescription = derivation
@@ -275,16 +310,8 @@ def set_derivation(
         refs.append(inst)
     referenced.ReferencedInstanceSequence = DicomSequence(refs)
     ds.ReferencedSeriesSequence = DicomSequence([referenced])
-    previous = [
-        item
-        for item in ds.get("ContributingEquipmentSequence", [])
-        if not any(
-            code.get("CodeValue") in (c.ACQUISITION_EQUIPMENT.value, c.PROCESSING_EQUIPMENT.value)
-            for code in item.get("PurposeOfReferenceCodeSequence", [])
-        )
-    ]
     ds.ContributingEquipmentSequence = DicomSequence(
-        [*previous, acquisition, copy.deepcopy(processing)]
+        equipment_history(ds.get("ContributingEquipmentSequence"), acquisition, processing)
     )
     if source.lossy:
         ds.LossyImageCompression = "01"

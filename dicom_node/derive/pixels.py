@@ -38,6 +38,7 @@ class PixelEncoding:
     bits_stored: int
     recomputed: bool
     clipped_voxels: int
+    padding_value: int | None = None
 
 
 def encode_pixels(
@@ -83,9 +84,8 @@ def encode_pixels(
             if pr == 1 and (lo < -(2 ** (bits - 1)) or hi > 2 ** (bits - 1) - 1):
                 bits = 16
             dtype = np.uint16 if pr == 0 else np.int16
-            return PixelEncoding(
-                stored.astype(dtype), slopes, intercepts, pr, bits, False, clipped
-            )
+            enc = PixelEncoding(stored.astype(dtype), slopes, intercepts, pr, bits, False, clipped)
+            return _restore_padding(source, enc, nearest)
     if not source.has_rescale and source.modality != "CT":
         raise DerivationError(
             f"enhanced values {vol.min():.1f}..{vol.max():.1f} do not fit 16 bits and the source"
@@ -98,6 +98,45 @@ def encode_pixels(
     new = np.clip(np.rint((vol - intercept) / slope), 0, 65535).astype(np.uint16)
     n = vol.shape[0]
     return PixelEncoding(new, [slope] * n, [intercept] * n, 0, 16, True, clipped)
+
+
+def _output_padding_mask(
+    source: SourceSeries, nearest: Sequence[int], shape: tuple[int, ...]
+) -> np.ndarray:
+    """Padding mask of the output: the nearest source slice's mask, resampled by nearest pixel."""
+    assert source.padding_mask is not None
+    _, rows, cols = shape
+    src_rows, src_cols = source.padding_mask.shape[1:]
+    ri = np.minimum(((np.arange(rows) + 0.5) * src_rows / rows).astype(int), src_rows - 1)
+    ci = np.minimum(((np.arange(cols) + 0.5) * src_cols / cols).astype(int), src_cols - 1)
+    return source.padding_mask[np.asarray(nearest)][:, ri][:, :, ci]
+
+
+def _restore_padding(
+    source: SourceSeries, enc: PixelEncoding, nearest: Sequence[int]
+) -> PixelEncoding:
+    """Write the source's Pixel Padding Value back into the padding region of the output.
+
+    The padding region is the nearest source pixel's.  When the padding value cannot be stored
+    with the output's representation and bits, the region keeps the fill value it was enhanced
+    with and no Pixel Padding Value is written.  Non-padding voxels that happen to equal the
+    padding value are moved one step away from it, so that padding means padding only.
+    """
+    pad = source.padding_value
+    if source.padding_mask is None or pad is None:
+        return enc
+    bits, pr = enc.bits_stored, enc.pixel_representation
+    lo, hi = (0, 2**bits - 1) if pr == 0 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    if not lo <= pad <= hi:
+        return enc
+    stored = enc.stored
+    mask = _output_padding_mask(source, nearest, stored.shape)
+    collide = (stored == pad) & ~mask
+    if collide.any():
+        stored[collide] = pad + 1 if pad < hi else pad - 1
+    stored[mask] = pad
+    return PixelEncoding(stored, enc.slopes, enc.intercepts, pr, bits, enc.recomputed,
+                         enc.clipped_voxels, pad)
 
 
 def set_pixel_module(
@@ -127,6 +166,9 @@ def set_pixel_module(
         for keyword in ("WindowCenter", "WindowWidth", "WindowCenterWidthExplanation"):
             if keyword in ds:
                 delattr(ds, keyword)
+    if enc.padding_value is not None:
+        ds.add_new(0x00280120, "US" if enc.pixel_representation == 0 else "SS",
+                   enc.padding_value)  # Pixel Padding Value, in the stored representation
     pixels = np.ascontiguousarray(enc.stored[k]).astype("<" + enc.stored.dtype.str[1:])
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"

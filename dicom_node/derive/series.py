@@ -10,18 +10,22 @@ geometry, duplicate positions, colour images, no pixel data) raises :class:`Seri
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.codes import CLASSIC_IMAGE_STORAGE, ENHANCED_IMAGE_STORAGE, LOSSY_TRANSFER_SYNTAXES
 from dicom_node.derive.functional_groups import first_group_item
+
+LOGGER = logging.getLogger(__name__)
 
 #: Largest difference between direction-cosine components still counted as the same orientation.
 ORIENTATION_TOLERANCE = 1e-4
@@ -93,6 +97,24 @@ class SourceSeries:
         Of the stored source pixels.
     lossy
         Whether any source instance was lossy compressed (attribute or transfer syntax).
+    slice_thickness_present
+        Whether the source states a Slice Thickness (Type 2: it may be empty); when not,
+        :attr:`slice_thickness` is only the slice spacing used for processing.
+    instance_numbers
+        Per slice, the source Instance Number (single-frame) or frame number (multi-frame);
+        ``None`` where absent.
+    padding_value
+        The source's Pixel Padding Value (stored units), or ``None``.
+    padding_mask
+        ``(z, y, x)`` bool, true where a source pixel is padding (Pixel Padding Value, up to
+        Pixel Padding Range Limit); ``None`` when the source has no padding.  Padding voxels of
+        :attr:`volume` hold :attr:`padding_fill` instead of the padding value, so that neither
+        the enhancement nor its consistency check sees the artificial edge.
+    padding_fill
+        Modality value written into padding voxels of :attr:`volume` (the lowest non-padding
+        value).
+    notes
+        What loading left out (slice mode: images that do not belong to the main stack).
     """
 
     datasets: list[Dataset]
@@ -116,6 +138,12 @@ class SourceSeries:
     bits_stored: int = 16
     pixel_representation: int = 0
     lossy: bool = False
+    slice_thickness_present: bool = True
+    instance_numbers: list[int | None] = field(default_factory=list)
+    padding_value: int | None = None
+    padding_mask: np.ndarray | None = None
+    padding_fill: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def normal(self) -> np.ndarray:
@@ -153,6 +181,9 @@ class _Frame:
     has_rescale: bool
     centers: tuple[float, ...]
     widths: tuple[float, ...]
+    number: int | None = None
+    padding: np.ndarray | None = None
+    label: str = ""
 
 
 def _floats(value: object) -> tuple[float, ...]:
@@ -162,6 +193,25 @@ def _floats(value: object) -> tuple[float, ...]:
     if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
         return (float(value),)  # type: ignore[arg-type]
     return tuple(float(v) for v in value)  # type: ignore[union-attr]
+
+
+def _int_or_none(value: object) -> int | None:
+    """Return an IS/US value as ``int``, or ``None`` when absent or unreadable."""
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+
+
+def _padding(ds: Dataset, pixels: np.ndarray) -> np.ndarray | None:
+    """Mask of the stored pixels that are Pixel Padding Value (up to the Range Limit), if any."""
+    pad = _int_or_none(ds.get("PixelPaddingValue"))
+    if pad is None:
+        return None
+    limit = _int_or_none(ds.get("PixelPaddingRangeLimit"))
+    lo, hi = (pad, pad) if limit is None else (min(pad, limit), max(pad, limit))
+    mask = (pixels >= lo) & (pixels <= hi)
+    return mask if mask.any() else None
 
 
 def _check_pixels_present(ds: Dataset, path: Path) -> None:
@@ -177,8 +227,93 @@ def _check_pixels_present(ds: Dataset, path: Path) -> None:
         )
 
 
+#: CT Rescale Type values accepted: Hounsfield units (absent: HU, as the CT Image IOD implies)
+#: and US (unspecified, which scanners write for HU-calibrated data; kept as US in the output).
+_HU_RESCALE_TYPES = ("", "HU", "US")
+
+
+def _image_type(ds: Dataset) -> list[str]:
+    """Image Type values, upper case (also Frame Type of an enhanced instance's first frame)."""
+    values = [str(v).strip().upper() for v in (ds.get("ImageType") or [])]
+    frame_type = first_group_item(ds, 0, "MRImageFrameTypeSequence") or first_group_item(
+        ds, 0, "CTImageFrameTypeSequence")
+    if frame_type is not None:
+        values += [str(v).strip().upper() for v in (frame_type.get("FrameType") or [])]
+    return values
+
+
+def _check_enhanceable_content(ds: Dataset, path: Path, modality: str, enhanced: bool) -> None:
+    """Refuse content that enhancement would make wrong, with the reason.
+
+    - Siemens MOSAIC images (Image Type MOSAIC): one stored image holds a grid of slices; once
+      resampled as one image, the tiles cannot be split into slices again.
+    - CT not in Hounsfield units (Rescale Type other than HU, or a Real World Value Mapping in
+      other units, e.g. a perfusion map in ml/100ml/s): the engine, the physical floor and the
+      derived series all assume HU.
+    """
+    if "MOSAIC" in _image_type(ds):
+        raise SeriesError(
+            f"{path.name}: Siemens MOSAIC image (Image Type MOSAIC): its tiles are separate "
+            "slices that cannot be split again after enhancement; not enhanced"
+        )
+    if modality != "CT":
+        return
+    types = {str(ds.get("RescaleType", "") or "").strip().upper()}
+    mappings = list(ds.get("RealWorldValueMappingSequence") or [])
+    if enhanced:
+        for i in range(int(ds.get("NumberOfFrames", 1) or 1)):
+            pvt = first_group_item(ds, i, "PixelValueTransformationSequence")
+            if pvt is not None:
+                types.add(str(pvt.get("RescaleType", "") or "").strip().upper())
+            rwvm = first_group_item(ds, i, "RealWorldValueMappingSequence")
+            if rwvm is not None:
+                mappings.append(rwvm)
+    other = sorted(t for t in types if t not in _HU_RESCALE_TYPES)
+    if other:
+        raise SeriesError(
+            f"{path.name}: CT values are not in Hounsfield units (Rescale Type {other[0]}); "
+            "parametric maps are not enhanced"
+        )
+    for mapping in mappings:
+        units = mapping.get("MeasurementUnitsCodeSequence") or []
+        code = str(units[0].get("CodeValue", "") or "") if units else ""
+        if code and code.lower() != "[hnsf'u]":
+            raise SeriesError(
+                f"{path.name}: CT values are mapped to {code} (Real World Value Mapping), not "
+                "Hounsfield units; parametric maps are not enhanced"
+            )
+
+
+#: pydicom's decoder logger: it logs every failed plugin attempt as an ERROR with a traceback,
+#: even when the next plugin then decodes the frame.
+_DECODER_LOGGER = "pydicom.pixels.decoders.base"
+
+
+class _PluginAttemptFilter(logging.Filter):
+    """Turn pydicom's per-plugin decoding failures into one-line DEBUG records.
+
+    If every plugin fails, pydicom raises with all their messages and :func:`_decode` reports
+    that as a :class:`SeriesError`; a single plugin failing is no error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Drop records logged with an exception by pydicom's plugin loop; log one DEBUG line."""
+        if record.exc_info and record.funcName == "_decode_frame":
+            LOGGER.debug("decoder plugin attempt failed: %s", record.getMessage())
+            return False
+        return True
+
+
+def quiet_decoder_attempts() -> None:
+    """Install :class:`_PluginAttemptFilter` on pydicom's decoder logger (once per process)."""
+    logger = logging.getLogger(_DECODER_LOGGER)
+    if not any(isinstance(f, _PluginAttemptFilter) for f in logger.filters):
+        logger.addFilter(_PluginAttemptFilter())
+
+
 def _decode(ds: Dataset, path: Path) -> np.ndarray:
     """Decode the stored pixel values, refusing undecodable data with :class:`SeriesError`."""
+    quiet_decoder_attempts()
     try:
         arr = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for bad or unsupported pixel data
@@ -217,6 +352,9 @@ def _classic_frames(ds: Dataset, path: Path) -> list[_Frame]:
             has_rescale=has_rescale,
             centers=_floats(ds.get("WindowCenter")),
             widths=_floats(ds.get("WindowWidth")),
+            number=_int_or_none(ds.get("InstanceNumber")),
+            padding=_padding(ds, pixels),
+            label=path.name,
         )
     ]
 
@@ -262,20 +400,79 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
                 has_rescale=has_rescale,
                 centers=_floats(voi.get("WindowCenter")) if voi is not None else (),
                 widths=_floats(voi.get("WindowWidth")) if voi is not None else (),
+                number=i + 1,
+                padding=_padding(ds, pixels[i]),
+                label=f"{path.name} frame {i + 1}",
             )
         )
     return frames
 
 
+class NotDicomError(SeriesError):
+    """The file is not DICOM at all (no Part-10 header and no DICOM data set)."""
+
+
+#: Transfer syntax of a data set stored without File Meta Information, by its encoding
+#: ``(is_implicit_VR, is_little_endian)``.
+_ENCODING_TS = {
+    (True, True): ImplicitVRLittleEndian,
+    (False, True): ExplicitVRLittleEndian,
+    (False, False): ExplicitVRBigEndian,
+}
+
+
+def read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
+    """Read one DICOM file: a Part-10 file, or a bare data set without the Part-10 header.
+
+    A bare data set (no preamble, no ``DICM``, no File Meta Information, as some archives and
+    exports write) is read when it holds the SOP Class, SOP Instance and Series Instance UIDs;
+    its Transfer Syntax UID is set from the encoding found.
+
+    Raises
+    ------
+    NotDicomError
+        The file is no DICOM data set.
+    SeriesError
+        A DICOM file that cannot be read or whose header is incomplete (e.g. truncated).
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        part10 = True
+    except InvalidDicomError:
+        part10 = False
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on non-DICOM bytes
+            raise NotDicomError(f"{path.name}: not a readable DICOM file: not DICOM") from exc
+    except (OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+        raise SeriesError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+    required = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")
+    try:
+        missing = [k for k in required if not ds.get(k)]
+    except Exception as exc:  # noqa: BLE001 - undecodable element values
+        raise SeriesError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+    if missing:
+        if not part10:
+            raise NotDicomError(f"{path.name}: not a readable DICOM file: not DICOM")
+        raise SeriesError(
+            f"{path.name}: incomplete DICOM header (truncated file?): no {', '.join(missing)}"
+        )
+    if not part10:
+        encoding = getattr(ds, "original_encoding", None)
+        ts = _ENCODING_TS.get(tuple(encoding)) if encoding else None  # type: ignore[arg-type]
+        if ts is None:
+            raise NotDicomError(f"{path.name}: not a readable DICOM file: unknown encoding")
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
 def _read(path: Path) -> Dataset:
     """Read one DICOM file, mapping read failures to :class:`SeriesError`."""
-    try:
-        return pydicom.dcmread(path)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-        raise SeriesError(f"{path.name}: not a readable DICOM file: {exc}") from exc
+    return read_dataset(path)
 
 
-def load_series(paths: Sequence[Path]) -> SourceSeries:
+def load_series(paths: Sequence[Path], *, slice_mode: bool = False) -> SourceSeries:
     """Read the instances of one CT/MR series and return a geometry-sorted volume.
 
     Parameters
@@ -283,6 +480,12 @@ def load_series(paths: Sequence[Path]) -> SourceSeries:
     paths
         The files of the series: single-frame CT/MR Image Storage instances, or enhanced
         multi-frame instances (Enhanced CT/MR, Legacy Converted Enhanced CT/MR).
+    slice_mode
+        Load for slice mode, which enhances every image on its own: gantry tilt, gaps, missing
+        slices, duplicate positions (multi-echo) and an absent Frame of Reference UID are
+        accepted, and images whose orientation, matrix or pixel spacing differ from the main
+        stack (a localizer mixed in) are left out and listed in :attr:`SourceSeries.notes`.
+        The strict checks below apply otherwise (volume mode).
 
     Returns
     -------
@@ -319,6 +522,7 @@ def load_series(paths: Sequence[Path]) -> SourceSeries:
                 f"{path.name}: SOP Class {sop_class or '(none)'} is not a CT/MR image storage class"
             )
         _check_pixels_present(ds, path)
+        _check_enhanceable_content(ds, path, modality, enhanced)
         series_uids.add(str(ds.get("SeriesInstanceUID", "")))
         modalities.add(modality)
         kinds.add(enhanced)
@@ -330,11 +534,48 @@ def load_series(paths: Sequence[Path]) -> SourceSeries:
         raise SeriesError(f"mixed series: {len(series_uids)} different Series Instance UIDs")
     if len(modalities) != 1 or len(kinds) != 1:
         raise SeriesError("mixed series: single-frame and multi-frame, or CT and MR instances")
-    return _assemble(frames, modalities.pop(), kinds.pop(), lossy)
+    notes: list[str] = []
+    if slice_mode:
+        frames = _main_stack(frames, notes)
+    source = _assemble(frames, modalities.pop(), kinds.pop(), lossy, slice_mode)
+    source.notes = notes
+    return source
 
 
-def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) -> SourceSeries:
-    """Check the frames' geometry, sort them along the normal and stack the volume."""
+def _stack_key(f: _Frame) -> tuple[object, ...]:
+    """Frames with the same key can be enhanced as one stack (orientation, matrix, spacing)."""
+    return (
+        tuple(np.round(f.orientation / ORIENTATION_TOLERANCE).astype(int).tolist()),
+        f.pixels.shape,
+        tuple(round(v, 4) for v in f.pixel_spacing),
+    )
+
+
+def _main_stack(frames: list[_Frame], notes: list[str]) -> list[_Frame]:
+    """Keep the largest group of frames sharing orientation, matrix and pixel spacing."""
+    groups: dict[tuple[object, ...], list[_Frame]] = {}
+    for f in frames:
+        groups.setdefault(_stack_key(f), []).append(f)
+    if len(groups) == 1:
+        return frames
+    main = max(groups.values(), key=len)
+    left = [f for f in frames if all(f is not m for m in main)]
+    names = ", ".join(f.label for f in left[:10]) + (" ..." if len(left) > 10 else "")
+    notes.append(
+        f"{len(left)} image(s) not enhanced: orientation, matrix or pixel spacing differ from the "
+        f"main stack of {len(main)} (e.g. a localizer): {names}"
+    )
+    return main
+
+
+def _assemble(
+    frames: list[_Frame], modality: str, enhanced: bool, lossy: bool, slice_mode: bool = False
+) -> SourceSeries:
+    """Check the frames' geometry, sort them along the normal and stack the volume.
+
+    ``slice_mode``: only what slice mode needs (one orientation, matrix and pixel spacing);
+    positions may be irregular, tilted or repeated and the Frame of Reference UID absent.
+    """
     first = frames[0]
     shape = first.pixels.shape
     for f in frames[1:]:
@@ -364,7 +605,12 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
     distances = distances[order]
     positions = np.stack([f.position for f in frames])
     thickness_values = {f.thickness for f in frames if f.thickness is not None}
-    if len(frames) > 1:
+    if len(frames) > 1 and slice_mode:
+        gaps = np.diff(distances)
+        positive = gaps[gaps >= POSITION_ATOL_MM]
+        dz = (round(float(np.median(positive)), 6) if positive.size
+              else float(first.thickness) if first.thickness else 1.0)
+    elif len(frames) > 1:
         gaps = np.diff(distances)
         if np.any(gaps < POSITION_ATOL_MM):
             k = int(np.argmin(gaps))
@@ -392,12 +638,13 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
         [f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
          for f in frames]
     ).astype(np.float32)
+    padding_mask, padding_fill, padding_value = _fill_padding(frames, volume)
     ds0 = first.ds
     study_uids = {str(f.ds.get("StudyInstanceUID", "")) for f in frames}
     for_uids = {str(f.ds.get("FrameOfReferenceUID", "")) for f in frames}
     if len(study_uids) != 1:
         raise SeriesError("mixed series: more than one Study Instance UID")
-    if len(for_uids) != 1 or "" in for_uids:
+    if len(for_uids) != 1 or ("" in for_uids and not slice_mode):
         raise SeriesError("missing geometry: Frame of Reference UID absent or inconsistent")
     return SourceSeries(
         datasets=[f.ds for f in frames],
@@ -421,4 +668,32 @@ def _assemble(frames: list[_Frame], modality: str, enhanced: bool, lossy: bool) 
         bits_stored=int(ds0.get("BitsStored", 16) or 16),
         pixel_representation=int(ds0.get("PixelRepresentation", 0) or 0),
         lossy=lossy,
+        slice_thickness_present=bool(thickness_values),
+        instance_numbers=[f.number for f in frames],
+        padding_value=padding_value,
+        padding_mask=padding_mask,
+        padding_fill=padding_fill,
     )
+
+
+def _fill_padding(
+    frames: list[_Frame], volume: np.ndarray
+) -> tuple[np.ndarray | None, float, int | None]:
+    """Replace padding voxels of ``volume`` (in place) by the lowest non-padding value.
+
+    Returns
+    -------
+    tuple
+        The padding mask (``None`` without padding), the fill value and the Pixel Padding Value.
+    """
+    if all(f.padding is None for f in frames):
+        return None, 0.0, None
+    mask = np.stack(
+        [f.padding if f.padding is not None else np.zeros(f.pixels.shape, bool) for f in frames]
+    )
+    values = {_int_or_none(f.ds.get("PixelPaddingValue")) for f in frames} - {None}
+    if len(values) != 1:
+        raise SeriesError(f"inconsistent Pixel Padding Value: {sorted(values)}")  # type: ignore[type-var]
+    fill = float(volume[~mask].min()) if not mask.all() else 0.0
+    volume[mask] = np.float32(fill)
+    return mask, fill, values.pop()

@@ -21,7 +21,7 @@ from pynetdicom.sop_class import (
 
 from dicom_node import metrics
 from dicom_node.audit import AuditLog
-from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, STORAGE_SOP_CLASSES
+from dicom_node.codes import ACCEPTED_TRANSFER_SYNTAXES, accepted_sop_classes
 from dicom_node.config import Config
 from dicom_node.log_safety import safe_ae, safe_text, safe_uid
 from dicom_node.network import statuses
@@ -45,6 +45,17 @@ if TYPE_CHECKING:  # pragma: no cover
     from dicom_node.network.scp_pynetdicom import PynetdicomServer
 
 LOGGER = logging.getLogger(__name__)
+
+#: Rejected presentation contexts named in the WARNING line (the full list is logged at DEBUG).
+REJECTED_CONTEXTS_LOGGED = 3
+
+
+def _contexts_text(contexts: list[dict[str, Any]]) -> str:
+    """``abstract syntax transfer/syntaxes`` of each presentation context, comma separated."""
+    return ", ".join(f"{safe_uid(r['abstract_syntax'])} "
+                     f"{'/'.join(safe_uid(ts) for ts in r['transfer_syntaxes'])}"
+                     for r in contexts)
+
 
 class StorageSCP(StorageService):
     """C-ECHO and C-STORE service class provider for CT and MR images.
@@ -70,7 +81,7 @@ class StorageSCP(StorageService):
         node = config.node
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
-                     for sop_class in STORAGE_SOP_CLASSES]
+                     for sop_class in accepted_sop_classes(node.accept_all_storage)]
         self.policy = AcceptorPolicy(
             ae_title=node.ae_title,
             require_called_ae_title=node.require_called_ae_title,
@@ -165,11 +176,12 @@ class StorageSCP(StorageService):
         if refused:
             LOGGER.warning(
                 "association from %r: %d presentation context(s) rejected (SOP class or "
-                "transfer syntax not accepted): %s", safe_ae(peer.ae_title), len(refused),
-                ", ".join(f"{safe_uid(r['abstract_syntax'])} "
-                          f"{'/'.join(safe_uid(ts) for ts in r['transfer_syntaxes'])}"
-                          for r in refused),
+                "transfer syntax not accepted), first %d: %s", safe_ae(peer.ae_title),
+                len(refused), min(len(refused), REJECTED_CONTEXTS_LOGGED),
+                _contexts_text(refused[:REJECTED_CONTEXTS_LOGGED]),
             )
+            LOGGER.debug("association from %r: every rejected presentation context: %s",
+                         safe_ae(peer.ae_title), _contexts_text(refused))
             self.audit.record("contexts_rejected", calling_ae=peer.ae_title,
                               address=peer.address, contexts=refused)
 
@@ -299,7 +311,8 @@ class StorageSCP(StorageService):
             if header is None:
                 ds = parse_dataset(data)
                 header = header_from_dataset(ds)
-                check_image(ds)
+                if header.enhanceable:  # other SOP classes are stored as they are
+                    check_image(ds)
         except InvalidImageError as exc:
             return refuse(statuses.INVALID_IMAGE, str(exc), sop_instance_uid=affected)
         except InvalidUIDError as exc:
@@ -326,6 +339,10 @@ class StorageSCP(StorageService):
                 f"SOP Class UID {safe_uid(header.sop_class_uid)} does not match the presentation "
                 f"context {safe_uid(sop_class_uid)}", **uids,
             )
+        if not header.enhanceable and self.config.node.other_sop_classes == "discard":
+            self.audit.record("instance_discarded", calling_ae=calling_ae, address=address,
+                              sop_class_uid=header.sop_class_uid, **uids)
+            return statuses.SUCCESS
         try:
             outcome = store_instance(self.db, self.store, header, pending, calling_ae)
         except DatabaseUnavailableError as exc:

@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_node.codes import IMAGE_TYPE_TOKEN
+from dicom_node.codes import ENHANCEABLE_SOP_CLASSES, IMAGE_TYPE_TOKEN
 from storage.errors import InvalidInstanceError, InvalidUIDError
 from storage.filestore import validate_uid
 from storage.records import TEXT_LIMITS, InstanceHeader
@@ -36,7 +36,8 @@ def make_header(**values: Any) -> InstanceHeader:
     Parameters
     ----------
     **values
-        The :class:`InstanceHeader` fields except ``produced_by_node``; text fields may be
+        The :class:`InstanceHeader` fields except ``produced_by_node`` and ``enhanceable``
+        (decided here from Image Type and SOP Class UID); text fields may be
         longer than their column and are clipped here.
 
     Returns
@@ -52,6 +53,7 @@ def make_header(**values: Any) -> InstanceHeader:
     image_type = tuple(values.get("image_type", ()))
     values["image_type"] = image_type
     values["produced_by_node"] = IMAGE_TYPE_TOKEN in (t.upper() for t in image_type)
+    values["enhanceable"] = str(values.get("sop_class_uid", "")) in ENHANCEABLE_SOP_CLASSES
     return InstanceHeader(**values)
 
 
