@@ -288,7 +288,7 @@ def test_each_destination_gets_its_configured_transfer_syntax(tmp_path: Path) ->
     ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
     with StoreSCP(tmp_path / "a") as rle, StoreSCP(tmp_path / "b") as j2k, \
             StoreSCP(tmp_path / "c") as plain, StoreSCP(tmp_path / "d") as dfl, \
-            StoreSCP(tmp_path / "e") as imp:
+            StoreSCP(tmp_path / "e", accept_all=False, extra_args=("+xi",)) as imp:
         cfg = node_config(
             tmp_path,
             destinations=[{**_dest("rle", "STORESCP", rle.port), "transfer_syntax": "rle"},
