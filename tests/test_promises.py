@@ -231,3 +231,102 @@ def test_volume_mode_slices_partition_the_source_slabs(tmp_path: Path) -> None:
         expected = [src[0] - 1.25 + (k + 0.5) * 1.25 for k in range(8)]
         assert np.allclose(centres, expected, atol=2e-3), (centres, expected)
         assert all(abs(float(ds.SliceThickness) - 1.25) < 1e-3 for ds in d.datasets)
+
+
+def test_crashed_child_is_retried_and_completes(tmp_path: Path) -> None:
+    import signal
+
+    ct = make_ct_series(tmp_path / "ct", n_slices=24, rows=256)
+    cfg = node_config(tmp_path, worker={"max_attempts": 3, "backoff_base_seconds": 0.5},
+                      rules=[{"name": "r", "modalities": ["CT"]}])
+    with running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+        assert rc == 0, out
+
+        def running_child():  # noqa: ANN202
+            jobs = queue.list_jobs()
+            if not jobs or jobs[0]["stage"] not in ("loading", "enhancing"):
+                return None
+            return next((p for p in multiprocessing.active_children()
+                         if p.name == f"srnode-job-{jobs[0]['id']}" and p.is_alive()), None)
+
+        child = _poll(running_child, interval=0.02)
+        os.kill(child.pid, signal.SIGKILL)
+        job = _poll(lambda: next((j for j in queue.list_jobs() if j["state"] == "done"), None),
+                    timeout=180)
+    assert job["attempts"] == 2, job
+    crashed = [h for h in job["history"] if "exited with code" in (h.get("error") or "")]
+    assert crashed and "-9" in crashed[0]["error"], job["history"]
+
+
+def test_derived_series_is_published_by_its_manifest_written_last(
+    tmp_path: Path, monkeypatch  # noqa: ANN001
+) -> None:
+    import json
+
+    from dicom_node import worker
+    from storage.filestore import FileStore as Store
+
+    ct = make_ct_series(tmp_path / "ct", n_slices=4, rows=32)
+    cfg = node_config(tmp_path, rules=[{"name": "r", "modalities": ["CT"]}])
+    with running_node(cfg, run_worker=False) as node:
+        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+        assert rc == 0, out
+        queue = worker.job_queue(cfg, node.db)
+        _poll(lambda: queue.list_jobs())
+        job = queue.claim("test-worker", 60)
+        assert job is not None
+        out_dir = worker.job_output_dir(cfg, job.id)
+        real = Store.write_atomic
+        written: list[str] = []
+
+        def crash_on_third(self, path, data):  # noqa: ANN001, ANN202
+            if len(written) == 2:
+                raise OSError("simulated crash while writing the derived series")
+            written.append(Path(path).name)
+            return real(self, path, data)
+
+        monkeypatch.setattr(Store, "write_atomic", crash_on_third)
+        try:
+            worker._derive_or_reuse(cfg, job, queue, "test-worker", node.db, {})
+        except OSError:
+            pass
+        else:
+            raise AssertionError("the simulated crash did not happen")
+        assert not (out_dir / worker.MANIFEST).exists()  # nothing published
+        monkeypatch.setattr(Store, "write_atomic", real)
+        paths, summary = worker._derive_or_reuse(cfg, job, queue, "test-worker", node.db, {})
+        manifest = json.loads((out_dir / worker.MANIFEST).read_text())
+        assert sorted(manifest["files"]) == sorted(p.name for p in paths)
+        assert len(paths) == len(ct) and all(p.exists() for p in paths)
+        # every file the manifest names belongs to one derived series
+        import pydicom
+
+        series = {str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID)
+                  for p in paths}
+        assert series == {summary["derived_series_instance_uid"]}
+
+
+def test_stored_originals_are_never_modified_by_processing(tmp_path: Path) -> None:
+    import hashlib
+
+    ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=32)
+    cfg = node_config(tmp_path, rules=[{"name": "r", "modalities": ["CT"]}])
+    with running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+        assert rc == 0, out
+        from sqlalchemy import select
+
+        from storage.models import Instance
+
+        with node.db.session() as s:
+            stored = [Path(p) for (p,) in s.execute(select(Instance.path)).all()]
+        before = {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+                  for p in stored}
+        _poll(lambda: next((j for j in queue.list_jobs() if j["state"] == "done"), None))
+    assert len(stored) == len(ct)
+    after = {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+             for p in stored}
+    assert after == before
