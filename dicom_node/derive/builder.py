@@ -28,6 +28,7 @@ frame.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import math
 from datetime import UTC, datetime
 
@@ -188,6 +189,9 @@ def build_derived_series(
     slice_locs = output_slice_locations(source, result, mode)
 
     headers: dict[int, Dataset] = {}
+    # a source header shared by several output slices (volume mode) is copied for each but the
+    # last; in slice mode every header is used once and never copied twice
+    uses = Counter(nearest)
     out: list[Dataset] = []
     for k in range(nz):
         j = nearest[k]
@@ -201,7 +205,8 @@ def build_derived_series(
                 base = copy_header(src_ds)
             strip_source_header(base)
             headers[j] = base
-        ds = copy.deepcopy(headers[j])
+        uses[j] -= 1
+        ds = copy.deepcopy(headers[j]) if uses[j] else headers.pop(j)
         acquisition = acquisition_item(source.datasets[j])
         set_identity(
             ds, source, series_uid, series_number, description, numbers[k], options, local_now

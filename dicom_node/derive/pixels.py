@@ -107,9 +107,12 @@ def _output_padding_mask(
     assert source.padding_mask is not None
     _, rows, cols = shape
     src_rows, src_cols = source.padding_mask.shape[1:]
+    picked = source.padding_mask[np.asarray(nearest)]
+    if rows % src_rows == 0 and cols % src_cols == 0:  # integer factors: plain repetition
+        return picked.repeat(rows // src_rows, axis=1).repeat(cols // src_cols, axis=2)
     ri = np.minimum(((np.arange(rows) + 0.5) * src_rows / rows).astype(int), src_rows - 1)
     ci = np.minimum(((np.arange(cols) + 0.5) * src_cols / cols).astype(int), src_cols - 1)
-    return source.padding_mask[np.asarray(nearest)][:, ri][:, :, ci]
+    return picked[:, ri][:, :, ci]
 
 
 def _restore_padding(
@@ -131,10 +134,11 @@ def _restore_padding(
         return enc
     stored = enc.stored
     mask = _output_padding_mask(source, nearest, stored.shape)
-    collide = (stored == pad) & ~mask
+    collide = stored == pad
+    collide &= ~mask
     if collide.any():
-        stored[collide] = pad + 1 if pad < hi else pad - 1
-    stored[mask] = pad
+        np.putmask(stored, collide, pad + 1 if pad < hi else pad - 1)
+    np.putmask(stored, mask, pad)
     return PixelEncoding(stored, enc.slopes, enc.intercepts, pr, bits, enc.recomputed,
                          enc.clipped_voxels, pad)
 
