@@ -28,8 +28,8 @@ frame.
 from __future__ import annotations
 
 import copy
-from collections import Counter
 import math
+from collections import Counter
 from datetime import UTC, datetime
 
 import numpy as np
