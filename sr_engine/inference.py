@@ -19,7 +19,14 @@ from .api import (
 )
 from .degrade import Degradation, apply_inplane, degrade_inplane, profile_weights, slab_weights
 from .errors import UnsupportedRequestError
-from .estimate import MIN_CONFIDENCE, estimate_inplane, estimate_slab, operator_of
+from .estimate import (
+    MIN_CONFIDENCE,
+    MIN_EXPECTED_GAIN_DB,
+    estimate_inplane,
+    estimate_slab,
+    expected_gains,
+    operator_of,
+)
 from .models import REGISTRY, check_scale, find_weights, load_model, resolve_name
 from .models.base import factors_for, receptive_field
 from .normalise import IntensityMapping, mapping_for
@@ -303,9 +310,16 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
     if estimate.confidence < MIN_CONFIDENCE:
         return baseline, None, (f"estimate uncertain ({estimate.family}, confidence "
                                 f"{estimate.confidence:.2f})")
+    family = estimate.family
+    gains = expected_gains(estimate, scale, weights_dir) if mode == "slice" else None
+    if gains:
+        family = max(gains, key=lambda g: gains[g])
+        if gains[family] <= MIN_EXPECTED_GAIN_DB:
+            return baseline, None, (f"expected gain {gains[family]:+.2f} dB too small "
+                                    f"({estimate.family}, confidence {estimate.confidence:.2f})")
     for candidate in dict.fromkeys((name, "fast")):
-        if find_weights(candidate, mode, scale, weights_dir, estimate.family).is_file():
-            return candidate, estimate.family, None
+        if find_weights(candidate, mode, scale, weights_dir, family).is_file():
+            return candidate, family, None
     if estimate.family in NOMINAL_GROUPS[mode]:
         return name, None, None
     return baseline, None, f"no weights for {estimate.family} x{scale}"
