@@ -52,6 +52,7 @@ FWHM_GRID = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 # Through-plane: a best spectral misfit above this (mean squared log-power difference over the
 # high bands) is outside every profile family.  Calibrated on the synthetic 3-D phantoms.
 SLAB_MAX_MISFIT = 0.25
+SLAB_BANDS = 8  # frequency bands of the z spectrum (fewer for short series)
 SLAB_MISFIT_SCALE = 0.15  # confidence = exp(-misfit / scale): 0.6 at a misfit of 0.077
 
 
@@ -318,7 +319,7 @@ def estimate_slab(volume: np.ndarray, scale: int, thickness_ratio: float | None 
     t0 = time.perf_counter()
     nz, ny, nx = volume.shape
     rng = np.random.default_rng(seed)
-    bands = int(min(8, max(3, nz // 4)))
+    bands = int(min(SLAB_BANDS, max(3, nz // 4)))
     if nz < 8 or ny < 8 * scale:
         return DegradationEstimate("unknown", {}, 0.0, False, "volume",
                                    "too few slices or too small in-plane for the estimate",
