@@ -143,9 +143,9 @@ done
 # In-plane degradation estimator (sr_engine/estimate.py: spectral features of family-degraded
 # training images, HR augmented like real reconstructions) and the selection tables of the
 # slice-mode weights groups (worst-case gain of each group's weights under each true group on
-# the held-out synthetic validation phantoms; written to sr_engine/weights/selection_slice_x*.json).
+# the held-out synthetic validation phantoms; written to sr_engine/weights/selection_*_x*.json).
 if [ -n "$ROBUST" ]; then
   "$PY" -m sr_engine.estimate --scale 2 --samples 16000 --out "$OUT"
   "$PY" -m sr_engine.estimate --scale 4 --samples 12000 --out "$OUT"
-  "$PY" benchmarks/eval_robust.py --validation --tasks slice:2 slice:4 --threads "$THREADS"
+  "$PY" benchmarks/eval_robust.py --validation --tasks slice:2 slice:4 volume:4 --threads "$THREADS"
 fi

@@ -260,6 +260,42 @@ def expected_gains(estimate: DegradationEstimate, scale: int,
                          for t in INPLANE_GROUPS), 3) for g in table}
 
 
+def volume_selection_path(scale: int, weights_dir: Path | None = None) -> Path:
+    """Gain table of the volume-mode weights (``benchmarks/eval_robust.py --validation``)."""
+    return Path(weights_dir or WEIGHTS_DIR) / f"selection_volume_x{scale}.json"
+
+
+# Share of the probability put on the estimated slab profile family; the rest is spread over all
+# families.  The family is right about half the time on the synthetic validation volumes (the
+# FWHM much more reliably), so a one-hot belief would over-trust it.
+SLAB_FAMILY_TRUST = 0.5
+
+
+def volume_weights_choice(estimate: DegradationEstimate, scale: int,
+                          weights_dir: Path | None = None) -> str | None:
+    """Weights (``nominal`` or a profile) with the best expected worst-case validation gain.
+
+    Returns
+    -------
+    str or None
+        ``nominal``, ``box``, ``gaussian`` or ``sinc``; None without a table (then the estimated
+        profile's weights are used).
+    """
+    import json
+
+    path = volume_selection_path(scale, weights_dir)
+    if not path.is_file():
+        path = volume_selection_path(scale)
+    if not path.is_file() or estimate.family not in SLAB_PROFILES:
+        return None
+    table = json.loads(path.read_text())["min"]
+    rest = (1.0 - SLAB_FAMILY_TRUST) / len(SLAB_PROFILES)
+    prob = {t: rest + (SLAB_FAMILY_TRUST if t == estimate.family else 0.0) for t in SLAB_PROFILES}
+    score = {w: sum(prob[t] * float(row.get(t, 0.0)) for t in SLAB_PROFILES)
+             for w, row in table.items()}
+    return max(score, key=lambda w: score[w])
+
+
 def operator_of(estimate: DegradationEstimate) -> Degradation | None:
     """The degradation operator an estimate stands for (None when unknown)."""
     p = estimate.parameters

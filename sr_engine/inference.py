@@ -26,6 +26,7 @@ from .estimate import (
     estimate_slab,
     expected_gains,
     operator_of,
+    volume_weights_choice,
 )
 from .models import REGISTRY, check_scale, find_weights, load_model, resolve_name
 from .models.base import factors_for, receptive_field
@@ -311,6 +312,11 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
         return baseline, None, (f"estimate uncertain ({estimate.family}, confidence "
                                 f"{estimate.confidence:.2f})")
     family = estimate.family
+    if mode == "volume":
+        pick = volume_weights_choice(estimate, scale, weights_dir)
+        if pick == "nominal":
+            return name, None, None
+        family = pick or family
     gains = expected_gains(estimate, scale, weights_dir) if mode == "slice" else None
     if gains:
         family = max(gains, key=lambda g: gains[g])
