@@ -116,3 +116,36 @@ wait
 # residual's +1.89 (the previous srgan file, tuned from residual stage 1 of an older recipe:
 # +0.49).  MNI152 x4 (measured once, self-ensemble): srgan +2.69, residual +2.68 dB.
 if has "$LANE_A $LANE_B" srgan:volume:4; then train_task srgan volume 4; fi
+
+# Degradation-family weights (issue 10): one set of fast weights per family group, selected at
+# inference by the per-series degradation estimate (sr_engine/estimate.py).  Each starts from
+# the final nominal weights above (warm restart) and trains over its group's members (held-out
+# parameter bands excluded, see sr_engine/degrade.py HELD_OUT).  ROBUST="" skips this stage.
+ROBUST=${ROBUST-"slice:2 slice:4 volume:2 volume:4"}
+robust_task() {  # mode scale group steps
+  mkdir -p "$CKPT/robust"
+  cp "$OUT/fast_${1}_x${2}.safetensors" "$CKPT/robust/init_fast_${1}_x${2}.safetensors"
+  "$PY" -m sr_engine.training --model fast --mode "$1" --scale "$2" --steps "$4" --out "$OUT" \
+    --checkpoints "$CKPT/robust" --seed 7 --threads "$THREADS" --lr 1e-3 --family "$3" \
+    --init "$CKPT/robust/init_fast_${1}_x${2}.safetensors"
+}
+for task in $ROBUST; do
+  IFS=: read -r mode scale <<< "$task"
+  if [ "$mode" = slice ]; then
+    for group in area_sharp area_soft lanczos kspace_sharp kspace_smooth; do
+      robust_task slice "$scale" "$group" "$([ "$scale" = 2 ] && echo 4000 || echo 3000)"
+    done
+  else
+    for group in box gaussian sinc; do robust_task volume "$scale" "$group" 6000; done
+  fi
+done
+
+# In-plane degradation estimator (sr_engine/estimate.py: spectral features of family-degraded
+# training images, HR augmented like real reconstructions) and the selection tables of the
+# slice-mode weights groups (worst-case gain of each group's weights under each true group on
+# the held-out synthetic validation phantoms; written to sr_engine/weights/selection_*_x*.json).
+if [ -n "$ROBUST" ]; then
+  "$PY" -m sr_engine.estimate --scale 2 --samples 16000 --out "$OUT"
+  "$PY" -m sr_engine.estimate --scale 4 --samples 12000 --out "$OUT"
+  "$PY" -m benchmarks.eval_robust --validation --tasks slice:2 slice:4 volume:4 --threads "$THREADS"
+fi

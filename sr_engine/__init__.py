@@ -8,7 +8,7 @@ cheap to import (config validation, the CLI's choices).
 from importlib import import_module
 from typing import Any
 
-from .api import ConsistencyReport, EnhanceRequest, EnhanceResult, Mode
+from .api import ConsistencyReport, DegradationEstimate, EnhanceRequest, EnhanceResult, Mode
 from .errors import EngineError, UnknownModelError, UnsupportedRequestError, WeightsNotFoundError
 
 _LAZY = {
@@ -18,7 +18,8 @@ _LAZY = {
 }
 
 __all__ = [
-    "ConsistencyReport", "EngineError", "EnhanceRequest", "EnhanceResult", "Mode",
+    "ConsistencyReport", "DegradationEstimate", "EngineError", "EnhanceRequest", "EnhanceResult",
+    "Mode",
     "UnknownModelError", "UnsupportedRequestError", "WeightsNotFoundError", "available_models",
     "check_consistency", "enhance_volume",
 ]

@@ -46,6 +46,15 @@ class EnhanceRequest:
         grid), undo the flips and average.  ``None`` = the mode's default
         (:data:`SELF_ENSEMBLE_DEFAULT`: on in volume mode, off in slice mode where it would
         cost 8x the time).
+    estimate_degradation
+        Estimate the series' degradation first (:mod:`sr_engine.estimate`), pick the weights
+        made for it, or fall back to the interpolation baseline when the estimate is uncertain
+        or outside every trained family.  ``False``: the nominal weights, no estimate (the
+        behaviour before degradation families existed).
+    adapt_seconds
+        Volume mode: seconds of per-series self-supervised fine-tuning (pairs from the series'
+        own in-plane slices degraded with the estimated slab profile) before inference;
+        0 = none.
     """
 
     mode: Mode = "slice"
@@ -57,6 +66,8 @@ class EnhanceRequest:
     tile_overlap: int = 16
     output_spacing: float | None = None
     self_ensemble: bool | None = None
+    estimate_degradation: bool = True
+    adapt_seconds: float = 0.0
 
 
 # ``EnhanceRequest.self_ensemble = None``: on in volume mode (4 passes per plane orientation of a
@@ -83,6 +94,58 @@ def resolve_self_ensemble(mode: str, requested: bool | str | None) -> bool:
     if requested is None or requested == "auto":
         return SELF_ENSEMBLE_DEFAULT.get(mode, False)
     return bool(requested)
+
+
+@dataclass(frozen=True)
+class DegradationEstimate:
+    """What degraded a series, as estimated from the series itself.
+
+    Attributes
+    ----------
+    family
+        Slice mode: the in-plane model group (``area_sharp``, ``area_soft``, ``lanczos``,
+        ``kspace_sharp``, ``kspace_smooth``); volume mode: the slab profile (``box``,
+        ``gaussian``, ``sinc``); ``unknown`` when no estimate could be made.
+    parameters
+        Family parameters (``sigma_n`` = PSF sigma / factor, ``window``, ``fwhm`` = slab FWHM /
+        spacing, ...) and diagnostics (``distance``, ``anisotropy``, ``misfit``).
+    confidence
+        0..1 (class probability, or the misfit gap to the next profile family).
+    in_family
+        Whether the series lies inside the trained families.
+    mode
+        ``slice`` (in-plane estimate) or ``volume`` (slab profile estimate).
+    reason
+        Why ``in_family`` is False (None otherwise).
+    operator
+        The degradation family of the operator used by the consistency check.
+    seconds
+        Wall time of the estimate.
+    """
+
+    family: str
+    parameters: dict[str, float] = field(default_factory=dict)
+    confidence: float = 0.0
+    in_family: bool = False
+    mode: str = "slice"
+    reason: str | None = None
+    operator: str | None = None
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        """One short sentence, e.g. ``degradation area_soft (sigma_n 0.32), confidence 0.93``."""
+        keys = ("sigma_n", "fwhm", "window")
+        shown = ", ".join(f"{k} {self.parameters[k]:g}" for k in keys if k in self.parameters)
+        text = f"degradation {self.family}{f' ({shown})' if shown else ''}"
+        text += f", confidence {self.confidence:.2f}"
+        return text if self.in_family else text + ", outside trained families"
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready record (job record, audit log)."""
+        return {"family": self.family, "parameters": dict(self.parameters),
+                "confidence": self.confidence, "in_family": self.in_family, "mode": self.mode,
+                "reason": self.reason, "operator": self.operator,
+                "seconds": round(self.seconds, 4)}
 
 
 @dataclass(frozen=True)
@@ -122,6 +185,14 @@ class EnhanceResult:
         The device the inference ran on (``"cpu"`` or ``"cuda"``).
     seconds
         Wall time of the inference.
+    degradation
+        The per-series degradation estimate (None when not requested).
+    fallback_reason
+        Why the interpolation baseline was used instead of the requested model (None when the
+        model was used); ``model_name`` is then the baseline's name.
+    adaptation
+        Per-series adaptation facts (``seconds``, ``steps``, ``loss_before``, ``loss_after``),
+        None when not adapted.
     """
 
     volume: np.ndarray
@@ -135,3 +206,23 @@ class EnhanceResult:
     device: str
     seconds: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    degradation: DegradationEstimate | None = None
+    fallback_reason: str | None = None
+    adaptation: dict[str, float] | None = None
+
+    def describe(self) -> str:
+        """Short sentence (< 200 characters) on the estimate and the choice, for provenance.
+
+        E.g. ``SR fast (area_soft weights); degradation area_soft (sigma_n 0.31), confidence
+        0.95`` or ``interpolation bicubic: estimate uncertain (confidence 0.41)``.
+        """
+        if self.fallback_reason:
+            text = f"interpolation {self.model_name}: {self.fallback_reason}"
+        else:
+            group = self.extra.get("weights_group")
+            text = f"SR {self.model_name}" + (f" ({group} weights)" if group else "")
+        if self.degradation is not None and not self.fallback_reason:
+            text += "; " + self.degradation.describe()
+        if self.adaptation:
+            text += f"; adapted {self.adaptation.get('seconds', 0.0):.0f} s"
+        return text[:199]

@@ -228,6 +228,9 @@ def card(name: str, log: dict, evals: list[dict], planes: dict | None,
                       **planes[name]), ""]
     elif _find(old, "## Plane fusion"):
         lines += [_find(old, "## Plane fusion") or ""]
+    robust = _find(old, "## Degradation families")  # written from benchmarks/eval_robust.py
+    if robust:
+        lines += [robust]
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ slab partition used for output slice offsets.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,3 +182,378 @@ def slab_weights(out_centres: np.ndarray, out_thickness: float, in_centres: np.n
     lo = np.maximum(a - in_thickness / 2, b - out_thickness / 2)
     hi = np.minimum(a + in_thickness / 2, b + out_thickness / 2)
     return np.clip(hi - lo, 0.0, None)
+
+
+# --- Degradation families (robust training, the per-series estimate, the robustness benchmark) --
+#
+# In-plane (slice mode, factor N), on ``(B, 1, H, W)`` tensors in network units:
+#
+# * ``area``: box of N HR pixels convolved with a Gaussian PSF, ``sigma_n`` = sigma / N in
+#   [0, 0.6] (0 = plain area averaging, 0.3 = the nominal operator);
+# * ``lanczos``: antialiased Lanczos resampling (kernel stretched by N, ``lobes`` 2 or 3);
+# * ``kspace``: MR acquisition of a lower matrix, centre crop of the 2-D spectrum with
+#   ``window`` 0 (none), 1 (Hamming) or 2 (Fermi, radius ``fermi_radius`` of the crop's Nyquist);
+# * optional noise after the degradation: ``noise`` standard deviation in network units, added
+#   (CT-like) or Rician (MR-like, ``rician`` = 1).
+#
+# Through-plane (volume mode, factor r): slab ``profile`` box, gaussian or sinc (a sinc-shaped
+# slice profile with side lobes, Hann-tapered after two lobes), full width at half maximum
+# ``fwhm`` times the slice spacing in [0.7, 1.3] (< 1: gaps, > 1: overlaps).
+#
+# Held-out split (never used for training, for the estimator, or for any tuning; reported apart
+# by benchmarks/eval_robust.py): see HELD_OUT.  Training samplers draw outside these bands.
+
+INPLANE_FAMILIES = ("area", "lanczos", "kspace")
+SLAB_PROFILES = ("box", "gaussian", "sinc")
+KSPACE_WINDOWS = {0: "none", 1: "hamming", 2: "fermi"}
+HELD_OUT: dict[str, object] = {
+    "area_sigma_n": (0.40, 0.45),      # sigma / N band never trained; evaluated at 0.42
+    "lanczos_lobes": 2,                 # training uses 3 lobes; Lanczos-2 only evaluated
+    "fermi_radius": (0.76, 0.80),      # Fermi window radius band; evaluated at 0.78
+    "slab_fwhm": ((0.86, 0.94), (1.16, 1.24)),  # FWHM / spacing; evaluated at 0.9 and 1.2
+}
+
+
+@dataclass(frozen=True)
+class Degradation:
+    """One member of a degradation family.
+
+    Attributes
+    ----------
+    family
+        In-plane: ``area``, ``lanczos``, ``kspace``; through-plane: ``box``, ``gaussian``,
+        ``sinc``.
+    parameters
+        Family parameters (see the module notes), plus optional ``noise`` and ``rician``.
+    """
+
+    family: str
+    parameters: tuple[tuple[str, float], ...] = ()
+
+    @classmethod
+    def of(cls, family: str, **parameters: float) -> Degradation:
+        """Build from keyword parameters."""
+        return cls(family, tuple(sorted((k, float(v)) for k, v in parameters.items())))
+
+    def get(self, key: str, default: float = 0.0) -> float:
+        """A parameter value, ``default`` when absent."""
+        return dict(self.parameters).get(key, default)
+
+    def label(self) -> str:
+        """Short human-readable name, e.g. ``area(sigma_n=0.30)``."""
+        inner = ", ".join(f"{k}={v:.2f}" for k, v in self.parameters)
+        return f"{self.family}({inner})"
+
+
+def _kernel_taps(factor: int, kernel: Callable[[np.ndarray], np.ndarray],
+                 support: float) -> np.ndarray:
+    """Taps of a symmetric continuous kernel (in HR pixels) centred on an LR sample."""
+    pad = int(math.ceil(max(0.0, support - factor / 2)))
+    n = factor + 2 * pad
+    sub = 16
+    centre = (factor - 1) / 2 + pad
+    u = (np.arange(n * sub) + 0.5) / sub - 0.5 - centre
+    w = np.asarray(kernel(u), dtype=np.float64).reshape(n, sub).mean(axis=1)
+    return (w / w.sum()).astype(np.float32)
+
+
+def lanczos_taps(factor: int, lobes: int = 3) -> np.ndarray:
+    """Antialiased Lanczos-``lobes`` decimation taps (kernel stretched by ``factor``)."""
+    def kernel(u: np.ndarray) -> np.ndarray:
+        t = u / factor
+        return np.where(np.abs(t) < lobes, np.sinc(t) * np.sinc(t / lobes), 0.0)
+
+    return _kernel_taps(factor, kernel, lobes * factor)
+
+
+def slab_kernel(profile: str, width: float) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
+    """Continuous slab profile of full width at half maximum ``width`` and its support.
+
+    Parameters
+    ----------
+    profile
+        ``box``, ``gaussian`` or ``sinc``.
+    width
+        FWHM in the unit of the argument (HR pixels or mm).
+
+    Returns
+    -------
+    tuple
+        ``(kernel(u) -> weights, half support)``; the kernel is not normalised.
+    """
+    if profile == "box":
+        return (lambda u: (np.abs(u) <= width / 2).astype(np.float64)), width / 2
+    if profile == "gaussian":
+        sigma = width / (2 * math.sqrt(2 * math.log(2)))
+        return (lambda u: np.exp(-0.5 * (u / sigma) ** 2)), 3 * sigma
+    if profile == "sinc":
+        unit = width / 1.2067  # sinc(x) = 0.5 at |x| = 0.6034
+
+        def kernel(u: np.ndarray) -> np.ndarray:
+            t = u / unit
+            return np.where(np.abs(t) < 3, np.sinc(t) * (0.5 + 0.5 * np.cos(np.pi * t / 3)), 0.0)
+
+        return kernel, 3 * unit
+    raise ValueError(f"unknown slab profile {profile!r}")
+
+
+def slab_taps(factor: int, profile: str, fwhm: float) -> np.ndarray:
+    """Through-plane slab profile taps for a slice spacing of ``factor`` HR pixels.
+
+    Parameters
+    ----------
+    factor
+        Slice spacing in HR pixels.
+    profile
+        ``box``, ``gaussian`` or ``sinc``.
+    fwhm
+        Full width at half maximum in units of the slice spacing.
+
+    Returns
+    -------
+    numpy.ndarray
+        Taps summing to one (see :func:`profile_taps` for the geometry).
+    """
+    if profile == "box":
+        return profile_taps(factor, fwhm * factor, 0.0)
+    kernel, support = slab_kernel(profile, fwhm * factor)
+    return _kernel_taps(factor, kernel, support)
+
+
+def profile_weights(out_centres: np.ndarray, out_spacing: float, in_centres: np.ndarray,
+                    spacing: float, deg: Degradation) -> np.ndarray:
+    """Weights of output slices in each input slab under an estimated slab profile.
+
+    Parameters
+    ----------
+    out_centres, out_spacing
+        Output slice centres and spacing (mm).
+    in_centres, spacing
+        Input slice centres and spacing (mm).
+    deg
+        Slab profile family member (``fwhm`` in units of ``spacing``).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n_in, n_out)`` weights (not normalised), the profile integrated over each output
+        slice.
+    """
+    width = deg.get("fwhm", 1.0) * spacing
+    if deg.family == "box":
+        return slab_weights(out_centres, out_spacing, in_centres, width)
+    kernel, _ = slab_kernel(deg.family, width)
+    d = out_centres[None, :] - in_centres[:, None]
+    sub = (np.arange(8) + 0.5) / 8 - 0.5
+    return np.mean([kernel(d + t * out_spacing) for t in sub], axis=0)
+
+
+def _kspace_crop(x: torch.Tensor, factor: int, window: int, fermi_radius: float) -> torch.Tensor:
+    """Centre crop of the 2-D spectrum of ``(B, 1, H, W)``, LR samples at the pixel centres."""
+    hgt, wid = x.shape[-2:]
+    h, w = hgt // factor, wid // factor
+    spec = torch.fft.fft2(x.double())
+    ky = torch.fft.fftfreq(h, d=1.0 / h).to(torch.float64)  # integer frequencies of the LR grid
+    kx = torch.fft.fftfreq(w, d=1.0 / w).to(torch.float64)
+    iy = torch.remainder(ky.long(), hgt)
+    ix = torch.remainder(kx.long(), wid)
+    crop = spec[..., iy[:, None], ix[None, :]]
+    # Shift so that LR sample i lies at HR coordinate i*N + (N-1)/2.
+    shift = (factor - 1) / 2
+    phase = torch.exp(2j * math.pi * shift * (ky[:, None] / hgt + kx[None, :] / wid))
+    crop = crop * phase
+    if window == 1:
+        wy = 0.54 + 0.46 * torch.cos(2 * math.pi * ky / h)
+        wx = 0.54 + 0.46 * torch.cos(2 * math.pi * kx / w)
+        crop = crop * (wy[:, None] * wx[None, :])
+    elif window == 2:
+        r = torch.sqrt((ky[:, None] / (h / 2)) ** 2 + (kx[None, :] / (w / 2)) ** 2)
+        crop = crop * torch.sigmoid(-(r - fermi_radius) / 0.04)
+    out = torch.fft.ifft2(crop).real / (factor * factor)
+    return out.to(x.dtype)
+
+
+def add_noise(y: torch.Tensor, level: float, rician: bool,
+              gen: torch.Generator | None = None) -> torch.Tensor:
+    """Additive Gaussian (CT-like) or Rician (MR-like) noise of standard deviation ``level``."""
+    if level <= 0:
+        return y
+    n1 = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    if not rician:
+        return y + level * n1
+    n2 = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    return torch.sqrt((y + level * n1) ** 2 + (level * n2) ** 2)
+
+
+def apply_inplane(x: torch.Tensor, factor: int, deg: Degradation,
+                  gen: torch.Generator | None = None) -> torch.Tensor:
+    """Degrade ``(B, 1, H, W)`` in-plane by ``factor`` with a family member.
+
+    Parameters
+    ----------
+    x
+        High-resolution images (H, W multiples of ``factor``).
+    factor
+        Decimation factor.
+    deg
+        Family ``area``, ``lanczos`` or ``kspace`` and its parameters.
+    gen
+        Generator of the noise.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 1, H/N, W/N)``.
+    """
+    if deg.family == "area":
+        y = degrade_inplane(x, factor, deg.get("sigma_n") * factor)
+    elif deg.family == "lanczos":
+        taps = lanczos_taps(factor, int(deg.get("lobes", 3)))
+        y = _decimate_axis(_decimate_axis(x, taps, factor, 2), taps, factor, 3)
+    elif deg.family == "kspace":
+        y = _kspace_crop(x, factor, int(deg.get("window")), deg.get("fermi_radius", 0.9))
+    else:
+        raise ValueError(f"unknown in-plane family {deg.family!r}")
+    return add_noise(y, deg.get("noise"), deg.get("rician") > 0.5, gen)
+
+
+def apply_throughplane(x: torch.Tensor, factor: int, deg: Degradation,
+                       gen: torch.Generator | None = None) -> torch.Tensor:
+    """Slab degradation along H (dim 2) of ``(B, 1, H, W)`` with a slab-profile family member.
+
+    Parameters
+    ----------
+    x
+        High-resolution images whose H axis is the slice axis.
+    factor
+        Slice spacing ratio ``r``.
+    deg
+        Family ``box``, ``gaussian`` or ``sinc`` with parameter ``fwhm`` (times the spacing).
+    gen
+        Generator of the noise.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, 1, H/r, W)``.
+    """
+    taps = slab_taps(factor, deg.family, deg.get("fwhm", 1.0))
+    y = _decimate_axis(x, taps, factor, 2)
+    return add_noise(y, deg.get("noise"), deg.get("rician") > 0.5, gen)
+
+
+def _uniform_outside(u: float, lo: float, hi: float, bands: tuple[tuple[float, float], ...]
+                     ) -> float:
+    """Map ``u`` in [0, 1) uniformly onto ``[lo, hi]`` minus the held-out ``bands``."""
+    pieces, start = [], lo
+    for a, b in sorted(bands):
+        pieces.append((start, a))
+        start = b
+    pieces.append((start, hi))
+    total = sum(b - a for a, b in pieces)
+    t = u * total
+    for a, b in pieces:
+        if t <= b - a:
+            return a + t
+        t -= b - a
+    return hi
+
+
+# Model groups of the in-plane families: one set of weights per group (see the model cards).
+INPLANE_GROUPS = ("area_sharp", "area_soft", "lanczos", "kspace_sharp", "kspace_smooth")
+
+
+def inplane_group(deg: Degradation) -> str:
+    """The model group of an in-plane family member."""
+    if deg.family == "area":
+        return "area_sharp" if deg.get("sigma_n") < 0.3 else "area_soft"
+    if deg.family == "lanczos":
+        return "lanczos"
+    return "kspace_smooth" if int(deg.get("window")) == 1 else "kspace_sharp"
+
+
+def sample_inplane(u: list[float], group: str | None = None) -> Degradation:
+    """A training member of the in-plane families (held-out bands excluded).
+
+    Parameters
+    ----------
+    u
+        Five uniform numbers in [0, 1).
+    group
+        Restrict to one model group (:data:`INPLANE_GROUPS`), else any family.
+
+    Returns
+    -------
+    Degradation
+        The sampled member, noise included (half of the samples).
+    """
+    if group is None:
+        group = INPLANE_GROUPS[min(int(u[0] * len(INPLANE_GROUPS)), len(INPLANE_GROUPS) - 1)]
+    area_band = (HELD_OUT["area_sigma_n"],)  # type: ignore[assignment]
+    noise = {"noise": 0.012 * u[3] ** 2, "rician": float(u[4] < 0.5)} if u[3] < 0.5 else {}
+    if group == "area_sharp":
+        return Degradation.of("area", sigma_n=0.3 * u[1], **noise)
+    if group == "area_soft":
+        return Degradation.of("area", sigma_n=_uniform_outside(u[1], 0.3, 0.6, area_band),
+                              **noise)
+    if group == "lanczos":
+        return Degradation.of("lanczos", lobes=3, **noise)
+    if group == "kspace_smooth":
+        return Degradation.of("kspace", window=1, **noise)
+    if u[1] < 0.5:
+        return Degradation.of("kspace", window=0, **noise)
+    radius = _uniform_outside(u[2], 0.7, 0.95, (HELD_OUT["fermi_radius"],))  # type: ignore[arg-type]
+    return Degradation.of("kspace", window=2, fermi_radius=radius, **noise)
+
+
+def sample_slab(u: list[float], profile: str | None = None) -> Degradation:
+    """A training member of the slab-profile families (held-out FWHM bands excluded).
+
+    Parameters
+    ----------
+    u
+        Four uniform numbers in [0, 1).
+    profile
+        Restrict to one profile, else any.
+
+    Returns
+    -------
+    Degradation
+        The sampled member (noise on a third of the samples).
+    """
+    if profile is None:
+        profile = SLAB_PROFILES[min(int(u[0] * 3), 2)]
+    fwhm = _uniform_outside(u[1], 0.7, 1.3, HELD_OUT["slab_fwhm"])  # type: ignore[arg-type]
+    noise = {"noise": 0.008 * u[3] ** 2, "rician": float(u[2] < 0.5)} if u[3] < 0.33 else {}
+    return Degradation.of(profile, fwhm=fwhm, **noise)
+
+
+@dataclass(frozen=True)
+class FamilyDegradation:
+    """Random family degradation for training (callable like :class:`RandomDegradation`).
+
+    Attributes
+    ----------
+    mode
+        ``slice`` or ``volume``.
+    factor
+        Scale factor.
+    group
+        Slice mode: an in-plane model group (None: all); volume mode: a slab profile (None: all).
+    """
+
+    mode: str
+    factor: int
+    group: str | None = None
+
+    def __call__(self, hr: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Degrade a batch ``(B, 1, H, W)`` with a per-sample random family member."""
+        out = []
+        for b in range(hr.shape[0]):
+            u = torch.rand(5, generator=gen).tolist()
+            x = hr[b:b + 1]
+            if self.mode == "slice":
+                out.append(apply_inplane(x, self.factor, sample_inplane(u, self.group), gen))
+            else:
+                out.append(apply_throughplane(x, self.factor, sample_slab(u, self.group), gen))
+        return torch.cat(out, 0)

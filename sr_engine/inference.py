@@ -10,10 +10,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .api import ConsistencyReport, EnhanceRequest, EnhanceResult, resolve_self_ensemble
-from .degrade import degrade_inplane, slab_weights
+from .api import (
+    ConsistencyReport,
+    DegradationEstimate,
+    EnhanceRequest,
+    EnhanceResult,
+    resolve_self_ensemble,
+)
+from .degrade import Degradation, apply_inplane, degrade_inplane, profile_weights, slab_weights
 from .errors import UnsupportedRequestError
-from .models import REGISTRY, check_scale, load_model, resolve_name
+from .estimate import (
+    MIN_CONFIDENCE,
+    MIN_EXPECTED_GAIN_DB,
+    estimate_inplane,
+    estimate_slab,
+    expected_gains,
+    operator_of,
+    volume_weights_choice,
+)
+from .models import REGISTRY, check_scale, find_weights, load_model, resolve_name
 from .models.base import factors_for, receptive_field
 from .normalise import IntensityMapping, mapping_for
 from .tiling import upsample_planes
@@ -161,11 +176,13 @@ def _report(redegraded: np.ndarray, original: np.ndarray, data_range: float) -> 
 
 
 def consistency_slice(output: np.ndarray, volume: np.ndarray, scale: int,
-                      mapping: IntensityMapping, batch: int = 4) -> ConsistencyReport:
-    """Re-degrade in-plane with the nominal operator and compare with the input.
+                      mapping: IntensityMapping, batch: int = 4,
+                      operator: Degradation | None = None) -> ConsistencyReport:
+    """Re-degrade in-plane and compare with the input.
 
     ``output`` and ``volume`` are in modality units; the operator is linear, so it is applied
-    directly to modality units (no large temporary copies).
+    directly to modality units (no large temporary copies).  ``operator``: the estimated
+    degradation (noise-free); None = the nominal operator.
     """
     h, w = volume.shape[1:]
     total = sq = 0.0
@@ -174,7 +191,11 @@ def consistency_slice(output: np.ndarray, volume: np.ndarray, scale: int,
         for i in range(0, output.shape[0], batch):
             part = output[i:i + batch, : h * scale, : w * scale]
             t = torch.from_numpy(np.ascontiguousarray(part))
-            red = degrade_inplane(t.unsqueeze(1), scale).squeeze(1).numpy().astype(np.float64)
+            if operator is None:
+                red = degrade_inplane(t.unsqueeze(1), scale)
+            else:
+                red = apply_inplane(t.unsqueeze(1), scale, operator)
+            red = red.squeeze(1).numpy().astype(np.float64)
             err = np.abs(red - volume[i:i + batch])
             total += float(err.sum())
             sq += float((err**2).sum())
@@ -187,10 +208,17 @@ def consistency_slice(output: np.ndarray, volume: np.ndarray, scale: int,
 
 def consistency_volume(output: np.ndarray, out_centres: np.ndarray, s: float,
                        volume: np.ndarray, dz: float, thickness: float,
-                       mapping: IntensityMapping) -> ConsistencyReport:
-    """Average the output over each input slab (box slice profile) and compare with the input."""
+                       mapping: IntensityMapping,
+                       operator: Degradation | None = None) -> ConsistencyReport:
+    """Average the output over each input slab and compare with the input.
+
+    ``operator``: the estimated slab profile; None = a box of ``thickness``.
+    """
     n = volume.shape[0]
-    ov = slab_weights(out_centres, s, np.arange(n) * dz, thickness)
+    if operator is None:
+        ov = slab_weights(out_centres, s, np.arange(n) * dz, thickness)
+    else:
+        ov = profile_weights(out_centres, s, np.arange(n) * dz, dz, operator)
     ov = ov / np.maximum(ov.sum(axis=1, keepdims=True), 1e-12)
     red = np.tensordot(ov.astype(np.float32), output, axes=(1, 0))
     return _report(red, volume, mapping.scale)
@@ -198,8 +226,12 @@ def consistency_volume(output: np.ndarray, out_centres: np.ndarray, s: float,
 
 def check_consistency(result: EnhanceResult, volume: np.ndarray,
                       spacing: tuple[float, float, float], slice_thickness: float,
-                      modality: str, mode: str, scale: int) -> ConsistencyReport:
+                      modality: str, mode: str, scale: int,
+                      degradation: DegradationEstimate | None = None) -> ConsistencyReport:
     """Re-run the consistency check of a (possibly modified) result against its input.
+
+    The operator is the estimated degradation (``degradation``, else ``result.degradation``)
+    when it is known and inside the trained families; otherwise the nominal operator.
 
     Parameters
     ----------
@@ -209,6 +241,8 @@ def check_consistency(result: EnhanceResult, volume: np.ndarray,
         The input given to :func:`enhance_volume`.
     mode, scale
         The task.
+    degradation
+        The estimate whose operator re-degrades the output (default: the result's).
 
     Returns
     -------
@@ -217,12 +251,84 @@ def check_consistency(result: EnhanceResult, volume: np.ndarray,
     """
     volume = np.asarray(volume, dtype=np.float32)
     mapping = mapping_for(volume, modality)
+    operator = consistency_operator(degradation or result.degradation, mode)
     if mode == "slice":
-        return consistency_slice(result.volume, volume, scale, mapping)
+        return consistency_slice(result.volume, volume, scale, mapping, operator=operator)
     dz = float(spacing[0])
     thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
     return consistency_volume(result.volume, np.asarray(result.slice_offsets), result.spacing[0],
-                              volume, dz, thickness, mapping)
+                              volume, dz, thickness, mapping, operator)
+
+
+def consistency_operator(estimate: DegradationEstimate | None, mode: str) -> Degradation | None:
+    """The operator of the consistency check: the estimate's when usable, else None (nominal)."""
+    if estimate is None or not estimate.in_family or estimate.mode != mode:
+        return None
+    return operator_of(estimate)
+
+
+BASELINE = {"slice": "bicubic", "volume": "cubic"}
+# Weights groups the nominal (non-family) weights were trained for: used when no family
+# weights exist for the estimated group.
+NOMINAL_GROUPS = {"slice": ("area_soft",), "volume": ("box",)}
+
+
+def choose_model(requested: str, name: str, mode: str, scale: int,
+                 estimate: DegradationEstimate | None,
+                 weights_dir: Path | None = None) -> tuple[str, str | None, str | None]:
+    """Pick the weights for an estimated degradation, or the interpolation fallback.
+
+    Only ``auto`` (the node's choice) is steered by the estimate: it uses the family weights of
+    the resolved model (else of ``fast``), the nominal weights when the estimated group is the
+    one they were trained for, and otherwise, or when the estimate is uncertain or outside every
+    trained family, the mode's interpolation baseline.  An explicit model name is obeyed as
+    before (nominal weights, no fallback); the estimate is still reported.
+
+    Parameters
+    ----------
+    requested
+        The requested model name (``auto`` or explicit).
+    name
+        Resolved model name.
+    mode, scale
+        Task.
+    estimate
+        The series' degradation estimate (None: no estimate, nominal weights).
+    weights_dir
+        Optional weights folder.
+
+    Returns
+    -------
+    tuple
+        ``(model name, weights group or None, fallback reason or None)``; on fallback the
+        model name is the mode's interpolation baseline.
+    """
+    if estimate is None or requested != "auto" or not REGISTRY[name].learned:
+        return name, None, None
+    baseline = BASELINE[mode]
+    if estimate.family == "unknown" or not estimate.in_family:
+        return baseline, None, (estimate.reason or "degradation could not be estimated")[:150]
+    if estimate.confidence < MIN_CONFIDENCE:
+        return baseline, None, (f"estimate uncertain ({estimate.family}, confidence "
+                                f"{estimate.confidence:.2f})")
+    family = estimate.family
+    if mode == "volume":
+        pick = volume_weights_choice(estimate, scale, weights_dir)
+        if pick == "nominal":
+            return name, None, None
+        family = pick or family
+    gains = expected_gains(estimate, scale, weights_dir) if mode == "slice" else None
+    if gains:
+        family = max(gains, key=lambda g: gains[g])
+        if gains[family] <= MIN_EXPECTED_GAIN_DB:
+            return baseline, None, (f"expected gain {gains[family]:+.2f} dB too small "
+                                    f"({estimate.family}, confidence {estimate.confidence:.2f})")
+    for candidate in dict.fromkeys((name, "fast")):
+        if find_weights(candidate, mode, scale, weights_dir, family).is_file():
+            return candidate, family, None
+    if estimate.family in NOMINAL_GROUPS[mode]:
+        return name, None, None
+    return baseline, None, f"no weights for {estimate.family} x{scale}"
 
 
 def _clip_plausible(out: np.ndarray, volume: np.ndarray, modality: str) -> None:
@@ -282,7 +388,6 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
     thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
     device, fallback = resolve_device(request.device)
     name = resolve_name(request.model, device, mode, scale)
-    model, version = load_model(name, mode, scale, weights_dir)
     mapping = mapping_for(volume, modality)
     # CT values below -1024 HU are padding (outside the reconstruction circle): the network sees
     # air there and the padding value is restored afterwards (nearest input pixel).
@@ -290,10 +395,28 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
     if padding is not None and not padding.any():
         padding = None
     x = mapping.forward(volume if padding is None else np.maximum(volume, CT_PADDING_BELOW_HU))
+    estimate: DegradationEstimate | None = None
+    if request.estimate_degradation:
+        estimate = (estimate_inplane(x, scale, weights_dir) if mode == "slice"
+                    else estimate_slab(x, scale, thickness / dz))
+    name, group, fallback_reason = choose_model(request.model, name, mode, scale, estimate,
+                                                weights_dir)
+    if fallback_reason:
+        LOGGER.info("SR engine falls back to %s: %s", name, fallback_reason)
+    model, version = load_model(name, mode, scale, weights_dir, group)
+    adaptation: dict[str, float] | None = None
+    if mode == "volume" and request.adapt_seconds > 0 and REGISTRY[name].learned:
+        from .training import adapt_on_series
+
+        profile = (operator_of(estimate) if estimate is not None and estimate.in_family
+                   else Degradation.of("box", fwhm=thickness / dz))
+        adaptation = adapt_on_series(model, x, scale, profile or Degradation.of("box", fwhm=1.0),
+                                     request.adapt_seconds)
+        version += "-adapted"
     fy, fx = factors_for(mode, scale)
     # Interpolation baselines are flip-equivariant: the ensemble would only cost time.
     ensemble = resolve_self_ensemble(mode, request.self_ensemble) and REGISTRY[name].learned
-    extra: dict[str, object] = {"requested_model": request.model,
+    extra: dict[str, object] = {"requested_model": request.model, "weights_group": group,
                                 "intensity_mapping": {"offset": mapping.offset,
                                                       "scale": mapping.scale},
                                 "self_ensemble": ensemble,
@@ -321,7 +444,8 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
                 up = np.repeat(np.repeat(padding[i], scale, 0), scale, 1)
                 out[i][up] = np.repeat(np.repeat(volume[i], scale, 0), scale, 1)[up]
         _clip_plausible(out, volume, modality)
-        consistency = consistency_slice(out, volume, scale, mapping)
+        consistency = consistency_slice(out, volume, scale, mapping,
+                                        operator=consistency_operator(estimate, mode))
         offsets = [i * dz for i in range(n)]
         contrib = [[i] for i in range(n)]
         out_spacing = (dz, dy / scale, dx / scale)
@@ -346,7 +470,8 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
             up = padding[near]
             out[up] = volume[near][up]
         _clip_plausible(out, volume, modality)
-        consistency = consistency_volume(out, centres, s, volume, dz, thickness, mapping)
+        consistency = consistency_volume(out, centres, s, volume, dz, thickness, mapping,
+                                         consistency_operator(estimate, mode))
         offsets = [float(c) for c in centres]
         contrib = contributing(centres, s, n, dz, thickness)
         out_spacing = (s, dy, dx)
@@ -359,4 +484,5 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
         volume=np.ascontiguousarray(out, dtype=np.float32), spacing=out_spacing,
         slice_thickness=out_thickness, slice_offsets=offsets, contributing_slices=contrib,
         consistency=consistency, model_name=name, model_version=version, device=device,
-        seconds=time.perf_counter() - t0, extra=extra)
+        seconds=time.perf_counter() - t0, extra=extra, degradation=estimate,
+        fallback_reason=fallback_reason, adaptation=adaptation)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .data import PatchSampler, training_pool
-from .degrade import RandomDegradation
+from .degrade import Degradation, FamilyDegradation, RandomDegradation, apply_throughplane
 from .errors import UnsupportedRequestError, WeightsNotFoundError
 from .models import REGISTRY, Discriminator, build_model, weights_path
 from .tasks import MODES
@@ -80,7 +81,9 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
           init_weights: Path | None = None, phantoms: int = 24,
           checkpoint_dir: Path | None = None, pool: list[np.ndarray] | None = None,
           hr_blur: float = 0.5, progress: bool = True, box_probability: float = 0.5,
-          zero_tail: bool = False, loss: str = "l1") -> TrainReport:
+          zero_tail: bool = False, loss: str = "l1", family: str | None = None,
+          degradation: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+          ) -> TrainReport:
     """Train one model for one mode and scale and save its weights.
 
     Parameters
@@ -128,6 +131,14 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
     loss
         Pixel loss optimised: ``l1`` (default) or ``mse`` (PSNR-oriented fine-tuning); the
         reported losses are L1 either way.
+    family
+        Train over the degradation families (:class:`sr_engine.degrade.FamilyDegradation`):
+        a model group (slice: ``area_sharp`` ...; volume: ``box``, ``gaussian``, ``sinc``) or
+        ``all``; the weights are saved as ``<model>_<mode>_x<scale>_<family>.safetensors``.
+        None: the nominal random degradation and the original file name.
+    degradation
+        A callable ``(hr, generator) -> lr`` replacing the random degradation (used by the
+        per-series adaptation with the estimated slab profile).
 
     Returns
     -------
@@ -165,7 +176,7 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
         opt, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else out_dir
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = ckpt_dir / f"{model}_{mode}_x{scale}.ckpt.pt"
+    ckpt = ckpt_dir / f"{model}_{mode}_x{scale}{'_' + family if family else ''}.ckpt.pt"
     start = 0
     if pool is None:
         sampler = PatchSampler(training_pool(seed, phantoms), _patch_hw(mode, scale, lr_patch),
@@ -186,7 +197,12 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
         torch.set_rng_state(state["torch_rng"])
         sampler.rng.bit_generator.state = state["sampler_rng"]
         start = int(state["step"])
-    degrade = RandomDegradation(mode, scale, box_probability)
+    if degradation is not None:
+        degrade = degradation
+    elif family is not None:
+        degrade = FamilyDegradation(mode, scale, None if family == "all" else family)
+    else:
+        degrade = RandomDegradation(mode, scale, box_probability)
 
     def save_checkpoint(step: int) -> None:
         state = {"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -231,9 +247,10 @@ def train(model: str, mode: str, scale: int, steps: int, out_dir: Path, seed: in
     bar.close()
     save_checkpoint(steps)
     net.eval()
-    weights = weights_path(model, mode, scale, out_dir)
+    weights = weights_path(model, mode, scale, out_dir, family)
     meta = {"model": model, "mode": mode, "scale": str(scale), "steps": str(steps),
-            "seed": str(seed), "data": "skimage natural images + synthetic CT/MR phantoms"}
+            "seed": str(seed), "data": "skimage natural images + synthetic CT/MR phantoms",
+            "degradation": family or "nominal"}
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights), metadata=meta)
     k = max(1, len(losses) // 10)
     return TrainReport(model, mode, scale, steps,
@@ -284,6 +301,71 @@ def finetune_on_series(volume: np.ndarray, modality: str, model: str, mode: str,
                  init_weights=weights_path(model, mode, scale), pool=pool, progress=progress)
 
 
+def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int, profile: Degradation,
+                    seconds: float, seed: int = 0, batch_size: int = 8,
+                    learning_rate: float = 3e-4) -> dict[str, float]:
+    """Time-bounded self-supervised fine-tuning of a volume-mode model on one series (in place).
+
+    SMORE/ECLARE idea: the series' in-plane slices are high-resolution along y and x; degrading
+    them along one in-plane axis with the (estimated) slab profile gives training pairs that
+    look like the thick-slice planes the model will see.
+
+    Parameters
+    ----------
+    net
+        The volume-mode model (weights of the estimated profile), fine-tuned in place.
+    volume
+        The series ``(z, y, x)`` in network units.
+    scale
+        Slice spacing ratio.
+    profile
+        Slab profile (:func:`sr_engine.degrade.apply_throughplane` family member).
+    seconds
+        Wall-time budget of the optimisation loop (the reported ``seconds`` include the
+        set-up: patch pool and the fixed evaluation batch).
+    seed
+        Sampling seed.
+    batch_size
+        Patches per step.
+    learning_rate
+        Adam learning rate (constant).
+
+    Returns
+    -------
+    dict
+        ``seconds``, ``steps``, ``loss_before``, ``loss_after`` (L1 on a fixed batch of the
+        series' own pairs, before and after).
+    """
+    t0 = time.perf_counter()
+    lr_patch = max(4, min(LR_PATCH, min(volume.shape[1:]) // (2 * scale)))
+    pool = [np.ascontiguousarray(s) for s in volume]
+    sampler = PatchSampler(pool, _patch_hw("volume", scale, lr_patch), seed, natural_count=0)
+    if not sampler.pool:
+        return {"seconds": 0.0, "steps": 0, "loss_before": float("nan"),
+                "loss_after": float("nan")}
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        hr_eval = sampler.sample(32)
+        lr_eval = apply_throughplane(hr_eval, scale, profile)
+        before = float(F.l1_loss(net(lr_eval), hr_eval))
+    opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
+    net.train()
+    steps = 0
+    t_loop = time.perf_counter()
+    while time.perf_counter() - t_loop < seconds:
+        hr = sampler.sample(batch_size)
+        loss = F.l1_loss(net(apply_throughplane(hr, scale, profile, gen)), hr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        steps += 1
+    net.eval()
+    with torch.no_grad():
+        after = float(F.l1_loss(net(lr_eval), hr_eval))
+    return {"seconds": round(time.perf_counter() - t0, 2), "steps": steps,
+            "loss_before": round(before, 6), "loss_after": round(after, 6)}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python -m sr_engine.training --model fast --mode slice --scale 2 ...``.
 
@@ -312,12 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zero-tail", action="store_true",
                     help="zero the last convolution (start exactly at the cubic base)")
     ap.add_argument("--loss", default="l1", choices=["l1", "mse"], help="pixel loss optimised")
+    ap.add_argument("--family", default=None,
+                    help="train over a degradation-family group (weights <...>_<family>)")
     args = ap.parse_args(argv)
     rep = train(args.model, args.mode, args.scale, args.steps, args.out, args.seed, args.resume,
                 batch_size=args.batch_size, threads=args.threads,
                 checkpoint_dir=args.checkpoints, init_weights=args.init,
                 learning_rate=args.lr, box_probability=args.box_probability,
-                zero_tail=args.zero_tail, loss=args.loss)
+                zero_tail=args.zero_tail, loss=args.loss, family=args.family)
     import fcntl
     import tempfile
 
@@ -325,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = open(Path(tempfile.gettempdir()) / "srnode_training_log.lock", "w")  # noqa: SIM115
     fcntl.flock(lock, fcntl.LOCK_EX)
     log = json.loads(log_path.read_text()) if log_path.is_file() else {}
-    key = args.log_key or f"{rep.model}_{rep.mode}_x{rep.scale}"
+    key = args.log_key or rep.weights.name.removesuffix(".safetensors")
     log[key] = {
         "steps": rep.steps, "seconds": round(rep.seconds, 1), "seed": args.seed,
         "batch_size": args.batch_size, "first_l1": round(rep.first_loss, 5),

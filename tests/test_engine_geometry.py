@@ -46,9 +46,14 @@ def test_slice_mode_shapes_spacing_offsets(scale: int, model: str) -> None:
 
 def test_single_slice_works_in_slice_mode() -> None:
     vol = _smooth_volume(1, 16, 16)
-    res = enhance_volume(vol, (1.0, 1.0, 1.0), 1.0, "MR", EnhanceRequest(model="auto"))
+    res = enhance_volume(vol, (1.0, 1.0, 1.0), 1.0, "MR",
+                         EnhanceRequest(model="auto", estimate_degradation=False))
     assert res.volume.shape == (1, 32, 32)
     assert res.model_name == "fast"
+    # With the estimate (the default), ``auto`` is fast or, with a reason, bicubic.
+    res = enhance_volume(vol, (1.0, 1.0, 1.0), 1.0, "MR", EnhanceRequest(model="auto"))
+    assert res.volume.shape == (1, 32, 32) and res.degradation is not None
+    assert res.model_name == "fast" or (res.model_name == "bicubic" and res.fallback_reason)
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR"])

@@ -64,7 +64,7 @@ def test_cuda_request_falls_back_to_cpu() -> None:
         pytest.skip("a CUDA device is present; the fallback path cannot be exercised")
     vol = _phantom(1, 32)
     res = enhance_volume(vol, (1.0, 1.0, 1.0), 1.0, "CT",
-                         EnhanceRequest(model="auto", device="cuda"))
+                         EnhanceRequest(model="auto", device="cuda", estimate_degradation=False))
     assert res.device == "cpu"
     assert res.model_name == "fast"
     assert "CUDA" in str(res.extra["device_fallback"])

@@ -105,25 +105,33 @@ def build_model(name: str, mode: str, scale: int) -> SRNet:
     return spec.build(fy, fx)
 
 
-def weights_path(name: str, mode: str, scale: int, weights_dir: Path | None = None) -> Path:
-    """Path of the weights file in ``weights_dir`` (``[engine] weights_dir``), else shipped."""
-    return Path(weights_dir or WEIGHTS_DIR) / f"{name}_{mode}_x{scale}.safetensors"
+def weights_path(name: str, mode: str, scale: int, weights_dir: Path | None = None,
+                 group: str | None = None) -> Path:
+    """Path of the weights file in ``weights_dir`` (``[engine] weights_dir``), else shipped.
+
+    ``group`` names the degradation-family weights (``<model>_<mode>_x<scale>_<group>``); None is
+    the original (nominal-degradation) file.
+    """
+    folder = weights_dir or WEIGHTS_DIR
+    suffix = f"_{group}" if group else ""
+    return Path(folder) / f"{name}_{mode}_x{scale}{suffix}.safetensors"
 
 
-def find_weights(name: str, mode: str, scale: int, weights_dir: Path | None = None) -> Path:
+def find_weights(name: str, mode: str, scale: int, weights_dir: Path | None = None,
+                 group: str | None = None) -> Path:
     """The weights file to load: ``weights_dir`` first, then the shipped one.
 
     An ML engineer can swap one model without copying the others.
     """
-    path = weights_path(name, mode, scale, weights_dir)
+    path = weights_path(name, mode, scale, weights_dir, group)
     return path if path.is_file() else WEIGHTS_DIR / path.name
 
 
 _CACHE: dict[tuple[str, float], tuple[SRNet, str]] = {}
 
 
-def load_model(name: str, mode: str, scale: int,
-               weights_dir: Path | None = None) -> tuple[SRNet, str]:
+def load_model(name: str, mode: str, scale: int, weights_dir: Path | None = None,
+               group: str | None = None) -> tuple[SRNet, str]:
     """Build a model and load its weights.
 
     Parameters
@@ -134,6 +142,8 @@ def load_model(name: str, mode: str, scale: int,
         Task.
     weights_dir
         Folder with ``<model>_<mode>_x<scale>.safetensors`` (default: shipped weights).
+    group
+        Degradation-family weights (``<model>_<mode>_x<scale>_<group>.safetensors``), or None.
 
     Returns
     -------
@@ -148,7 +158,7 @@ def load_model(name: str, mode: str, scale: int,
     model = build_model(name, mode, scale)
     if not REGISTRY[name].learned:
         return model.eval(), f"{name}-builtin"
-    path = find_weights(name, mode, scale, weights_dir)
+    path = find_weights(name, mode, scale, weights_dir, group)
     if not path.is_file():
         raise WeightsNotFoundError(f"no weights for {name} {mode} x{scale} at {path}")
     key = (str(path), path.stat().st_mtime)
@@ -156,7 +166,8 @@ def load_model(name: str, mode: str, scale: int,
         state = load_file(str(path))
         model.load_state_dict(state)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        _CACHE[key] = (model.eval(), f"{name}-{mode}-x{scale}-{digest}")
+        tag = f"-{group}" if group else ""
+        _CACHE[key] = (model.eval(), f"{name}-{mode}-x{scale}{tag}-{digest}")
     cached, version = _CACHE[key]
     fresh = build_model(name, mode, scale)
     fresh.load_state_dict(cached.state_dict())
