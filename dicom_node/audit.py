@@ -19,7 +19,7 @@ from typing import Any
 
 from dicom_node.log_safety import safe_fields
 
-LOGGER = logging.getLogger("srnode.audit")
+LOGGER = logging.getLogger(__name__)
 #: Seconds between two log lines about failing audit writes (one per failure would flood).
 _FAILURE_REPORT_INTERVAL = 60.0
 

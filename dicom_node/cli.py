@@ -208,11 +208,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"srnode evaluate: {exc}", file=sys.stderr)
         return 2
     print(f"{'case':<40} {'PSNR':>8} {'base':>8} {'gain':>7} {'SSIM':>7} {'base':>7} "
-          f"{'s/slice':>8}")
+          f"{'s/slice':>8}  node's choice (estimated degradation)")
     for c in report["cases"]:
         print(f"{c['name'][:40]:<40} {c['psnr']:8.2f} {c['psnr_baseline']:8.2f} "
               f"{c['psnr'] - c['psnr_baseline']:+7.2f} {c['ssim']:7.4f} {c['ssim_baseline']:7.4f} "
-              f"{c['seconds_per_slice']:8.3f}")
+              f"{c['seconds_per_slice']:8.3f}  {c.get('choice', '')}")
     print(f"mean PSNR gain {report['mean_psnr_gain_db']:+.2f} dB, "
           f"mean SSIM gain {report['mean_ssim_gain']:+.4f}")
     if args.json:

@@ -125,6 +125,11 @@ class EngineConfig:
     weights_dir: str = ""
     # "auto" (on in volume mode, off in slice mode), true or false: geometric self-ensemble.
     self_ensemble: str | bool = "auto"
+    # Estimate each series' degradation, pick the weights made for it, or fall back to
+    # interpolation when the estimate is uncertain or outside every trained family.
+    estimate_degradation: bool = True
+    # Volume mode: seconds of per-series self-supervised adaptation before inference (0 = off).
+    adapt_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         """Check ``self_ensemble``."""
@@ -145,6 +150,8 @@ class DerivedConfig:
     uid_root: str = ""
     series_number_offset: int = 1000
     series_description_prefix: str = "SR x{scale} "
+    # used instead when the engine fell back to interpolation (the series is not SR output)
+    interpolation_description_prefix: str = "INTERP x{scale} "
     manufacturer: str = "srnode project"
     institution_name: str = ""
 
@@ -162,6 +169,9 @@ class SafetyConfig:
     hold_mean_abs_error: float = 60.0
     warn_min_psnr: float = 35.0
     hold_min_psnr: float = 25.0
+    # When the engine could not trust its degradation estimate and used interpolation:
+    # "send" (the interpolated series, labelled as such), "warn" (also "(CHECK)"), "hold".
+    on_fallback: str = "send"
 
 
 @dataclass
@@ -303,6 +313,11 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"[http] port: {cfg.http.port} is not a TCP port")
     if cfg.series.quiet_period_seconds <= 0:
         raise ConfigError("[series] quiet_period_seconds must be > 0")
+    if cfg.safety.on_fallback not in ("send", "warn", "hold"):
+        raise ConfigError(f"[safety] on_fallback: {cfg.safety.on_fallback!r} is not one of "
+                          "\"send\", \"warn\", \"hold\"")
+    if cfg.engine.adapt_seconds < 0:
+        raise ConfigError("[engine] adapt_seconds must be >= 0")
     if cfg.worker.max_attempts < 1:
         raise ConfigError("[worker] max_attempts must be >= 1")
     names = set()

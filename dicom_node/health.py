@@ -25,7 +25,7 @@ from storage.db import Database
 from storage.errors import StorageError
 from storage.filestore import FileStore
 
-LOGGER = logging.getLogger("srnode.health")
+LOGGER = logging.getLogger(__name__)
 _MB = 1024 * 1024
 
 

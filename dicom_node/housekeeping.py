@@ -28,7 +28,7 @@ from storage.retention import (
     RetentionPolicy,
 )
 
-LOGGER = logging.getLogger("srnode.housekeeping")
+LOGGER = logging.getLogger(__name__)
 _DAY = 86400.0
 _GB = 1024**3
 _MB = 1024**2

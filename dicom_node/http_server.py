@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from dicom_node.config import ConfigError, HttpConfig
 from dicom_node.health import Health
 
-LOGGER = logging.getLogger("srnode.http")
+LOGGER = logging.getLogger(__name__)
 
 
 def is_loopback(host: str) -> bool:

@@ -30,7 +30,7 @@ from storage.job_types import JobState
 from storage.jobs import JobQueue
 from storage.models import Job, SentInstance
 
-LOGGER = logging.getLogger("srnode.metrics")
+LOGGER = logging.getLogger(__name__)
 disable_created_metrics()  # no *_created series: dashboards use the counters themselves
 
 INSTANCES_RECEIVED = Counter(

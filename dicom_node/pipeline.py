@@ -63,17 +63,27 @@ class Derivation:
             },
             "gate": self.gate,
             "gate_reason": self.gate_reason,
+            "degradation": (self.result.degradation.as_dict()
+                            if self.result.degradation is not None else None),
+            "choice": "interpolation" if self.result.fallback_reason else "model",
+            "fallback_reason": self.result.fallback_reason,
+            "adaptation": self.result.adaptation,
+            "engine": self.result.describe(),
             "notes": self.notes,
         }
 
 
 def safety_gate(
-    consistency: ConsistencyReport, modality: str, safety: SafetyConfig
+    consistency: ConsistencyReport, modality: str, safety: SafetyConfig,
+    fallback_reason: str | None = None,
 ) -> tuple[Gate, str]:
     """Decide from the consistency figures whether a derived series may be sent.
 
     The absolute-error bounds are in Hounsfield units and apply to CT only (MR units are
-    arbitrary); the PSNR bounds apply to every modality.
+    arbitrary); the PSNR bounds apply to every modality.  ``fallback_reason`` (the engine used
+    interpolation because its degradation estimate was uncertain or outside every trained
+    family) warns or holds per ``[safety] on_fallback``; the consistency is computed with the
+    estimated operator, so the bounds judge the output against the degradation the series has.
 
     Returns
     -------
@@ -90,11 +100,17 @@ def safety_gate(
     if modality == "CT" and c.mean_abs_error > safety.hold_mean_abs_error:
         return "hold", (f"consistency mean error {c.mean_abs_error:.1f} HU > "
                         f"{safety.hold_mean_abs_error} HU")
+    if fallback_reason and safety.on_fallback == "hold":
+        return "hold", f"sent as interpolation would be: {fallback_reason}"
+    if fallback_reason and safety.on_fallback == "warn":
+        return "warn", f"interpolation instead of SR: {fallback_reason}"
     if c.psnr < safety.warn_min_psnr:
         return "warn", f"consistency PSNR {c.psnr:.1f} dB < {safety.warn_min_psnr} dB"
     if modality == "CT" and c.mean_abs_error > safety.warn_mean_abs_error:
         return "warn", (f"consistency mean error {c.mean_abs_error:.1f} HU > "
                         f"{safety.warn_mean_abs_error} HU")
+    if fallback_reason:
+        return "send", f"interpolation instead of SR ({fallback_reason}); consistency within bounds"
     return "send", "consistency within bounds"
 
 
@@ -144,13 +160,16 @@ def derive_series(
         tile_overlap=config.engine.tile_overlap,
         output_spacing=output_spacing,
         self_ensemble=config.engine.self_ensemble_request,
+        estimate_degradation=config.engine.estimate_degradation,
+        adapt_seconds=config.engine.adapt_seconds,
     )
     result = enhance_volume(
         source.volume, source.spacing, source.slice_thickness, source.modality, request,
         weights_dir=Path(config.engine.weights_dir) if config.engine.weights_dir else None,
     )
     seconds["enhancing"] = time.perf_counter() - t0
-    gate, reason = safety_gate(result.consistency, source.modality, config.safety)
+    gate, reason = safety_gate(result.consistency, source.modality, config.safety,
+                               fallback_reason=result.fallback_reason)
 
     t0 = time.perf_counter()
     options = DerivationOptions.from_config(
@@ -160,6 +179,7 @@ def derive_series(
         now=datetime.now(UTC),
         mode=mode,
         scale=scale,
+        interpolated=bool(result.fallback_reason),
     )
     datasets = build_derived_series(source, result, options)
     seconds["building"] = time.perf_counter() - t0

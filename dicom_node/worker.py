@@ -42,6 +42,14 @@ class PermanentJobError(Exception):
     """
 
 
+def _engine_choice(summary: dict[str, Any]) -> dict[str, Any]:
+    """The degradation estimate, its confidence and the engine's choice, for the audit log."""
+    estimate = summary.get("degradation") or {}
+    return {"degradation": estimate.get("family"), "confidence": estimate.get("confidence"),
+            "in_family": estimate.get("in_family"), "choice": summary.get("choice"),
+            "model": summary.get("model"), "fallback_reason": summary.get("fallback_reason")}
+
+
 def job_queue(config: Config, db: Database) -> JobQueue:
     """The job queue with the backoff policy of ``[worker]``."""
     w = config.worker
@@ -138,7 +146,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
             reason = f"held by the safety gate: {summary['gate_reason']}"
             queue.hold(job.id, worker_id, reason, {**summary, "stage_seconds": seconds})
             audit.record("job_held", job_id=job.id, series_instance_uid=job.series_instance_uid,
-                         reason=reason)
+                         reason=reason, **_engine_choice(summary))
             LOGGER.warning("job %d held: %s", job.id, reason)
             return
         queue.set_stage(job.id, worker_id, "sending", seconds)
@@ -184,7 +192,8 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
             return
         queue.complete(job.id, worker_id, result)
         audit.record("job_done", job_id=job.id, series_instance_uid=job.series_instance_uid,
-                     derived_series_instance_uid=summary["derived_series_instance_uid"])
+                     derived_series_instance_uid=summary["derived_series_instance_uid"],
+                     **_engine_choice(summary))
         LOGGER.info("job %d done: %s", job.id, summary["derived_series_instance_uid"])
     except Exception as exc:  # noqa: BLE001 - record any failure on the job, then retry
         LOGGER.exception("job %d failed", job.id)

@@ -113,8 +113,10 @@ def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
     -------
     dict
         ``{"cases": [{"name", "psnr", "psnr_baseline", "ssim", "ssim_baseline",
-        "seconds_per_slice"}], "mean_psnr_gain_db", "mean_ssim_gain", ...}``;
-        ``seconds_per_slice`` is the model's wall time per output slice.
+        "seconds_per_slice", "model_used", "choice", "estimated_degradation"}],
+        "mean_psnr_gain_db", "mean_ssim_gain", ...}``; ``seconds_per_slice`` is the model's
+        wall time per output slice; ``model_used``/``choice`` say what the engine actually ran
+        (for ``auto``: the weights chosen from the estimate, or the interpolation fallback).
     """
     baseline = baseline or ("bicubic" if mode == "slice" else "cubic")
     rows = []
@@ -132,12 +134,15 @@ def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
             scores[tag] = (psnr(out, ref), ssim(out, ref, mode), res.seconds / sr.shape[0])
             if tag == "model":
                 used_ensemble = bool(res.extra.get("self_ensemble", False))
+                choice = {"model_used": res.model_name, "choice": res.describe(),
+                          "estimated_degradation": (res.degradation.as_dict()
+                                                    if res.degradation is not None else None)}
         rows.append({"name": name, "modality": modality, "shape": list(hr.shape),
                      "psnr": round(scores["model"][0], 3),
                      "psnr_baseline": round(scores["baseline"][0], 3),
                      "ssim": round(scores["model"][1], 4),
                      "ssim_baseline": round(scores["baseline"][1], 4),
-                     "seconds_per_slice": round(scores["model"][2], 5)})
+                     "seconds_per_slice": round(scores["model"][2], 5), **choice})
     gains = [r["psnr"] - r["psnr_baseline"] for r in rows]
     sgains = [r["ssim"] - r["ssim_baseline"] for r in rows]
     return {"mode": mode, "scale": scale, "model": model, "baseline": baseline,

@@ -52,7 +52,7 @@ from storage.filestore import FileStore
 from storage.job_types import JobState
 from storage.models import Instance, Job, Series, Study, utcnow
 
-log = logging.getLogger(__name__)
+LOGGER = logging.getLogger(__name__)
 
 #: Folder under the storage root that holds purge intents (see the module docstring).
 INTENT_DIR = ".purge"
@@ -313,7 +313,7 @@ class Retention:
                 data["rows"] = [tuple(r) for r in data.get("rows", [])]
                 items.append(PurgeItem(**data))
             except (OSError, ValueError, TypeError) as exc:
-                log.error("unreadable purge intent %s: %s", path.name, exc)
+                LOGGER.error("unreadable purge intent %s: %s", path.name, exc)
         return items
 
     def purge(self, policy: RetentionPolicy, settled_before: datetime, dry_run: bool = False,
@@ -356,7 +356,7 @@ class Retention:
             done.append(item)
         report.items = done
         if report.items:
-            log.info("retention purged %d item(s), %d bytes", len(report.items),
+            LOGGER.info("retention purged %d item(s), %d bytes", len(report.items),
                      report.purged_bytes)
         return report
 

@@ -79,9 +79,13 @@ def test_evaluate_prints_a_table_and_writes_json(tmp_path: Path) -> None:
     assert len(data["cases"]) == 2
     for case in data["cases"]:
         assert set(case) >= {"name", "psnr", "psnr_baseline", "ssim", "ssim_baseline",
-                             "seconds_per_slice"}
+                             "seconds_per_slice", "model_used", "choice",
+                             "estimated_degradation"}
         assert 10 < case["psnr"] < 80 and 0 < case["ssim"] <= 1
         assert case["psnr"] != case["psnr_baseline"]
+        # an explicit model is obeyed; the estimate is still reported
+        assert case["model_used"] == "fast" and case["estimated_degradation"]["family"]
+        assert "fast" in case["choice"]
     gains = [c["psnr"] - c["psnr_baseline"] for c in data["cases"]]
     assert abs(np.mean(gains) - data["mean_psnr_gain_db"]) < 0.01  # values are rounded
 

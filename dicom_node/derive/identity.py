@@ -137,7 +137,7 @@ def derivation_description(
         f"spacing {dz:.4g}/{dy:.4g}/{dx:.4g} mm (slice/row/column), thickness "
         f"{result.slice_thickness:.4g} mm. Re-degradation check against the source: mean abs "
         f"error {cons.mean_abs_error:.2f} {units}, max abs error {cons.max_abs_error:.2f} "
-        f"{units}, PSNR {cons.psnr:.1f} dB."
+        f"{units}, PSNR {cons.psnr:.1f} dB. Engine: {result.describe()}."
     )
     if enc.clipped_voxels:
         text += f" {enc.clipped_voxels} voxels below the physical floor were clipped."

@@ -66,6 +66,7 @@ class DerivationOptions:
         now: datetime | None = None,
         mode: str | None = None,
         scale: int | None = None,
+        interpolated: bool = False,
     ) -> DerivationOptions:
         """Build options from the ``[derived]`` configuration section.
 
@@ -78,11 +79,15 @@ class DerivationOptions:
             srnode version.
         transfer_syntax, description_suffix, now, mode, scale
             As the attributes of the same names.
+        interpolated
+            The engine fell back to interpolation: the series is labelled with
+            ``interpolation_description_prefix`` instead of the SR prefix.
         """
         return cls(
             uid_root=derived.uid_root,
             series_number_offset=derived.series_number_offset,
-            series_description_prefix=derived.series_description_prefix,
+            series_description_prefix=(derived.interpolation_description_prefix if interpolated
+                                       else derived.series_description_prefix),
             manufacturer=derived.manufacturer,
             software_version=software_version,
             description_suffix=description_suffix,

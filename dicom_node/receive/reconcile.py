@@ -29,7 +29,7 @@ from storage.ingest import store_instance
 from storage.models import Instance
 from storage.records import InstanceHeader
 
-LOGGER = logging.getLogger("srnode.reconcile")
+LOGGER = logging.getLogger(__name__)
 
 #: Folder under the storage root that holds files which could not be indexed.
 QUARANTINE_DIR = "quarantine"

@@ -71,6 +71,8 @@ def node_config_dict(tmp: Path, **sections: Mapping[str, Any]) -> dict[str, Any]
                    "heartbeat_seconds": 1.0, "lease_seconds": 10.0},
         # port 0: each test node binds a free port (read it from node.http.port)
         "http": {"port": 0},
+        # no per-series adaptation unless a test asks for it (it costs [engine] adapt_seconds)
+        "engine": {"adapt_seconds": 0.0},
     }
     for key, value in sections.items():
         if isinstance(value, Mapping) and isinstance(data.get(key), dict):
