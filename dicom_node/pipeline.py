@@ -104,13 +104,15 @@ def safety_gate(
         return "hold", f"sent as interpolation would be: {fallback_reason}"
     if fallback_reason and safety.on_fallback == "warn":
         return "warn", f"interpolation instead of SR: {fallback_reason}"
+    if fallback_reason:
+        # the viewer's own interpolation: the consistency bounds judge SR output, whose
+        # operator it was made for; interpolation is the reference they protect, not a suspect
+        return "send", f"interpolation instead of SR ({fallback_reason})"
     if c.psnr < safety.warn_min_psnr:
         return "warn", f"consistency PSNR {c.psnr:.1f} dB < {safety.warn_min_psnr} dB"
     if modality == "CT" and c.mean_abs_error > safety.warn_mean_abs_error:
         return "warn", (f"consistency mean error {c.mean_abs_error:.1f} HU > "
                         f"{safety.warn_mean_abs_error} HU")
-    if fallback_reason:
-        return "send", f"interpolation instead of SR ({fallback_reason}); consistency within bounds"
     return "send", "consistency within bounds"
 
 

@@ -75,6 +75,8 @@ from dicom_node.network.pdu import (
 from dicom_node.network.service import AcceptorPolicy, Peer, StorageService
 
 LOGGER = logging.getLogger(__name__)
+#: ARTIM timer after a rejection: how long the requestor has to close the connection.
+ARTIM_SECONDS = 2.0
 
 
 class Association:
@@ -212,6 +214,21 @@ class Association:
         rj.from_primitive(primitive)
         self.sock.sendall(rj.encode())
         self.service.on_rejected(self.peer, reason)
+        self._await_requestor_close()
+
+    def _await_requestor_close(self) -> None:
+        """After an A-ASSOCIATE-RJ, let the requestor close the connection (PS3.8 Sta13).
+
+        Closing first can reset the connection before the requestor has read the rejection
+        (it then sees a dropped connection instead of the reason).  The wait is bounded by the
+        ARTIM timer; a peer that keeps the connection open is closed after it.
+        """
+        try:
+            self.sock.settimeout(ARTIM_SECONDS)
+            while self.sock.recv(4096):
+                pass
+        except (OSError, ssl.SSLError):
+            pass
 
     # -- data transfer ------------------------------------------------------------------------
     def _send_command(self, context_id: int, command: bytes) -> None:
