@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -31,6 +31,43 @@ class EnhanceError(Exception):
     """Nothing could be enhanced (bad input, no usable series)."""
 
 
+class ConsistencyFigures(TypedDict):
+    """The re-degradation check of a job (modality units; PSNR in dB)."""
+
+    mean_abs_error: float
+    max_abs_error: float
+    psnr: float
+
+
+class JobOutcome(TypedDict, total=False):
+    """What a finished (or held) job records as its result: ``srnode jobs --json``, the audit.
+
+    The worker adds ``destinations`` (instances delivered per destination), ``stage_seconds``
+    and, for a held series, ``held``.
+    """
+
+    source_series_instance_uid: str
+    derived_series_instance_uid: str
+    instances: int
+    model: str
+    model_version: str
+    device: str
+    rows: int
+    columns: int
+    consistency: ConsistencyFigures
+    gate: Gate
+    gate_reason: str
+    degradation: dict[str, Any] | None
+    choice: Literal["model", "interpolation"]
+    fallback_reason: str | None
+    adaptation: dict[str, float] | None
+    engine: str
+    notes: list[str]
+    destinations: dict[str, int]
+    stage_seconds: dict[str, float]
+    held: bool
+
+
 @dataclass
 class Derivation:
     """The outcome of deriving one series."""
@@ -44,7 +81,7 @@ class Derivation:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> JobOutcome:
         """JSON-serialisable facts for the job result and logs."""
         c = self.result.consistency
         return {

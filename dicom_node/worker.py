@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
@@ -29,6 +29,9 @@ from storage.db import Database
 from storage.filestore import FileStore
 from storage.job_types import BackoffPolicy, ClaimedJob, JobState
 from storage.jobs import JobQueue
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dicom_node.pipeline import JobOutcome
 
 LOGGER = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -42,7 +45,7 @@ class PermanentJobError(Exception):
     """
 
 
-def _engine_choice(summary: dict[str, Any]) -> dict[str, Any]:
+def _engine_choice(summary: JobOutcome) -> dict[str, Any]:
     """The degradation estimate, its confidence and the engine's choice, for the audit log."""
     estimate = summary.get("degradation") or {}
     return {"degradation": estimate.get("family"), "confidence": estimate.get("confidence"),
@@ -64,7 +67,7 @@ def job_output_dir(config: Config, job_id: int) -> Path:
 def _derive_or_reuse(
     config: Config, job: ClaimedJob, queue: JobQueue, worker_id: str, db: Database,
     seconds: dict[str, float],
-) -> tuple[list[Path], dict[str, Any]]:
+) -> tuple[list[Path], JobOutcome]:
     """Derive the series (or reuse what an earlier attempt wrote) and return files + summary."""
     from dicom_node.derive.elements import DerivationError
     from dicom_node.derive.files import write_datasets

@@ -143,9 +143,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "volume-offsets", "volume-mode slices sit where the slab partition puts them",
         "dicom_node/derive/geometry.py",
-        "[source.positions[0] + off * source.normal + shift for off in result.slice_offsets]",
-        "[source.positions[0] + (off + 0.5 * result.spacing[0]) * source.normal + shift"
-        " for off in result.slice_offsets]",
+        "    return np.asarray(result.slice_offsets, dtype=np.float64) / dz",
+        "    return (np.asarray(result.slice_offsets, dtype=np.float64)"
+        " + 0.5 * result.spacing[0]) / dz",
         ("tests/test_promises.py::test_volume_mode_slices_partition_the_source_slabs",),
     ),
     Mutant(
