@@ -101,18 +101,18 @@ def encode_pixels(
 
 
 def _output_padding_mask(
-    source: SourceSeries, nearest: Sequence[int], shape: tuple[int, ...]
+    source: SourceSeries, j: int, shape: tuple[int, int]
 ) -> np.ndarray:
-    """Padding mask of the output: the nearest source slice's mask, resampled by nearest pixel."""
+    """Padding mask of one output slice: source slice ``j``'s mask, resampled by nearest pixel."""
     assert source.padding_mask is not None
-    _, rows, cols = shape
-    src_rows, src_cols = source.padding_mask.shape[1:]
-    picked = source.padding_mask[np.asarray(nearest)]
+    rows, cols = shape
+    mask = source.padding_mask[j]
+    src_rows, src_cols = mask.shape
     if rows % src_rows == 0 and cols % src_cols == 0:  # integer factors: plain repetition
-        return picked.repeat(rows // src_rows, axis=1).repeat(cols // src_cols, axis=2)
+        return mask.repeat(rows // src_rows, axis=0).repeat(cols // src_cols, axis=1)
     ri = np.minimum(((np.arange(rows) + 0.5) * src_rows / rows).astype(int), src_rows - 1)
     ci = np.minimum(((np.arange(cols) + 0.5) * src_cols / cols).astype(int), src_cols - 1)
-    return picked[:, ri][:, :, ci]
+    return mask[ri][:, ci]
 
 
 def _restore_padding(
@@ -133,12 +133,16 @@ def _restore_padding(
     if not lo <= pad <= hi:
         return enc
     stored = enc.stored
-    mask = _output_padding_mask(source, nearest, stored.shape)
-    collide = stored == pad
-    collide &= ~mask
-    if collide.any():
-        np.putmask(stored, collide, pad + 1 if pad < hi else pad - 1)
-    np.putmask(stored, mask, pad)
+    moved = pad + 1 if pad < hi else pad - 1
+    # slice by slice: a whole-series boolean mask of a 300 x 1024 x 1024 output is 300 MB per
+    # temporary and memory-bound; one slice stays in cache
+    for k, j in enumerate(nearest):
+        mask = _output_padding_mask(source, j, stored.shape[1:])
+        out = stored[k]
+        collide = out == pad
+        collide &= ~mask
+        np.putmask(out, collide, moved)
+        np.putmask(out, mask, pad)
     return PixelEncoding(stored, enc.slopes, enc.intercepts, pr, bits, enc.recomputed,
                          enc.clipped_voxels, pad)
 
