@@ -191,7 +191,7 @@ def read_us(fields: dict[int, bytes], elem: int) -> int:
     value = fields.get(elem)
     if value is None or len(value) != 2:
         raise AssociationAbortedError(f"command element (0000,{elem:04X}) missing or not US",
-                                 ABORT_INVALID_PARAMETER)
+                                      ABORT_INVALID_PARAMETER)
     return int(struct.unpack("<H", value)[0])
 
 
@@ -246,6 +246,17 @@ def recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+def _read_pdu_header(sock: socket.socket, max_length: int) -> tuple[int, int]:
+    """Read a PDU header; return the PDU type and the announced body length (checked)."""
+    pdu_type, _, length = struct.unpack(">BBI", recv_exact(sock, 6))
+    if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
+        raise AssociationAbortedError(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
+    if length > max_length:
+        raise AssociationAbortedError(f"PDU of {length} bytes exceeds {max_length}",
+                                      ABORT_INVALID_PARAMETER)
+    return pdu_type, length
+
+
 def read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearray]:
     """Read one PDU; return its type and body.
 
@@ -254,13 +265,7 @@ def read_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearray]:
     AssociationAbortedError
         Connection closed, unknown PDU type or a PDU longer than ``max_length``.
     """
-    header = recv_exact(sock, 6)
-    pdu_type, _, length = struct.unpack(">BBI", header)
-    if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
-        raise AssociationAbortedError(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
-    if length > max_length:
-        raise AssociationAbortedError(f"PDU of {length} bytes exceeds {max_length}",
-                                 ABORT_INVALID_PARAMETER)
+    pdu_type, length = _read_pdu_header(sock, max_length)
     return pdu_type, recv_exact(sock, length)
 
 
@@ -275,13 +280,7 @@ def read_request_pdu(sock: socket.socket, max_length: int) -> tuple[int, bytearr
     AssociationAbortedError
         Connection closed, unknown PDU type or a PDU longer than ``max_length``.
     """
-    header = recv_exact(sock, 6)
-    pdu_type, _, length = struct.unpack(">BBI", header)
-    if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
-        raise AssociationAbortedError(f"unknown PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
-    if length > max_length:
-        raise AssociationAbortedError(f"PDU of {length} bytes exceeds {max_length}",
-                                      ABORT_INVALID_PARAMETER)
+    pdu_type, length = _read_pdu_header(sock, max_length)
     body = bytearray()
     while len(body) < length:
         chunk = sock.recv(min(NEGOTIATION_READ, length - len(body)))
