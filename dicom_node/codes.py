@@ -85,9 +85,6 @@ ENHANCED_IMAGE_STORAGE: dict[UID, str] = {
 ENHANCEABLE_SOP_CLASSES: tuple[UID, ...] = (
     *CLASSIC_IMAGE_STORAGE.values(), *ENHANCED_IMAGE_STORAGE
 )
-#: Storage SOP classes srnode accepts with ``[node] accept_all_storage = false``: only those it
-#: enhances (every other SOP class is then refused at negotiation).
-STORAGE_SOP_CLASSES: tuple[UID, ...] = ENHANCEABLE_SOP_CLASSES
 #: Every Storage SOP class (pynetdicom's list of the standard's storage SOP classes, plus those
 #: srnode enhances): accepted by default, so that a PACS forwarding whole studies (dose reports,
 #: secondary captures, presentation states) never fails; only CT/MR images are enhanced.
@@ -100,8 +97,12 @@ ALL_STORAGE_SOP_CLASSES: tuple[UID, ...] = tuple(
 
 
 def accepted_sop_classes(accept_all_storage: bool) -> tuple[UID, ...]:
-    """Storage SOP classes offered at association negotiation (``[node] accept_all_storage``)."""
-    return ALL_STORAGE_SOP_CLASSES if accept_all_storage else STORAGE_SOP_CLASSES
+    """Storage SOP classes offered at association negotiation (``[node] accept_all_storage``).
+
+    With ``accept_all_storage = false`` only those srnode enhances; every other SOP class is
+    then refused at negotiation.
+    """
+    return ALL_STORAGE_SOP_CLASSES if accept_all_storage else ENHANCEABLE_SOP_CLASSES
 #: Transfer syntaxes accepted: uncompressed, deflate and every compressed syntax the installed
 #: decoders (pylibjpeg, openjpeg, RLE, gdcm) can decode.
 ACCEPTED_TRANSFER_SYNTAXES: tuple[UID, ...] = (

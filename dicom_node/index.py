@@ -16,6 +16,15 @@ class IndexNotReadyError(ConfigError):
     """The index exists at another schema version than this srnode expects."""
 
 
+def connect_index(config: Config) -> Database:
+    """A connection pool to the index of ``config``, without touching its schema.
+
+    For probes that must report an unreachable or outdated index rather than fail on it (the
+    health checks); everything else uses :func:`open_index`.
+    """
+    return Database(config.node.database_url, config.node.index_busy_timeout_seconds)
+
+
 def open_index(config: Config, *, migrate: bool) -> Database:
     """Open the index database of ``config``.
 
@@ -38,7 +47,7 @@ def open_index(config: Config, *, migrate: bool) -> Database:
     storage.errors.DatabaseUnavailableError
         If the database cannot be reached.
     """
-    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
+    db = connect_index(config)
     if migrate:
         db.upgrade()
         return db

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from dicom_node.config import Config
 from dicom_node.health import Health
-from dicom_node.index import index_created, open_index, redact_url
+from dicom_node.index import connect_index, index_created, open_index, redact_url
 from storage.db import Database
 from storage.errors import StorageError
 from storage.filestore import FileStore
@@ -137,7 +137,7 @@ def node_health(config: Config) -> Health:
     """The checks of ``GET /healthz`` from another process (the SCP is checked by C-ECHO)."""
     from dicom_node.health import EngineDevice, check_health, echo_check
 
-    db = Database(config.node.database_url, config.node.index_busy_timeout_seconds)
+    db = connect_index(config)
     try:
         return check_health(config, db, FileStore(Path(config.node.storage_dir)),
                             echo_check(config), EngineDevice(config.engine.device))
