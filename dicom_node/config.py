@@ -276,7 +276,7 @@ def _validate(cfg: Config) -> None:
     n.allowed_calling_ae_titles = [
         _check_ae(a, "[node] allowed_calling_ae_titles") for a in n.allowed_calling_ae_titles
     ]
-    if not 0 < n.port < 65536:
+    if not 0 <= n.port < 65536:
         raise ConfigError(f"[node] port: {n.port} is not a TCP port")
     if n.max_associations < 1:
         raise ConfigError("[node] max_associations must be >= 1")

@@ -55,6 +55,11 @@ class EnhanceRequest:
         Volume mode: seconds of per-series self-supervised fine-tuning (pairs from the series'
         own in-plane slices degraded with the estimated slab profile) before inference;
         0 = none.
+    precision
+        ``"auto"``: mixed precision (float16 autocast) on CUDA, float32 on the CPU;
+        ``"float32"``: float32 everywhere (bit-stable across runs on one device);
+        ``"mixed"``: autocast on any device (bfloat16 on the CPU: slower there, it exists so
+        the mixed-precision code path can be tested on machines without a GPU).
     """
 
     mode: Mode = "slice"
@@ -68,6 +73,29 @@ class EnhanceRequest:
     self_ensemble: bool | None = None
     estimate_degradation: bool = True
     adapt_seconds: float = 0.0
+    precision: str = "auto"
+
+
+#: Accepted ``EnhanceRequest.precision`` values.
+PRECISIONS: tuple[str, ...] = ("auto", "float32", "mixed")
+
+
+def uses_mixed_precision(precision: str, device: str) -> bool:
+    """Whether inference with ``precision`` on ``device`` runs under autocast.
+
+    Parameters
+    ----------
+    precision
+        ``EnhanceRequest.precision``.
+    device
+        The resolved device, ``cpu`` or ``cuda``.
+
+    Returns
+    -------
+    bool
+        True for ``mixed``, and for ``auto`` on CUDA.
+    """
+    return precision == "mixed" or (precision == "auto" and device == "cuda")
 
 
 # ``EnhanceRequest.self_ensemble = None``: on in volume mode (4 passes per plane orientation of a

@@ -11,11 +11,13 @@ import numpy as np
 import torch
 
 from .api import (
+    PRECISIONS,
     ConsistencyReport,
     DegradationEstimate,
     EnhanceRequest,
     EnhanceResult,
     resolve_self_ensemble,
+    uses_mixed_precision,
 )
 from .degrade import Degradation, apply_inplane, degrade_inplane, profile_weights, slab_weights
 from .errors import UnsupportedRequestError
@@ -99,7 +101,8 @@ def _run(model: torch.nn.Module, planes: np.ndarray, fy: int, fx: int, device: s
         return upsample_planes(
             model, x, fy, fx, device=device, batch_size=request.batch_size,
             tile_size=request.tile_size, tile_overlap=request.tile_overlap,
-            margin=receptive_field(model) // 2 + 1, amp=device == "cuda")
+            margin=receptive_field(model) // 2 + 1,
+            amp=uses_mixed_precision(request.precision, device))
 
     if not ensemble:
         return once(planes)
@@ -386,6 +389,9 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
         raise UnsupportedRequestError("volume mode needs at least two slices")
     dz, dy, dx = (float(v) for v in spacing)
     thickness = float(slice_thickness) if slice_thickness and slice_thickness > 0 else dz
+    if request.precision not in PRECISIONS:
+        raise UnsupportedRequestError(f"unknown precision {request.precision!r} "
+                                      f"(expected one of {', '.join(PRECISIONS)})")
     device, fallback = resolve_device(request.device)
     name = resolve_name(request.model, device, mode, scale)
     mapping = mapping_for(volume, modality)
@@ -480,6 +486,8 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
         extra["device_fallback"] = fallback
         LOGGER.warning("SR engine device fallback: %s", fallback)
     extra["tiles_per_plane"] = tiles
+    extra["precision"] = ("mixed" if uses_mixed_precision(request.precision, device)
+                          and REGISTRY[name].learned else "float32")
     return EnhanceResult(
         volume=np.ascontiguousarray(out, dtype=np.float32), spacing=out_spacing,
         slice_thickness=out_thickness, slice_offsets=offsets, contributing_slices=contrib,

@@ -9,6 +9,7 @@ of the overlap, so the blended result equals a single full pass up to float roun
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -39,6 +40,33 @@ def ramp(start: int, size: int, length: int, overlap: int, margin: int) -> np.nd
     return w
 
 
+#: Reduced-precision dtype of the mixed-precision path per device type: float16 on CUDA (the
+#: production path); bfloat16 on the CPU, where autocast has no float16 kernels. The CPU entry is
+#: the stand-in that lets the tests run the same mixed-precision code path on a GPU-less machine.
+AMP_DTYPE: dict[str, torch.dtype] = {"cuda": torch.float16, "cpu": torch.bfloat16}
+
+
+def amp_context(device: str, amp: bool) -> contextlib.AbstractContextManager[object]:
+    """Autocast for ``device`` when ``amp`` is set, else a no-op context.
+
+    Parameters
+    ----------
+    device
+        ``cpu`` or ``cuda`` (a ``cuda:N`` index is accepted).
+    amp
+        Whether to run the network in reduced precision.
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        The context to run the forward pass in.
+    """
+    kind = torch.device(device).type
+    if not amp or kind not in AMP_DTYPE:
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=AMP_DTYPE[kind])
+
+
 def _chunks(n: int, size: int) -> Iterator[slice]:
     for i in range(0, n, max(1, size)):
         yield slice(i, min(n, i + max(1, size)))
@@ -66,7 +94,8 @@ def upsample_planes(model: nn.Module, planes: np.ndarray, fy: int, fx: int, *, d
     margin
         LR pixels next to inner tile edges that get zero weight.
     amp
-        Use float16 autocast (CUDA only).
+        Run the network under autocast (:data:`AMP_DTYPE`: float16 on CUDA); the output is
+        accumulated in float32.
 
     Returns
     -------
@@ -97,10 +126,7 @@ def upsample_planes(model: nn.Module, planes: np.ndarray, fy: int, fx: int, *, d
                               for i, t in jobs[chunk] for y0, x0 in [tiles[t]]])
             x = torch.from_numpy(np.ascontiguousarray(batch)).unsqueeze(1).to(device)
             x = x.contiguous(memory_format=torch.channels_last)
-            if amp and device == "cuda":
-                with torch.autocast("cuda", dtype=torch.float16):
-                    y = model(x)
-            else:
+            with amp_context(device, amp):
                 y = model(x)
             y = y.float().squeeze(1).cpu().numpy()
             for (i, t), tile in zip(jobs[chunk], y, strict=True):

@@ -15,3 +15,12 @@ def _restore_logging() -> object:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+@pytest.fixture
+def refused_port() -> object:
+    """A loopback port that refuses every connection for the whole test (held bound, no listen)."""
+    from tests.support.dcmtk import refusing_port
+
+    with refusing_port() as port:
+        yield port

@@ -12,7 +12,7 @@ import pytest
 
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series, make_mr_series
-from tests.support.dcmtk import StoreSCP, free_port, storescu
+from tests.support.dcmtk import StoreSCP, storescu
 from tests.support.node import node_config, running_node
 from tests.support.orthanc import OrthancServer
 
@@ -40,12 +40,10 @@ def _original(paths: list[Path]) -> list[Path]:
 def test_orthanc_sends_series_and_receives_the_derived_series(tmp_path: Path) -> None:
     ct = _original(make_ct_series(tmp_path / "ct", n_slices=5, rows=64))
     mr = _original(make_mr_series(tmp_path / "mr", n_slices=5, rows=32))
-    node_port = free_port()
-    with OrthancServer(tmp_path / "orthanc",
-                       modalities={"srnode": ("SRNODE", "127.0.0.1", node_port)}) as pacs:
+    with OrthancServer(tmp_path / "orthanc") as pacs:
         cfg = node_config(
             tmp_path,
-            node={"port": node_port, "allowed_calling_ae_titles": ["ORTHANC"]},
+            node={"allowed_calling_ae_titles": ["ORTHANC"]},
             destinations=[{"name": "pacs", "ae_title": "ORTHANC", "host": "127.0.0.1",
                            "port": pacs.dicom_port}],
             rules=[
@@ -65,6 +63,8 @@ def test_orthanc_sends_series_and_receives_the_derived_series(tmp_path: Path) ->
         for inst in pacs.instances():
             before[inst] = hashlib.sha256(pacs.instance_file(inst)).hexdigest()
         with running_node(cfg, run_worker=True) as node:
+            # the node bound port 0: tell the PACS where it listens
+            pacs.add_modality("srnode", "SRNODE", "127.0.0.1", node.scp.port)
             pacs.store_to_modality("srnode", studies)
             jobs = _wait_jobs(JobQueue(node.db), 2)
         assert [j["state"] for j in jobs] == ["done", "done"], jobs

@@ -17,7 +17,7 @@ from storage.ingest import store_instance
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series
 from tests.support.db import synthetic_instance
-from tests.support.dcmtk import free_port, storescu
+from tests.support.dcmtk import storescu
 from tests.support.headers import read_header
 from tests.support.node import node_config, running_node
 
@@ -74,13 +74,13 @@ def test_processing_timeout_kills_the_child_before_the_job_fails(tmp_path: Path)
         assert "timeout" in job["error"]
 
 
-def test_failed_send_waits_the_configured_backoff(tmp_path: Path) -> None:
+def test_failed_send_waits_the_configured_backoff(tmp_path: Path, refused_port: int) -> None:
     ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
     cfg = node_config(
         tmp_path,
         worker={"backoff_base_seconds": 40.0, "max_attempts": 3},
         destinations=[{"name": "nowhere", "ae_title": "NOWHERE", "host": "127.0.0.1",
-                       "port": free_port()}],
+                       "port": refused_port}],
         rules=[{"name": "r", "modalities": ["CT"], "destinations": ["nowhere"]}],
     )
     with running_node(cfg, run_worker=True) as node:

@@ -62,7 +62,8 @@ def test_quiet_period_creates_one_job_per_series_and_skips_derived(tmp_path: Pat
         # not before the quiet period has passed
         assert queue.list_jobs() == []
         jobs = _wait_for(lambda: len(queue.list_jobs()) >= 2 and queue.list_jobs())
-        time.sleep(2.0)  # more checks run: still exactly one job per series
+        # more checks run (now, deterministically): still exactly one job per series
+        assert node.scheduler.run_once() == [] and node.scheduler.run_once() == []
         jobs = queue.list_jobs()
         by_series = {j["series_instance_uid"]: j for j in jobs}
         ct_uid = str(pydicom.dcmread(ct[0]).SeriesInstanceUID)
@@ -181,7 +182,7 @@ def test_include_derived_rule_selects_reformats_but_never_our_own_output(tmp_pat
         assert rc == 0, out
         queue = JobQueue(node.db)
         jobs = _wait_for(lambda: queue.list_jobs())
-        time.sleep(1.5)
+        assert node.scheduler.run_once() == []  # a further check queues nothing else
         jobs = queue.list_jobs()
     mpr_uid = str(pydicom.dcmread(mpr[0]).SeriesInstanceUID)
     assert [j["series_instance_uid"] for j in jobs] == [mpr_uid]

@@ -330,8 +330,8 @@ def test_invalid_uid_values_never_reach_the_logs(tmp_path: Path) -> None:
     bad.file_meta.MediaStorageSOPInstanceUID = bad.SOPInstanceUID
     path = tmp_path / "bad.dcm"
     bad.save_as(path, enforce_file_format=True)
-    with ServeProcess(cfg_path, data["node"]["port"], tmp_path / "serve.out"):
-        assert _send(data["node"]["port"], [path]) == [statuses.INVALID_UID]
+    with ServeProcess(cfg_path, data["node"]["port"], tmp_path / "serve.out") as served:
+        assert _send(served.port, [path]) == [statuses.INVALID_UID]
     text = "".join(Path(p).read_text() for p in (tmp_path / "serve.out", data["node"]["log_file"],
                                                 data["node"]["audit_log"]))
     assert "instance_refused" in text

@@ -40,7 +40,7 @@ from dicom_node.network.scu import (
 )
 from dicom_node.network.tls import client_ssl_context, server_ssl_context
 from tests.support.certs import PKI, make_pki
-from tests.support.dcmtk import StoreSCP, echoscu, free_port, storescu
+from tests.support.dcmtk import StoreSCP, echoscu, refusing_port, storescu
 from tests.support.orthanc import OrthancServer
 
 pytestmark = pytest.mark.timeout(120)
@@ -191,13 +191,13 @@ def test_resume_skips_and_reports_each_stored_once(tmp_path: Path) -> None:
 
 
 def test_destination_down_raises_quickly(tmp_path: Path) -> None:
-    port = free_port()  # nothing listens here
-    with pytest.raises(DestinationUnavailableError) as info:
-        send_instances(_dest("NOBODY", port), [_testfile(CT)], calling_ae_title="SRNODE",
-                       timeout=5)
-    assert str(port) in str(info.value)
-    with pytest.raises(DestinationUnavailableError):
-        echo("NOBODY", LOCALHOST, port, timeout=5)
+    with refusing_port() as port:  # bound, nothing listens
+        with pytest.raises(DestinationUnavailableError) as info:
+            send_instances(_dest("NOBODY", port), [_testfile(CT)], calling_ae_title="SRNODE",
+                           timeout=5)
+        assert str(port) in str(info.value)
+        with pytest.raises(DestinationUnavailableError):
+            echo("NOBODY", LOCALHOST, port, timeout=5)
 
 
 def test_storescu_harness_round_trip(tmp_path: Path) -> None:
@@ -262,7 +262,7 @@ class _RecordingSCP:
             ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.add_supported_context(Verification)
         self.ae = ae
-        self.port = free_port()
+        self.port = 0  # bound in __enter__ (port 0), then the bound port
         self.ssl_context = ssl_context
         self.server: ThreadedAssociationServer | None = None
 
@@ -280,6 +280,7 @@ class _RecordingSCP:
             ssl_context=self.ssl_context,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
         )
+        self.port = int(self.server.server_address[1])
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -320,10 +321,10 @@ def test_lost_association_mid_send_keeps_partial_report() -> None:
     ae = AE(ae_title="PYSCP")
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
-    port = free_port()
     server = ae.start_server(
-        (LOCALHOST, port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+        (LOCALHOST, 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
     )
+    port = int(server.server_address[1])
     stored: list[str] = []
     try:
         with pytest.raises(DestinationUnavailableError) as info:
@@ -345,9 +346,9 @@ def test_sop_class_not_accepted_is_a_recorded_failure(tmp_path: Path) -> None:
     ct = _testfile(CT)
     ae = AE(ae_title="PYSCP")
     ae.add_supported_context(MRImageStorage, ExplicitVRLittleEndian)
-    port = free_port()
     handlers = [(evt.EVT_C_STORE, lambda event: 0x0000)]
-    server = ae.start_server((LOCALHOST, port), block=False, evt_handlers=handlers)
+    server = ae.start_server((LOCALHOST, 0), block=False, evt_handlers=handlers)
+    port = int(server.server_address[1])
     try:
         report = send_instances(
             _dest("PYSCP", port), [ct, _testfile(MR)], calling_ae_title="SRNODE"
@@ -531,8 +532,8 @@ def test_send_with_missing_tls_files_is_a_send_error(tmp_path: Path) -> None:
 def test_echo_peer_without_verification(tmp_path: Path) -> None:
     ae = AE(ae_title="NOECHO")
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
-    port = free_port()
-    server = ae.start_server((LOCALHOST, port), block=False)
+    server = ae.start_server((LOCALHOST, 0), block=False)
+    port = int(server.server_address[1])
     try:
         with pytest.raises(DestinationUnavailableError, match="No accepted presentation"):
             echo("NOECHO", LOCALHOST, port, timeout=5)

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from storage.models import Instance
 from tests.dicom_factory import make_ct_series
 from tests.support.certs import PKI, make_pki
-from tests.support.dcmtk import StoreSCP, echoscu, free_port, storescu
+from tests.support.dcmtk import StoreSCP, echoscu, storescu
 from tests.support.node import (
     ServeProcess,
     node_config,
@@ -262,10 +262,9 @@ def test_serve_receive_job_tls_send_logs_no_patient_identifiers(
     ct = _with_patient(make_ct_series(tmp_path / "ct", n_slices=3, rows=32))
     with StoreSCP(tmp_path / "received", tls=(pki.server_key, pki.server_cert,
                                               pki.ca_cert)) as dest:
-        port = free_port()
         data = node_config_dict(
             tmp_path / "node",
-            node={"port": port, "log_level": "DEBUG",
+            node={"log_level": "DEBUG",
                   "allowed_calling_ae_titles": ["STORESCU"]},
             destinations=[{"name": "secure", "ae_title": dest.aet, "host": "127.0.0.1",
                            "port": dest.port,
@@ -283,7 +282,8 @@ def test_serve_receive_job_tls_send_logs_no_patient_identifiers(
         audit_path = Path(data["node"]["audit_log"])
         log_path = Path(data["node"]["log_file"])
         out_path = tmp_path / "serve.out"
-        with ServeProcess(config_path, port, out_path):
+        with ServeProcess(config_path, 0, out_path) as served:
+            port = served.port
             rc, out = storescu("127.0.0.1", port, ct, called_ae_title="SRNODE")
             assert rc == 0 and "Store Failed" not in out, out
             _refused_instance(tmp_path, port, ct[0])

@@ -43,26 +43,31 @@ def test_quiet_period_creates_job_then_new_instance_supersedes(
     database: Database, store: FileStore
 ) -> None:
     q = JobQueue(database)
-    _add(database, store, _series(1), range(1, 4))
-    assert check_completeness(database, [CT_RULE], 0.5, 3600) == []  # still arriving
-    time.sleep(0.7)
-    first = check_completeness(database, [CT_RULE], 0.5, 3600)
+    t0 = datetime.now(UTC)
+    _add(database, store, _series(1), range(1, 4), received_at=t0)
+    quiet = 30.0  # seconds; the clock is injected, so nothing sleeps
+    assert check_completeness(database, [CT_RULE], quiet, 3600,
+                              now=t0 + timedelta(seconds=29)) == []  # still arriving
+    first = check_completeness(database, [CT_RULE], quiet, 3600, now=t0 + timedelta(seconds=31))
     assert len(first) == 1
     job = q.get(first[0])
     assert (job["state"], job["rule"], job["series_instance_uid"]) == (
         "queued", "ct", _series(1))
     assert job["instance_count"] == 3
     assert job["params"] == CT_RULE.job_params().to_json()
-    assert check_completeness(database, [CT_RULE], 0.5, 3600) == []  # never duplicated
+    assert check_completeness(database, [CT_RULE], quiet, 3600,
+                              now=t0 + timedelta(seconds=32)) == []  # never duplicated
 
-    _add(database, store, _series(1), [4])
-    assert check_completeness(database, [CT_RULE], 0.5, 3600) == []  # not quiet yet
-    time.sleep(0.7)
-    second = check_completeness(database, [CT_RULE], 0.5, 3600)
+    t1 = t0 + timedelta(seconds=40)
+    _add(database, store, _series(1), [4], received_at=t1)
+    assert check_completeness(database, [CT_RULE], quiet, 3600,
+                              now=t1 + timedelta(seconds=29)) == []  # not quiet yet
+    second = check_completeness(database, [CT_RULE], quiet, 3600, now=t1 + timedelta(seconds=31))
     assert len(second) == 1 and second != first
     assert q.get(first[0])["state"] == "superseded"
     assert q.get(second[0])["state"] == "queued" and q.get(second[0])["instance_count"] == 4
-    assert check_completeness(database, [CT_RULE], 0.5, 3600) == []
+    assert check_completeness(database, [CT_RULE], quiet, 3600,
+                              now=t1 + timedelta(seconds=32)) == []
     assert [j["id"] for j in q.list_jobs(["queued"])] == second
 
 

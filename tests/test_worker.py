@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series
-from tests.support.dcmtk import StoreSCP, free_port, storescu
+from tests.support.dcmtk import StoreSCP, refusing_port, storescu
 from tests.support.node import node_config, running_node
 
 
@@ -37,8 +38,11 @@ def _dest(name: str, ae: str, port: int) -> dict:
 
 def test_destination_down_then_up_is_delivered_and_others_are_served(tmp_path: Path) -> None:
     ct = make_ct_series(tmp_path / "ct", n_slices=3, rows=32)
-    down_port = free_port()
-    with StoreSCP(tmp_path / "up") as up:
+    # bound but not listening: connections are refused until the relay listens on this socket
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", 0))
+    down_port = int(held.getsockname()[1])
+    with held, StoreSCP(tmp_path / "up") as up:
         cfg = node_config(
             tmp_path,
             worker={"backoff_base_seconds": 2.0, "max_attempts": 5},
@@ -54,7 +58,7 @@ def test_destination_down_then_up_is_delivered_and_others_are_served(tmp_path: P
             assert len(up.files()) == len(ct)  # the working destination was served meanwhile
             with StoreSCP(tmp_path / "later", aet="LATER") as later_scp:
                 # StoreSCP picks its own free port: point the destination at it via a relay
-                relay = _relay(down_port, later_scp.port)
+                relay = _Relay(held, later_scp.port)
                 try:
                     jobs = _wait(queue, lambda j: j[0]["state"] == "done")
                 finally:
@@ -68,12 +72,14 @@ def test_destination_down_then_up_is_delivered_and_others_are_served(tmp_path: P
 
 
 class _Relay:
-    """A tiny loopback TCP relay so a destination's fixed port can come up later."""
+    """A tiny loopback TCP relay so a destination's fixed port can come up later.
 
-    def __init__(self, listen: int, target: int) -> None:
-        import socket
+    It starts listening on ``bound``, a socket the test has held bound (refusing) until now.
+    """
 
-        self.sock = socket.create_server(("127.0.0.1", listen))
+    def __init__(self, bound: socket.socket, target: int) -> None:
+        bound.listen()
+        self.sock = bound
         self.target = target
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -93,8 +99,6 @@ class _Relay:
                     pass
 
     def _serve(self) -> None:
-        import socket
-
         self.sock.settimeout(0.2)
         while not self.stop.is_set():
             try:
@@ -112,30 +116,27 @@ class _Relay:
         self.sock.close()
 
 
-def _relay(listen: int, target: int) -> _Relay:
-    return _Relay(listen, target)
-
-
 def test_dead_letter_after_max_attempts_then_retry(tmp_path: Path) -> None:
     ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
-    cfg = node_config(
-        tmp_path,
-        worker={"backoff_base_seconds": 0.2, "max_attempts": 2},
-        destinations=[_dest("nowhere", "NOWHERE", free_port())],
-        rules=[{"name": "r", "modalities": ["CT"], "destinations": ["nowhere"]}],
-    )
-    with running_node(cfg, run_worker=True) as node:
-        queue = JobQueue(node.db)
-        rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
-        assert rc == 0, out
-        jobs = _wait(queue, lambda j: j[0]["state"] == "failed")
-        assert jobs[0]["attempts"] == 2
-        assert "nowhere" in jobs[0]["error"]
-        # the derived series was written once and is reused by every attempt
-        derived = list((Path(cfg.node.storage_dir) / "derived").rglob("*.dcm"))
-        assert len(derived) == len(ct)
-        queue.retry(jobs[0]["id"])
-        assert queue.get(jobs[0]["id"])["state"] in ("queued", "running")
+    with refusing_port() as nowhere:
+        cfg = node_config(
+            tmp_path,
+            worker={"backoff_base_seconds": 0.2, "max_attempts": 2},
+            destinations=[_dest("nowhere", "NOWHERE", nowhere)],
+            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["nowhere"]}],
+        )
+        with running_node(cfg, run_worker=True) as node:
+            queue = JobQueue(node.db)
+            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+            jobs = _wait(queue, lambda j: j[0]["state"] == "failed")
+            assert jobs[0]["attempts"] == 2
+            assert "nowhere" in jobs[0]["error"]
+            # the derived series was written once and is reused by every attempt
+            derived = list((Path(cfg.node.storage_dir) / "derived").rglob("*.dcm"))
+            assert len(derived) == len(ct)
+            queue.retry(jobs[0]["id"])
+            assert queue.get(jobs[0]["id"])["state"] in ("queued", "running")
 
 
 def test_partial_send_resumes_with_the_missing_instances_only(tmp_path: Path) -> None:
@@ -158,9 +159,9 @@ def test_partial_send_resumes_with_the_missing_instances_only(tmp_path: Path) ->
     ae = AE(ae_title="FLAKY")
     ae.add_supported_context(Verification)
     ae.add_supported_context(CTImageStorage)
-    port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
+    server = ae.start_server(("127.0.0.1", 0), block=False,
                              evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    port = int(server.server_address[1])
     try:
         cfg = node_config(
             tmp_path, worker={"backoff_base_seconds": 0.5, "max_attempts": 4},

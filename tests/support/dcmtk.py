@@ -10,6 +10,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -17,7 +18,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -28,6 +29,7 @@ __all__ = [
     "echoscu",
     "free_port",
     "port_is_listening",
+    "refusing_port",
     "storescu",
     "wait_until_listening",
 ]
@@ -57,10 +59,26 @@ def dcmtk_env() -> dict[str, str]:
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    Only for external programs that cannot bind port 0 and report it (dcmtk's storescp,
+    Orthanc): their ``start()`` retries on a clash.  srnode and pynetdicom servers in tests bind
+    port 0; a destination that must refuse connections uses :func:`refusing_port`.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port held bound but not listening: every connection to it is refused.
+
+    Unlike a port that "was free a moment ago", nothing else can take it while the block runs.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
 
 
 def port_is_listening(port: int) -> bool:

@@ -63,7 +63,9 @@ class ServedNode:
 
     def start(self) -> ServedNode:
         """Start ``srnode serve`` and wait until it listens."""
-        self.process = ServeProcess(self.config_path, self.port, self.log_path).start()
+        configured = int(self.data["node"]["port"])
+        self.process = ServeProcess(self.config_path, configured, self.log_path).start()
+        self.port = self.process.port  # port 0: the port this start bound
         return self
 
     def kill9(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,9 +35,10 @@ from pydicom.uid import (
 )
 
 from dicom_node.config import Config, parse_config
-from tests.support.dcmtk import free_port, wait_until_listening
+from tests.support.dcmtk import wait_until_listening
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVING_PORT = re.compile(r"srnode serving AE \S* on port (\d+)")
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 PYDICOM_DATA = Path(pydicom.__file__).parent.parent / "data_store" / "data"
 
@@ -56,7 +58,9 @@ def node_config_dict(tmp: Path, **sections: Mapping[str, Any]) -> dict[str, Any]
         "node": {
             "ae_title": "SRNODE",
             "host": "127.0.0.1",
-            "port": free_port(),
+            # port 0: the node binds a free port and reports it (node.scp.port in process,
+            # the "serving ... on port N" log line for `srnode serve`)
+            "port": 0,
             "storage_dir": str(tmp / "storage"),
             "database_url": f"sqlite:///{tmp / 'srnode.db'}",
             "min_free_disk_mb": 1,
@@ -155,12 +159,29 @@ class ServeProcess:
 
     def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
         self.config_path = config_path
+        self.configured_port = port
         self.port = port
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _reported_port(self, offset: int) -> int | None:
+        """The port named by the node's "serving ... on port N" line written after ``offset``."""
+        try:
+            with self.log_path.open("rb") as fh:
+                fh.seek(offset)
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return None
+        found = SERVING_PORT.findall(text)
+        return int(found[-1]) if found else None
+
     def start(self, timeout: float = 60.0) -> ServeProcess:
-        """Start the process and wait until the SCP listens."""
+        """Start the process and wait until the SCP listens.
+
+        With ``port`` 0 the node binds a free port; the bound port is read from its log line
+        and stored in :attr:`port` (each start may get a different one).
+        """
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [srnode_executable(), "serve", "--config", str(self.config_path)],
@@ -171,6 +192,12 @@ class ServeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"srnode serve exited early:\n{self.log_path.read_text()}")
+            if self.configured_port == 0:
+                reported = self._reported_port(offset)
+                if reported is None:
+                    time.sleep(0.05)
+                    continue
+                self.port = reported
             try:
                 wait_until_listening(self.port, timeout=0.5)
                 return self

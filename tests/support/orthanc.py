@@ -250,6 +250,10 @@ class OrthancServer:
             return self._request("POST", path, data=bytes(body)).json()
         return self._request("POST", path, json=body).json()
 
+    def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """Declare (or replace) a DICOM modality at run time (for peers that bind port 0)."""
+        self._request("PUT", f"/modalities/{name}", json={"AET": aet, "Host": host, "Port": port})
+
     def upload(self, path: Path) -> dict[str, Any]:
         """Upload one DICOM file over REST; returns the answer (``ID``, ``ParentSeries``...)."""
         result: dict[str, Any] = self.post("/instances", Path(path).read_bytes())
