@@ -149,6 +149,20 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_promises.py::test_volume_mode_slices_partition_the_source_slabs",),
     ),
     Mutant(
+        "no-autocast", "on CUDA the network runs in mixed precision (float16 autocast)",
+        "sr_engine/tiling.py",
+        "    if not amp or kind not in AMP_DTYPE:",
+        "    if True:",
+        ("tests/test_engine_precision.py",),
+    ),
+    Mutant(
+        "no-oom-fallback", "a CUDA out-of-memory error finishes the job on the CPU",
+        "sr_engine/inference.py",
+        "            if device != \"cuda\":\n                raise",
+        "            if True:\n                raise",
+        ("tests/test_engine_precision.py::test_cuda_out_of_memory_falls_back_to_the_cpu",),
+    ),
+    Mutant(
         "weak-weights", "the shipped fast slice x2 weights keep the gain their model card states",
         "sr_engine/weights/fast_slice_x2.safetensors", "", "",
         ("tests/test_engine_shipped.py",),
