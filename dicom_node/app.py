@@ -54,6 +54,7 @@ class Node:
             max_age=config.series.max_age_seconds,
             interval_seconds=config.series.check_interval_seconds,
             max_attempts=config.worker.max_attempts,
+            receiving=self.scp.receiving_series,
         )
         self.run_worker = config.worker.enabled if run_worker is None else run_worker
         self.receive = receive

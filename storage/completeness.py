@@ -15,6 +15,11 @@ New instances after a job was created (instance count differs from the job's
 * a series only forced by ``max_age`` (still growing) never gets a second job until it is
   quiet.
 
+A series still being received on an open association of this node (``receiving``) is never
+quiet, however long its sender pauses between instances: the quiet period counts from the last
+instance of a released association (``max_age`` still forces it).  Associations received by
+other nodes sharing the index are not seen; their series rely on the quiet period alone.
+
 Series that this node produced (ImageType token or a recorded UID) are never queued, so a PACS
 routing our output back cannot start a loop.  Secondary derived series (``DERIVED\SECONDARY``,
 reformats, MIPs: :attr:`storage.records.InstanceHeader.is_derived`) are skipped too, unless a
@@ -32,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -99,6 +104,7 @@ def check_completeness(
     max_age: float,
     max_attempts: int = 3,
     now: datetime | None = None,
+    receiving: Collection[str] = (),
 ) -> list[int]:
     """Create jobs for series that became complete.
 
@@ -116,6 +122,9 @@ def check_completeness(
         ``max_attempts`` of the new jobs.
     now
         Current time (aware UTC); the real time when omitted.
+    receiving
+        Series Instance UIDs with instances received on associations that are still open:
+        not quiet yet.
 
     Returns
     -------
@@ -159,7 +168,8 @@ def check_completeness(
         ).all()
         for series in candidates:
             created.extend(
-                _check_series(session, series, rules, quiet_by_rule, max_age, max_attempts, now)
+                _check_series(session, series, rules, quiet_by_rule, max_age, max_attempts, now,
+                              series.series_instance_uid in receiving)
             )
     if created:
         LOGGER.info("completeness check queued %d job(s): %s", len(created), created)
@@ -174,12 +184,14 @@ def _check_series(
     max_age: float,
     max_attempts: int,
     now: datetime,
+    sender_connected: bool = False,
 ) -> list[int]:
     """Create the jobs one series needs now; mark it checked when nothing is pending."""
     created: list[int] = []
     pending = False
     matched = False
-    quiet_for = (now - series.last_received_at).total_seconds()
+    # an open association may still deliver instances: not quiet, however long the pause
+    quiet_for = 0.0 if sender_connected else (now - series.last_received_at).total_seconds()
     forced = (now - series.first_received_at).total_seconds() >= max_age
     for rule in rules:
         if series.is_derived and not rule.include_derived:
@@ -263,6 +275,9 @@ class CompletenessScheduler:
         Passed to :func:`check_completeness`.
     interval_seconds
         Seconds between checks.
+    receiving
+        Returns the Series Instance UIDs still being received on open associations
+        (:meth:`dicom_node.network.scp.StorageSCP.receiving_series`); ``None``: none known.
     """
 
     def __init__(
@@ -273,8 +288,10 @@ class CompletenessScheduler:
         max_age: float,
         interval_seconds: float,
         max_attempts: int = 3,
+        receiving: Callable[[], Collection[str]] | None = None,
     ) -> None:
         self.db = db
+        self.receiving = receiving
         self.rules = tuple(rules)
         self.default_quiet_period = default_quiet_period
         self.max_age = max_age
@@ -300,6 +317,7 @@ class CompletenessScheduler:
                 self.default_quiet_period,
                 self.max_age,
                 self.max_attempts,
+                receiving=self.receiving() if self.receiving is not None else (),
             )
 
     def _scheduled(self) -> None:

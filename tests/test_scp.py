@@ -336,3 +336,40 @@ def test_invalid_uid_values_never_reach_the_logs(tmp_path: Path) -> None:
                                                 data["node"]["audit_log"]))
     assert "instance_refused" in text
     assert "PIDLEAK77" not in text
+
+
+def test_a_sender_pausing_longer_than_the_quiet_period_is_not_cut(tmp_path: Path) -> None:
+    """A series is complete when its association has ended and it stayed quiet, not before."""
+    import time
+
+    from storage.jobs import JobQueue
+    from tests.dicom_factory import make_ct_series
+
+    ct = make_ct_series(tmp_path / "ct", n_slices=4, rows=16)
+    quiet = 0.5
+    cfg = node_config(tmp_path, series={"quiet_period_seconds": quiet,
+                                        "check_interval_seconds": 0.1},
+                      rules=[{"name": "ct", "modalities": ["CT"]}])
+    with running_node(cfg) as node:
+        queue = JobQueue(node.db)
+        ae = _scu()
+        assoc = ae.associate("127.0.0.1", node.scp.port, ae_title="SRNODE",
+                             contexts=[build_context(CTImageStorage)])
+        assert assoc.is_established
+        try:
+            assert [int(assoc.send_c_store(p).Status) for p in ct[:2]] == [0, 0]
+            # the sender pauses for many quiet periods with its association open
+            paused_until = time.monotonic() + 8 * quiet
+            while time.monotonic() < paused_until:
+                assert node.scheduler.run_once() == []
+                time.sleep(quiet / 2)
+            assert queue.list_jobs() == []
+            assert [int(assoc.send_c_store(p).Status) for p in ct[2:]] == [0, 0]
+        finally:
+            assoc.release()
+        deadline = time.monotonic() + 30
+        while not queue.list_jobs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        jobs = queue.list_jobs()
+    assert [j["instance_count"] for j in jobs] == [len(ct)], jobs
+    assert node.scp.receiving_series() == frozenset()

@@ -182,3 +182,21 @@ def test_scheduler_runs_in_background(database: Database, store: FileStore) -> N
     assert len(jobs) == 1 and jobs[0]["max_attempts"] == 4
     assert not sched.running
     assert sched.run_once() == []
+
+
+def test_series_on_an_open_association_is_not_quiet(database: Database, store: FileStore) -> None:
+    t0 = datetime.now(UTC) - timedelta(seconds=600)
+    _add(database, store, _series(1), [1, 2], received_at=t0)
+    _add(database, store, _series(2), [1], received_at=t0)
+    later = t0 + timedelta(seconds=60)  # long past the quiet period
+    created = check_completeness(database, [CT_RULE], 10, 3600, now=later,
+                                 receiving={_series(1)})
+    assert [JobQueue(database).get(j)["series_instance_uid"] for j in created] == [_series(2)]
+    # the association ended: the series is complete now
+    (job,) = check_completeness(database, [CT_RULE], 10, 3600, now=later, receiving=set())
+    assert JobQueue(database).get(job)["series_instance_uid"] == _series(1)
+    # max_age still forces a series whose sender never lets go
+    _add(database, store, _series(3), [1], received_at=t0)
+    (forced,) = check_completeness(database, [CT_RULE], 10, 30, now=later,
+                                   receiving={_series(3)})
+    assert JobQueue(database).get(forced)["series_instance_uid"] == _series(3)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import threading
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,9 @@ class StorageSCP(StorageService):
         self.store = store
         self.audit = audit
         self._server: StorageAcceptor | PynetdicomServer | None = None
+        # series received on each open association (the completeness check waits for them)
+        self._receiving: dict[Peer, set[str]] = {}
+        self._receiving_lock = threading.Lock()
         node = config.node
         contexts = [build_context(Verification)]
         contexts += [build_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES))
@@ -204,12 +208,27 @@ class StorageSCP(StorageService):
         self.audit.record("echo", calling_ae=peer.ae_title, address=peer.address)
         return statuses.SUCCESS
 
+    def on_released(self, peer: Peer) -> None:
+        """Forget the series of an association that ended (their quiet period starts)."""
+        with self._receiving_lock:
+            self._receiving.pop(peer, None)
+
+    def receiving_series(self) -> frozenset[str]:
+        """Series Instance UIDs with instances received on associations still open."""
+        with self._receiving_lock:
+            return frozenset().union(*self._receiving.values())
+
+    def _note_receiving(self, peer: Peer | None, series_instance_uid: str) -> None:
+        if peer is not None:
+            with self._receiving_lock:
+                self._receiving.setdefault(peer, set()).add(series_instance_uid)
+
     def on_store(self, data: bytes | Spool, affected_sop_instance_uid: str,
                  sop_class_uid: str, peer: Peer) -> int:
         """Store one received instance (see :meth:`receive`)."""
         try:
             return self.receive(data, affected_sop_instance_uid, sop_class_uid, peer.ae_title,
-                                peer.address)
+                                peer.address, peer=peer)
         finally:
             if isinstance(data, Spool):
                 data.discard()  # no-op once handed over as the pending write
@@ -241,7 +260,8 @@ class StorageSCP(StorageService):
         return status
 
     def receive(self, data: bytes | bytearray | Spool, affected_sop_instance_uid: str,
-                sop_class_uid: str, calling_ae: str, address: str) -> int:
+                sop_class_uid: str, calling_ae: str, address: str,
+                peer: Peer | None = None) -> int:
         """Check, store and index one received instance; return the C-STORE status.
 
         This is the whole per-instance receive path of the C-STORE handler, callable without a
@@ -259,6 +279,9 @@ class StorageSCP(StorageService):
             Abstract syntax of the presentation context used.
         calling_ae, address
             The peer (for the index, the log and the audit log).
+        peer
+            The association's requestor: its series count as still arriving until
+            :meth:`on_released` (``None``: no association, e.g. fuzzing).
 
         Returns
         -------
@@ -296,12 +319,13 @@ class StorageSCP(StorageService):
                           sop_instance_uid=affected)
         try:
             return self._check_and_store(pending, data, affected, sop_class_uid, calling_ae,
-                                         address)
+                                         address, peer)
         finally:
             pending.discard()  # no-op once stored
 
     def _check_and_store(self, pending: PendingWrite, data: bytes, affected: str,
-                         sop_class_uid: str, calling_ae: str, address: str) -> int:
+                         sop_class_uid: str, calling_ae: str, address: str,
+                         peer: Peer | None = None) -> int:
         refuse = partial(self._refuse, calling_ae, address)
 
         # Clean, common instances are vouched for by a single fast scan; anything else (and
@@ -343,6 +367,7 @@ class StorageSCP(StorageService):
             self.audit.record("instance_discarded", calling_ae=calling_ae, address=address,
                               sop_class_uid=header.sop_class_uid, **uids)
             return statuses.SUCCESS
+        self._note_receiving(peer, header.series_instance_uid)
         try:
             outcome = store_instance(self.db, self.store, header, pending, calling_ae)
         except DatabaseUnavailableError as exc:

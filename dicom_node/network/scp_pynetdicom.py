@@ -99,6 +99,9 @@ class PynetdicomServer:
             (evt.EVT_CONN_OPEN, self._conn_open),
             (evt.EVT_REJECTED, self._rejected),
             (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_RELEASED, self._released),
+            (evt.EVT_ABORTED, self._released),
+            (evt.EVT_CONN_CLOSE, self._released),
         ]
         self._server: AssociationServer = ae.start_server(
             address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
@@ -127,6 +130,9 @@ class PynetdicomServer:
     def _accepted(self, event: evt.Event) -> None:
         rejected: list[PresentationContext] = list(event.assoc.rejected_contexts)
         self.service.on_accepted(_peer(event.assoc), rejected)
+
+    def _released(self, event: evt.Event) -> None:
+        self.service.on_released(_peer(event.assoc))
 
     def _echo(self, event: evt.Event) -> int:
         return self.service.on_echo(_peer(event.assoc))

@@ -103,6 +103,12 @@ class StorageService:
         """Answer a C-ECHO; return its status."""
         return statuses.SUCCESS
 
+    def on_released(self, peer: Peer) -> None:
+        """An accepted association ended (released, aborted or its connection lost).
+
+        May be called more than once for one association.
+        """
+
     def on_store(self, data: bytes | Spool, affected_sop_instance_uid: str,
                  sop_class_uid: str, peer: Peer) -> int:
         """Store a received Part 10 file; return the C-STORE status.

@@ -416,6 +416,11 @@ class Association:
             self._run()
         finally:
             self._drop_buffer()
+            if self.peer is not None:
+                try:
+                    self.service.on_released(self.peer)
+                except Exception:  # noqa: BLE001 - the association is over either way
+                    LOGGER.exception("association end handler failed")
 
     def _run(self) -> None:
         try:
