@@ -324,3 +324,54 @@ def node_registry():  # noqa: ANN201 - a prometheus CollectorRegistry
     from prometheus_client import CollectorRegistry
 
     return CollectorRegistry()
+
+
+def test_cancel_stops_a_running_job_of_the_real_worker(tmp_path: Path) -> None:
+    """The job hangs in sending (the destination blocks); cancel ends it and its child process."""
+    import multiprocessing
+    import signal
+    import time
+
+    from storage.jobs import JobQueue
+    from tests.dicom_factory import make_ct_series
+    from tests.support.dcmtk import StoreSCP, storescu
+    from tests.support.node import node_config, running_node
+
+    ct = make_ct_series(tmp_path / "ct", n_slices=2, rows=16)
+    # storescp runs `sleep 30` in the foreground after the first instance: the send hangs
+    with StoreSCP(tmp_path / "slow", aet="SLOW", extra_args=("-xcr", "sleep 30", "-xs")) as slow:
+        cfg = node_config(
+            tmp_path / "node", worker={"max_attempts": 1},
+            rules=[{"name": "r", "modalities": ["CT"], "mode": "slice", "scale": 2,
+                    "model": "fast", "destinations": ["slow"]}],
+            destinations=[{"name": "slow", "ae_title": "SLOW", "host": "127.0.0.1",
+                           "port": slow.port}])
+        with running_node(cfg, run_worker=True) as node:
+            queue = JobQueue(node.db)
+            rc, out = storescu("127.0.0.1", node.scp.port, ct, called_ae_title="SRNODE")
+            assert rc == 0, out
+
+            def wait(check: object, what: str) -> None:
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    if check():  # type: ignore[operator]
+                        return
+                    time.sleep(0.2)
+                pytest.fail(f"{what}: {queue.list_jobs()}")
+
+            wait(lambda: [j["stage"] for j in queue.list_jobs()] == ["sending"], "not sending")
+            [job] = queue.list_jobs()
+            children = [p for p in multiprocessing.active_children()
+                        if p.name == f"srnode-job-{job['id']}"]
+            assert len(children) == 1  # the job's child process is sending
+            r = requests.post(f"http://127.0.0.1:{node.http.port}/api/jobs/{job['id']}/cancel",
+                              timeout=TIMEOUT)
+            assert r.status_code == 200, r.text
+            assert r.json() == {"id": job["id"], "previous_state": "running",
+                                "state": "cancelled"}
+            # the worker notices at its next heartbeat and stops the child process
+            wait(lambda: not children[0].is_alive(), "child still alive")
+            assert children[0].exitcode == -signal.SIGKILL  # stopped, not finished by itself
+            info = queue.get(job["id"])
+            assert info["state"] == "cancelled" and info["worker_id"] is None
+            assert info["history"][-1]["note"] == "cancelled by the operator"
