@@ -7,7 +7,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pydicom
 
 from dicom_node.console.pictures import (
     RenderRequest,
@@ -43,10 +42,8 @@ def test_window_from_the_header_else_a_modality_default() -> None:
 
 def test_after_is_the_derived_slice_at_the_same_position(tmp_path: Path) -> None:
     source = make_ct_series(tmp_path / "src", n_slices=4, rows=16, spacing=5.0)
-    # twice the slices at half the spacing, from the same first position
+    # twice the slices at half the spacing, starting at the same position along the normal
     derived = make_ct_series(tmp_path / "der", n_slices=8, rows=32, spacing=2.5)
-    assert (pydicom.dcmread(derived[0]).ImagePositionPatient
-            == pydicom.dcmread(source[0]).ImagePositionPatient)
     out = tmp_path / "out"
     written = render(RenderRequest(tuple(map(str, source)), tuple(map(str, derived)), True,
                                    str(out)))
