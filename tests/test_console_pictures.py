@@ -42,8 +42,8 @@ def test_window_from_the_header_else_a_modality_default() -> None:
 
 def test_after_is_the_derived_slice_at_the_same_position(tmp_path: Path) -> None:
     source = make_ct_series(tmp_path / "src", n_slices=4, rows=16, spacing=5.0)
-    # twice the slices at half the spacing, starting at the same position along the normal
-    derived = make_ct_series(tmp_path / "der", n_slices=8, rows=32, spacing=2.5)
+    # more slices at half the spacing, starting at the same position along the normal
+    derived = make_ct_series(tmp_path / "der", n_slices=10, rows=32, spacing=2.5)
     out = tmp_path / "out"
     written = render(RenderRequest(tuple(map(str, source)), tuple(map(str, derived)), True,
                                    str(out)))
@@ -54,6 +54,7 @@ def test_after_is_the_derived_slice_at_the_same_position(tmp_path: Path) -> None
     middle = src.positions[2]
     nearest = int(np.argmin(np.abs(der.positions - middle)))
     assert abs(der.positions[nearest] - middle) < 1e-3  # a derived slice lies there
+    assert nearest != len(derived) // 2  # ... and it is not the derived series' middle one
     assert (_decode(out / "before.png") == apply_window(src.volume[2], window)).all()
     assert (_decode(out / "after.png") == apply_window(der.volume[nearest], window)).all()
     assert _decode(out / "difference.png").shape == (32, 32)
