@@ -283,9 +283,8 @@ class PictureService:
         if derived:
             kinds += ["after", "difference"]
         if volume:
-            kinds += ["before-sagittal", "before-coronal"]
-            if derived:
-                kinds += ["after-sagittal", "after-coronal"]
+            for plane in ("sagittal", "coronal"):
+                kinds += [f"before-{plane}"] + ([f"after-{plane}"] if derived else [])
         return kinds
 
     def picture(self, job_id: int, kind: str, source: list[Path], derived: list[Path],
