@@ -64,6 +64,38 @@ def check_exposure(config: HttpConfig) -> None:
         )
 
 
+#: Methods that change nothing (no cross-site check).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _host_name(host_header: str) -> str:
+    """The host name of a ``Host`` or ``Origin`` authority (``[::1]:8080`` -> ``::1``)."""
+    if host_header.startswith("["):
+        return host_header[1:].split("]", 1)[0]
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def _foreign_request(request: Request, token: str) -> str:
+    """Why a request that a web page on another site made the browser send is refused ("" = not).
+
+    Without a token the server is reachable from this machine only, but any web page this
+    machine's browser opens could still send it requests: a ``Host`` that is not a loopback
+    name is refused (a DNS-rebinding page), and so is a state-changing request that the
+    browser marks as coming from another origin (``Origin``, ``Sec-Fetch-Site``).
+    """
+    host = request.headers.get("host", "")
+    if not token and host and not is_loopback(_host_name(host)):
+        return f"Host {host[:80]!r} is not this machine (without [http] token only loopback)"
+    if request.method in SAFE_METHODS:
+        return ""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return "a state-changing request from another site"
+    origin = request.headers.get("origin")
+    if origin is not None and origin.split("://", 1)[-1] != host:
+        return f"a state-changing request from another origin ({origin[:80]})"
+    return ""
+
+
 def build_app(health: Callable[[], Health], registry: CollectorRegistry,
               token: str = "", console: Console | None = None) -> FastAPI:
     """The ASGI application.
@@ -91,6 +123,9 @@ def build_app(health: Callable[[], Health], registry: CollectorRegistry,
     async def _authorise(request: Request, call_next: Callable) -> Response:
         request.state.token_required = bool(token)
         request.state.patient_data = False
+        refused = _foreign_request(request, token)
+        if refused:
+            return JSONResponse({"error": "forbidden", "detail": refused}, status_code=403)
         if token:
             path = request.url.path
             given = request.headers.get("authorization", "").encode()

@@ -375,3 +375,26 @@ def test_cancel_stops_a_running_job_of_the_real_worker(tmp_path: Path) -> None:
             info = queue.get(job["id"])
             assert info["state"] == "cancelled" and info["worker_id"] is None
             assert info["history"][-1]["note"] == "cancelled by the operator"
+
+
+def test_requests_a_foreign_web_page_makes_are_refused(console_site: ConsoleSite) -> None:
+    """Without a token: only loopback Host names; no state change from another origin."""
+    failed = console_site.make_job(JobState.FAILED)
+    url = console_site.url(f"/api/jobs/{failed}/retry")
+    for headers in ({"Origin": "http://evil.example"},
+                    {"Sec-Fetch-Site": "cross-site"},
+                    {"Host": "evil.example"}):
+        r = requests.post(url, headers=headers, timeout=TIMEOUT)
+        assert r.status_code == 403, (headers, r.text)
+        assert r.json()["error"] == "forbidden"
+        assert console_site.queue.get(failed)["state"] == "failed"
+    # a DNS-rebinding page cannot read either
+    r = requests.get(console_site.url("/api/series"), headers={"Host": "evil.example:80"},
+                     timeout=TIMEOUT)
+    assert r.status_code == 403
+    # the console's own page (same origin) and a client without Origin (curl) may
+    own = {"Origin": console_site.base, "Sec-Fetch-Site": "same-origin"}
+    assert requests.post(url, headers=own, timeout=TIMEOUT).json()["state"] == "queued"
+    assert requests.get(console_site.url("/api/jobs"), headers={"Host": "localhost"},
+                        timeout=TIMEOUT).status_code == 200
+    console_site.queue.cancel(failed)
