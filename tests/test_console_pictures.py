@@ -71,3 +71,33 @@ def test_multiframe_and_mr_sources_load(tmp_path: Path) -> None:
     assert np.all(np.diff(stack.positions) > 0)
     mr = load_stack(list(map(str, make_mr_series(tmp_path / "m", n_slices=2, rows=16))))
     assert mr.modality == "MR" and mr.volume.shape == (2, 16, 16)
+
+
+def test_service_caches_prunes_and_reports_unreadable_files(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pytest
+
+    from dicom_node.console.pictures import PictureService, PictureUnavailableError, RenderError
+
+    cache = tmp_path / "cache"
+    series = [make_ct_series(tmp_path / f"s{i}", n_slices=2, rows=16) for i in range(3)]
+    with ThreadPoolExecutor(1) as pool:
+        service = PictureService(cache, executor=pool, max_jobs=2)
+        first = service.picture(1, "before", series[0], [], False)
+        assert first.read_bytes()[:4] == b"\x89PNG"
+        with pytest.raises(PictureUnavailableError):
+            service.picture(1, "after", series[0], [], False)  # nothing derived
+        with pytest.raises(PictureUnavailableError):
+            service.picture(1, "before-sagittal", series[0], [], False)  # not volume mode
+        # a changed input file is rendered again, into a new folder; the old one goes
+        series[0][0].write_bytes(series[0][0].read_bytes())
+        second = service.picture(1, "before", series[0], [], False)
+        assert second != first and not first.parent.exists()
+        service.picture(2, "before", series[1], [], False)
+        service.picture(3, "before", series[2], [], False)
+        assert sorted(p.name for p in cache.iterdir()) == ["job-2", "job-3"]  # at most 2 jobs
+        broken = tmp_path / "broken.dcm"
+        broken.write_bytes(b"not DICOM")
+        with pytest.raises(RenderError, match="job 4"):
+            service.picture(4, "before", [broken], [], False)

@@ -23,7 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dicom_node.audit import AuditLog
 from dicom_node.config import Config
-from dicom_node.console.pictures import KINDS, PictureService, PictureUnavailableError
+from dicom_node.console.pictures import (
+    KINDS,
+    PictureService,
+    PictureUnavailableError,
+    RenderError,
+)
 from dicom_node.console.views import (
     SeriesNotFoundError,
     audit_entries,
@@ -197,6 +202,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "malformed input"},
     401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
     404: {"model": ErrorBody, "description": "no such job or series"},
+    403: {"model": ErrorBody, "description": "a request from another site or Host"},
 }
 CONFLICT: dict[int | str, dict[str, Any]] = {
     **ERRORS, 409: {"model": ErrorBody, "description": "the job's state does not allow it"}}
@@ -231,7 +237,14 @@ def install_error_handlers(app: FastAPI) -> None:
                               str(exc.detail))
 
 
-def _job_or_404(console: Console, job_id: int) -> dict[str, Any]:
+def job_with_pictures(console: Console, job_id: int) -> dict[str, Any]:
+    """:func:`~dicom_node.console.views.job_detail` plus the URLs of the job's pictures.
+
+    Raises
+    ------
+    ApiError
+        404 if there is no such job.
+    """
     try:
         detail = job_detail(console.config, console.queue, job_id)
     except JobNotFoundError as exc:
@@ -271,7 +284,7 @@ def build_api(console: Console) -> APIRouter:
     @router.get("/jobs/{job_id}", response_model=JobDetail, responses=ERRORS,
                 summary="One job: stages, safety figures, destinations and errors")
     async def job(job_id: JobId) -> dict[str, Any]:
-        return await asyncio.to_thread(_job_or_404, console, job_id)
+        return await asyncio.to_thread(job_with_pictures, console, job_id)
 
     def act(job_id: int, action: str) -> dict[str, Any]:
         queue = console.queue
@@ -316,6 +329,8 @@ def build_api(console: Console) -> APIRouter:
                 return console.pictures.picture(job_id, kind, source, derived, volume)
             except (JobNotFoundError, PictureUnavailableError) as exc:
                 raise ApiError(404, "not_found", str(exc)) from exc
+            except RenderError as exc:
+                raise ApiError(500, "render_failed", str(exc)) from exc
 
         path = await asyncio.to_thread(make)
         return FileResponse(path, media_type="image/png",

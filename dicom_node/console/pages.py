@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from dicom_node import __version__
-from dicom_node.console.api import ApiError, Console, _job_or_404
+from dicom_node.console.api import ApiError, Console, job_with_pictures
 from dicom_node.console.views import audit_entries, dashboard, list_series, series_patient
 
 HERE = Path(__file__).parent
@@ -77,7 +77,7 @@ def build_pages(console: Console, token: str) -> APIRouter:
     @router.get("/console/jobs/{job_id}")
     async def job_page(request: Request, job_id: int) -> HTMLResponse:
         try:
-            job = await asyncio.to_thread(_job_or_404, console, job_id)
+            job = await asyncio.to_thread(job_with_pictures, console, job_id)
         except ApiError as exc:
             return render("error.html", request, status_code=exc.status, message=exc.detail)
         patient = None

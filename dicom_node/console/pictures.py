@@ -25,10 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import threading
 import zlib
 from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -45,8 +47,16 @@ DEFAULT_WINDOWS = {"CT": (40.0, 400.0)}
 MAX_REFORMAT_SIDE = 2048
 
 
+#: Jobs whose pictures stay cached (the least recently rendered go first).
+MAX_CACHED_JOBS = 200
+
+
 class PictureUnavailableError(LookupError):
     """The job has no such picture (no derived series yet, or not a volume job)."""
+
+
+class RenderError(RuntimeError):
+    """The stored files could not be made into pictures (unreadable pixel data, ...)."""
 
 
 @dataclass(frozen=True)
@@ -259,10 +269,14 @@ class PictureService:
         Folder for the cached PNGs (``<storage_dir>/console-cache``).
     executor
         Runs :func:`render`; by default a one-process ``spawn`` pool started on first use.
+    max_jobs
+        Jobs whose pictures stay cached.
     """
 
-    def __init__(self, cache_root: Path, executor: Executor | None = None) -> None:
+    def __init__(self, cache_root: Path, executor: Executor | None = None,
+                 max_jobs: int = MAX_CACHED_JOBS) -> None:
         self.cache_root = cache_root
+        self.max_jobs = max_jobs
         self._executor = executor
         self._lock = threading.Lock()
         self._job_locks: dict[int, threading.Lock] = {}
@@ -295,6 +309,8 @@ class PictureService:
         ------
         PictureUnavailableError
             If the job has no such picture.
+        RenderError
+            If the stored files could not be rendered.
         """
         if kind not in self.available(source, derived, volume):
             raise PictureUnavailableError(f"job {job_id} has no {kind!r} picture")
@@ -310,10 +326,27 @@ class PictureService:
             if not (out_dir / "done.json").exists():
                 request = RenderRequest(tuple(map(str, source)), tuple(map(str, derived)),
                                         volume, str(out_dir))
-                self._pool().submit(render, request).result()
+                try:
+                    self._pool().submit(render, request).result()
+                except BrokenProcessPool as exc:
+                    self.close()  # a fresh render process next time
+                    raise RenderError(f"job {job_id}: the render process died") from exc
+                except Exception as exc:  # noqa: BLE001 - whatever the files made render raise
+                    raise RenderError(f"job {job_id}: {type(exc).__name__}: {exc}") from exc
+                self._prune(out_dir)
         if not target.exists():
             raise PictureUnavailableError(f"job {job_id}: the {kind!r} picture could not be made")
         return target
+
+    def _prune(self, keep: Path) -> None:
+        """Drop older renders of the same job and the least recently rendered jobs."""
+        for other in keep.parent.iterdir():
+            if other != keep:
+                shutil.rmtree(other, ignore_errors=True)
+        jobs = sorted((p for p in self.cache_root.iterdir() if p.is_dir()),
+                      key=lambda p: p.stat().st_mtime)
+        for old in jobs[:max(0, len(jobs) - self.max_jobs)]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
         """Stop the render process."""
