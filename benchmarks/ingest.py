@@ -138,6 +138,7 @@ class ConsoleLoad:
         self.interval = interval
         self.loads = 0
         self.failures = 0
+        self.last_error = ""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -149,11 +150,15 @@ class ConsoleLoad:
                                                 timeout=30) as r:
                         r.read()
                     self.loads += 1
-                except OSError:
+                except OSError as exc:
                     self.failures += 1
+                    self.last_error = f"{path}: {exc}"
             self._stop.wait(self.interval)
 
     def __enter__(self) -> ConsoleLoad:
+        from tests.support.dcmtk import wait_until_listening
+
+        wait_until_listening(self.port, 60.0)  # HTTP starts just after the SCP
         self._thread.start()
         return self
 
@@ -199,8 +204,8 @@ def main() -> int:
                     with ConsoleLoad(data["http"]["port"]) as load:
                         times["srnode"].append(send(data["node"]["port"], "SRNODE", tmp / "in"))
                     if load.failures or not load.loads:
-                        raise RuntimeError(f"console: {load.loads} loads, "
-                                           f"{load.failures} failures")
+                        raise RuntimeError(f"console: {load.loads} loads, {load.failures} "
+                                           f"failures, last {load.last_error}")
                     console_loads += load.loads
                 else:
                     times["srnode"].append(send(data["node"]["port"], "SRNODE", tmp / "in"))

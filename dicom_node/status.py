@@ -26,7 +26,7 @@ def skipped_series(db: Database, limit: int = 10) -> list[dict[str, Any]]:
 
     UIDs, modality, counts and the reason only, never patient identifiers.
     """
-    with db.session() as s:
+    with db.read_session() as s:
         rows = s.scalars(
             select(Series)
             .where(Series.skip_reason.isnot(None))
@@ -73,7 +73,7 @@ def node_status(config: Config, db: Database | None = None) -> dict[str, Any]:
     try:
         if index_created(db):
             queue = JobQueue(db)
-            with db.session() as s:
+            with db.read_session() as s:
                 n_series = int(s.execute(select(func.count()).select_from(Series)).scalar_one())
                 n_instances = int(
                     s.execute(select(func.count()).select_from(Instance)).scalar_one())

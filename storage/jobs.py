@@ -411,7 +411,7 @@ class JobQueue:
         JobNotFoundError
             If there is no such job.
         """
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             row = session.execute(
                 select(Job, Series)
                 .outerjoin(Series, Series.id == Job.series_fk)
@@ -431,7 +431,7 @@ class JobQueue:
         ``offset`` skips that many of the newest (paging).
         """
         _check_states(states)
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             query = select(Job, Series).outerjoin(Series, Series.id == Job.series_fk)
             if states is not None:
                 query = query.where(Job.state.in_(list(states)))
@@ -443,7 +443,7 @@ class JobQueue:
         from sqlalchemy import func
 
         _check_states(states)
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             query = select(func.count()).select_from(Job)
             if states is not None:
                 query = query.where(Job.state.in_(list(states)))
@@ -453,7 +453,7 @@ class JobQueue:
         """Return the number of jobs in each state."""
         from sqlalchemy import func
 
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         counts = {str(state): 0 for state in JobState}
         counts.update({state: int(n) for state, n in rows})
@@ -501,7 +501,7 @@ class JobQueue:
         """
         from sqlalchemy import func
 
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             rows = session.execute(
                 select(SentInstance.destination, func.count(), func.max(SentInstance.sent_at))
                 .where(SentInstance.job_id == job_id)

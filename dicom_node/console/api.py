@@ -1,9 +1,10 @@
 """The REST API under ``/api/``: jobs, series, status, rule tests, the audit log and pictures.
 
-Every error is a JSON body ``{"error": <code>, "detail": <sentence>}`` with a 4xx status:
-``bad_request`` (400: malformed id, UID, state or paging), ``not_found`` (404),
-``conflict`` (409: the job's state does not allow the action).  A refused request changes
-nothing.  The OpenAPI document is served at ``/api/openapi.json``.
+Every error is a JSON body ``{"error": <code>, "detail": <sentence>}``: ``bad_request`` (400:
+malformed id, UID, state or paging), ``unauthorized`` (401), ``forbidden`` (403: a request a
+page of another site made), ``not_found`` (404), ``conflict`` (409: the job's state does not
+allow the action), ``render_failed`` (500: the stored files could not be made into a picture).
+A refused request changes nothing.  The OpenAPI document is served at ``/api/openapi.json``.
 """
 
 from __future__ import annotations

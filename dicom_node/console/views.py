@@ -21,7 +21,7 @@ from storage.db import Database
 from storage.errors import JobNotFoundError
 from storage.job_types import CANCELLABLE_STATES, RETRYABLE_STATES, JobState
 from storage.jobs import JobQueue, series_instance_paths
-from storage.models import Job, Patient, ProducedSeries, Series, Study
+from storage.models import Instance, Job, Patient, ProducedSeries, Series, Study
 
 #: Bytes read from the end of the audit log for the audit page (older entries are not shown).
 AUDIT_TAIL_BYTES = 4 * 1024 * 1024
@@ -147,7 +147,7 @@ def job_source_paths(db: Database, job_id: int) -> list[Path]:
     JobNotFoundError
         If there is no such job.
     """
-    with db.session() as session:
+    with db.read_session() as session:
         series_fk = session.scalar(select(Job.series_fk).where(Job.id == job_id))
         if series_fk is None:
             raise JobNotFoundError(f"job {job_id} does not exist")
@@ -194,9 +194,7 @@ def list_series(db: Database, limit: int = 50, offset: int = 0, skipped: bool | 
     show_patient
         Add patient name and ID (only for a request that passed the token check).
     """
-    from storage.models import Instance
-
-    with db.session() as s:
+    with db.read_session() as s:
         where = []
         if skipped is True:
             where.append(Series.skip_reason.isnot(None))
@@ -242,7 +240,7 @@ def rule_test(config: Config, db: Database, series_instance_uid: str) -> dict[st
         If no such series was received.
     """
     check_uid(series_instance_uid)
-    with db.session() as s:
+    with db.read_session() as s:
         series = s.scalars(select(Series).where(
             Series.series_instance_uid == series_instance_uid)).first()
         if series is None:
@@ -343,7 +341,7 @@ def series_patient(db: Database, series_instance_uid: str) -> dict[str, str] | N
 
     Never logged; the caller decides whether the request may see them.
     """
-    with db.session() as s:
+    with db.read_session() as s:
         row = s.execute(
             select(Patient.patient_name, Patient.patient_id)
             .join(Study, Study.patient_fk == Patient.id)
