@@ -167,7 +167,9 @@ class Database:
                 try:
                     yield session
                 finally:
-                    session.rollback()  # nothing to keep: end the read transaction
+                    # end the read transaction; objects read stay usable (detached, loaded)
+                    session.expunge_all()
+                    session.rollback()
         finally:
             session.close()
 

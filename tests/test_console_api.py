@@ -244,8 +244,21 @@ def test_series_list_with_counts_skip_reasons_and_job_links(console_site: Consol
     _error(_get(console_site, "/api/series", params={"skipped": "maybe"}), 400)
 
 
-def test_status_is_what_srnode_status_json_shows(console_site: ConsoleSite) -> None:
+def test_status_is_what_srnode_status_json_shows(console_site: ConsoleSite,
+                                                  tmp_path: Path) -> None:
     body = _get(console_site, "/api/status").json()
+    node = console_site.config.node
+    cfg = write_toml({"node": {"database_url": node.database_url, "ae_title": node.ae_title,
+                               "port": console_site.node.scp.port,
+                               "storage_dir": node.storage_dir}}, tmp_path / "c.toml")
+    cli = subprocess.run([srnode_executable(), "status", "--json", "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    shown = json.loads(cli.stdout)
+    assert set(shown) == set(body)  # one report: dicom_node.status.node_report
+    assert set(shown["health"]["checks"]) == set(body["health"]["checks"])
+    assert shown["jobs"] == body["jobs"] and shown["series"] == body["series"]
     assert body["series"] == 3 and body["instances"] == 2 + 4 + 2
     assert body["jobs"]["done"] >= 2 and set(body["jobs"]) == {str(s) for s in JobState}
     assert body["health"]["status"] == "ok"
