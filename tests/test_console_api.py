@@ -18,6 +18,8 @@ from tests.support.console import ConsoleSite
 from tests.support.node import ROOT, srnode_executable, write_toml
 
 TIMEOUT = 60
+#: The patient name in pydicom's CT_small.dcm, which the test CT series is made from.
+PATIENT = "CompressedSamples^CT1"
 
 
 def _get(site: ConsoleSite, path: str, **kw: object) -> requests.Response:
@@ -329,8 +331,21 @@ def test_token_protects_the_api_and_unlocks_patient_data(console_site: ConsoleSi
         assert r.status_code == 200 and r.url.endswith("/console/")
         assert "t0ken" not in "".join(c.value or "" for c in s.cookies)
         assert s.get(base + "/api/status", timeout=TIMEOUT).status_code == 200
+        # the pages show patient name and ID to this signed-in browser ...
+        done = console_site.jobs["done"]
+        for path in ("/console/series", f"/console/jobs/{done}"):
+            assert PATIENT in s.get(base + path, timeout=TIMEOUT).text, path
     finally:
         server.stop()
+    # ... and never without a token (the console_site node has none), nor in a log
+    for path in ("/console/", "/console/series", f"/console/jobs/{done}", "/console/audit",
+                 "/api/series", f"/api/jobs/{done}", "/api/jobs", "/api/status",
+                 f"/api/rules/test?series={console_site.ct_series}", "/api/audit"):
+        r = _get(console_site, path)
+        assert r.status_code == 200 and PATIENT not in r.text and "1CT1" not in r.text, path
+    node = console_site.config.node
+    for text in (Path(node.log_file).read_text(), Path(node.audit_log).read_text()):
+        assert "CompressedSamples" not in text
 
 
 def node_registry():  # noqa: ANN201 - a prometheus CollectorRegistry

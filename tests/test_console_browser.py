@@ -148,3 +148,37 @@ def test_unknown_job_page_is_a_404(console_site: ConsoleSite, page: Page) -> Non
     response = page.goto(console_site.url("/console/jobs/999999"))
     assert response.status == 404
     assert "does not exist" in page.locator("p.error").inner_text()
+
+
+def test_sign_in_with_the_token_shows_patient_data(console_site: ConsoleSite,
+                                                   page: Page) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from dicom_node.config import HttpConfig
+    from dicom_node.http_server import HttpServer, build_app
+
+    console = console_site.node.console
+    server = HttpServer(HttpConfig(host="127.0.0.1", port=0, token="s3cret"),
+                        build_app(console.health, CollectorRegistry(), "s3cret", console))
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        page.goto(base + "/console/series")
+        page.wait_for_url("**/console/login")  # no session yet
+        page.fill("input[name=token]", "wrong")
+        page.locator("form.login button").click()
+        assert "Wrong token" in page.locator("main").inner_text()
+        page.fill("input[name=token]", "s3cret")
+        page.locator("form.login button").click()
+        page.wait_for_url("**/console/")
+        assert page.locator("h1").inner_text() == "Dashboard"
+        page.goto(base + "/console/series")
+        header = page.locator("table.series thead").inner_text()
+        assert "Patient" in header
+        assert "CompressedSamples^CT1" in page.locator("table.series").inner_text()
+        _shot(page, "series-signed-in")
+    finally:
+        server.stop()
+    # the node without a token shows no patient column
+    page.goto(console_site.url("/console/series"))
+    assert "Patient" not in page.locator("table.series thead").inner_text()
