@@ -58,7 +58,8 @@ def check_exposure(config: HttpConfig) -> None:
     """
     if not is_loopback(config.host) and not config.token:
         raise ConfigError(
-            f"[http] host = {config.host!r} exposes /healthz and /metrics beyond this machine: "
+            f"[http] host = {config.host!r} exposes /healthz, /metrics, the console and the API "
+            "beyond this machine: "
             "set [http] token (clients then send 'Authorization: Bearer <token>') or bind "
             "to 127.0.0.1"
         )
