@@ -186,6 +186,9 @@ def test_retry_requeues_a_failed_job_and_refuses_other_states(console_site: Cons
     assert r.status_code == 200, r.text
     assert r.json() == {"id": job_id, "previous_state": "failed", "state": "queued"}
     assert console_site.queue.get(job_id)["state"] == "queued"
+    # the error that made it fail stays on the job page, once
+    errors = _get(console_site, f"/api/jobs/{job_id}").json()["errors"]
+    assert [e["error"] for e in errors] == ["send failed: down: test failure"]
     # now queued: a second retry is a conflict and changes nothing
     before = console_site.queue.get(job_id)
     assert "only failed or held" in _error(_post(console_site, f"/api/jobs/{job_id}/retry"), 409)
@@ -209,6 +212,8 @@ def test_cancel_queued_held_and_running_jobs(console_site: ConsoleSite) -> None:
     assert r.json()["previous_state"] == "queued"
     held = console_site.make_job(JobState.HELD)
     assert _post(console_site, f"/api/jobs/{held}/cancel").json()["state"] == "cancelled"
+    errors = _get(console_site, f"/api/jobs/{held}").json()["errors"]
+    assert [e["error"] for e in errors] == ["held by the safety gate: test"]  # listed once
     running = console_site.make_job(JobState.RUNNING)
     r = _post(console_site, f"/api/jobs/{running}/cancel")
     assert r.status_code == 200 and r.json()["previous_state"] == "running"

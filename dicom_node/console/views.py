@@ -103,8 +103,11 @@ def job_detail(config: Config, queue: JobQueue, job_id: int) -> dict[str, Any]:
             "error": send_errors.get(name),
         })
     stages = stage_bars(job["stage_seconds"])
-    errors = [{"at": h.get("at"), "error": h.get("error") or h.get("previous_error")}
-              for h in job["history"] if h.get("error") or h.get("previous_error")]
+    # each error once, when it happened (a later transition may carry the same error along)
+    errors: list[dict[str, Any]] = []
+    for h in job["history"]:
+        if h.get("error") and (not errors or errors[-1]["error"] != h["error"]):
+            errors.append({"at": h.get("at"), "error": h["error"]})
     if job.get("error") and (not errors or errors[-1]["error"] != job["error"]):
         errors.append({"at": job.get("updated_at"), "error": job["error"]})
     return {
