@@ -431,3 +431,21 @@ def test_requests_a_foreign_web_page_makes_are_refused(console_site: ConsoleSite
     assert requests.get(console_site.url("/api/jobs"), headers={"Host": "localhost"},
                         timeout=TIMEOUT).status_code == 200
     console_site.queue.cancel(failed)
+
+
+def test_srnode_cancel_is_the_same_action(console_site: ConsoleSite, tmp_path: Path) -> None:
+    node = console_site.config.node
+    cfg = write_toml({"node": {"database_url": node.database_url,
+                               "storage_dir": node.storage_dir}}, tmp_path / "c.toml")
+    job_id = console_site.make_job(JobState.QUEUED)
+
+    def cancel() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([srnode_executable(), "cancel", str(job_id), "--config", str(cfg)],
+                              capture_output=True, text=True, timeout=120,
+                              env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+    first = cancel()
+    assert first.returncode == 0 and "was queued" in first.stdout, first.stderr
+    assert console_site.queue.get(job_id)["state"] == "cancelled"
+    again = cancel()
+    assert again.returncode == 2 and "only queued, held or running" in again.stderr
