@@ -7,7 +7,11 @@ TCP_NODELAY (dcmtk reads the ``TCP_NODELAY`` environment variable), and so do Or
 (``TcpNoDelay``) and srnode.  Prints a table and the ratios, writes JSON to
 ``benchmarks/results/ingest.json``.
 
-Usage: ``.venv/bin/python -m benchmarks.ingest [--instances 300] [--rounds 3]``
+``--console`` keeps srnode's web console open and refreshing while it receives: a thread loads
+the dashboard, ``/api/jobs`` and ``/api/status`` every half second (a browser refreshes the
+dashboard every 15 s), so the ratio shows what the console costs the SCP.
+
+Usage: ``.venv/bin/python -m benchmarks.ingest [--instances 300] [--rounds 3] [--console]``
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +128,62 @@ def send(port: int, called: str, folder: Path) -> float:
     return dt
 
 
+class ConsoleLoad:
+    """Loads console pages and API answers in a loop while the node receives."""
+
+    PATHS = ("/console/", "/api/jobs", "/api/status")
+
+    def __init__(self, port: int, interval: float = 0.5) -> None:
+        self.port = port
+        self.interval = interval
+        self.loads = 0
+        self.failures = 0
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in self.PATHS:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}",
+                                                timeout=30) as r:
+                        r.read()
+                    self.loads += 1
+                except OSError as exc:
+                    self.failures += 1
+                    self.last_error = f"{path}: {exc}"
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> ConsoleLoad:
+        from tests.support.dcmtk import wait_until_listening
+
+        wait_until_listening(self.port, 60.0)  # HTTP starts just after the SCP
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> int:
     """Run the benchmark."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ingest.json"))
+    ap.add_argument("--out", default=None,
+                    help="JSON output (default benchmarks/results/ingest.json, "
+                    "ingest-console.json with --console)")
+    ap.add_argument("--console", action="store_true",
+                    help="load the console and API every 0.5 s while srnode receives")
     args = ap.parse_args()
+    from tests.support.dcmtk import free_port
+
+    results = ROOT / "benchmarks" / "results"
+    args.out = args.out or str(results / ("ingest-console.json" if args.console
+                                          else "ingest.json"))
+    console_loads = 0
     times: dict[str, list[float]] = {"srnode": [], "orthanc": [], "storescp": [],
                                      "pynetdicom-noop": []}
     with tempfile.TemporaryDirectory(prefix="srnode-bench-") as tmpdir:
@@ -141,10 +196,19 @@ def main() -> int:
             work = tmp / f"srnode{rnd}"
             work.mkdir()
             data = node_config_dict(work, worker={"enabled": False},
-                                    node={"log_level": "WARNING"})
+                                    node={"log_level": "WARNING"},
+                                    http={"port": free_port()})
             cfg = write_toml(data, work / "config.toml")
             with ServeProcess(cfg, data["node"]["port"], work / "serve.log"):
-                times["srnode"].append(send(data["node"]["port"], "SRNODE", tmp / "in"))
+                if args.console:
+                    with ConsoleLoad(data["http"]["port"]) as load:
+                        times["srnode"].append(send(data["node"]["port"], "SRNODE", tmp / "in"))
+                    if load.failures or not load.loads:
+                        raise RuntimeError(f"console: {load.loads} loads, {load.failures} "
+                                           f"failures, last {load.last_error}")
+                    console_loads += load.loads
+                else:
+                    times["srnode"].append(send(data["node"]["port"], "SRNODE", tmp / "in"))
             # Orthanc (Debian package): TcpNoDelay, its largest PDU (128 KiB), default fsync
             with OrthancServer(tmp / f"orthanc{rnd}",
                                config_overrides={"MaximumPduLength": 131072}) as orthanc:
@@ -158,7 +222,9 @@ def main() -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.instances} CT instances 512x512 ({mb:.0f} MB), storescu, median of "
           f"{args.rounds} rounds, {platform.node()} {os.cpu_count()} CPUs; create+write+fsync "
-          f"of a 0.5 MB file: {fsync_ms:.2f} ms\n")
+          f"of a 0.5 MB file: {fsync_ms:.2f} ms"
+          + (f"; console loaded {console_loads} times while srnode received" if args.console
+             else "") + "\n")
     print(f"{'receiver':<16} {'seconds':>8} {'inst/s':>8} {'MB/s':>7}   rounds")
     for k in ("srnode", "orthanc", "storescp", "pynetdicom-noop"):
         print(f"{k:<16} {med[k]:8.2f} {args.instances / med[k]:8.1f} {mb / med[k]:7.1f}   "
@@ -172,7 +238,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"instances": args.instances, "megabytes": mb, "rounds": times,
                                "median_seconds": med, "ratios": ratios,
-                               "cpus": os.cpu_count(), "fsync_ms": fsync_ms}, indent=2))
+                               "cpus": os.cpu_count(), "fsync_ms": fsync_ms,
+                               "console_loads": console_loads if args.console else None},
+                              indent=2))
     print(f"\nwrote {out}")
     return 0
 

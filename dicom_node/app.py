@@ -63,6 +63,7 @@ class Node:
 
             check_exposure(config.http)
         self.http = None
+        self.console = None
         self.housekeeping = None
         self.worker = None
         self._worker_thread: threading.Thread | None = None
@@ -103,7 +104,10 @@ class Node:
             LOGGER.warning("no [[rules]] configured: series are received and indexed, not queued")
 
     def _start_operations(self) -> None:
-        """Start retention on the scheduler and (``[http] enabled``) /healthz and /metrics."""
+        """Start retention on the scheduler and (``[http] enabled``) the HTTP server.
+
+        The HTTP server answers /healthz, /metrics, the REST API and the console.
+        """
         from dicom_node.health import Check, EngineDevice, Health, check_health
         from dicom_node.housekeeping import Housekeeping
 
@@ -111,6 +115,7 @@ class Node:
         self.housekeeping.start()
         if not self.config.http.enabled:
             return
+        from dicom_node.console.api import Console
         from dicom_node.http_server import HttpServer, build_app
         from dicom_node.metrics import IndexCollector, build_registry
 
@@ -126,8 +131,9 @@ class Node:
             return check_health(self.config, self.db, self.store, scp_check, device)
 
         registry = build_registry(IndexCollector(self.db, self.store, device.labels))
+        self.console = Console(self.config, self.db, self.audit, health)
         self.http = HttpServer(self.config.http,
-                               build_app(health, registry, self.config.http.token))
+                               build_app(health, registry, self.config.http.token, self.console))
         self.http.start()
 
     def stop(self) -> None:
@@ -138,6 +144,8 @@ class Node:
             self.scheduler.shutdown()
         if self.http is not None:
             self.http.stop()
+        if self.console is not None:
+            self.console.close()
         if self.housekeeping is not None:
             self.housekeeping.shutdown()
         if self._worker_thread is not None:

@@ -145,6 +145,24 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Cancel a queued, held or running job (a running one is stopped by its worker)."""
+    from dicom_node.index import open_index
+    from storage.errors import InvalidJobStateError, JobNotFoundError
+    from storage.jobs import JobQueue
+
+    db = open_index(_config(args), migrate=True)
+    try:
+        previous = JobQueue(db).cancel(args.job_id)
+    except (JobNotFoundError, InvalidJobStateError) as exc:
+        print(f"cannot cancel job {args.job_id}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        db.dispose()
+    print(f"job {args.job_id} cancelled (was {previous})")
+    return 0
+
+
 def cmd_enhance(args: argparse.Namespace) -> int:
     """Enhance DICOM files offline and write derived series."""
     from dicom_node.pipeline import EnhanceError, EnhanceIncompleteError, enhance_path
@@ -262,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = add("retry", cmd_retry, "re-queue a failed or held job")
+    p.add_argument("job_id", type=int)
+
+    p = add("cancel", cmd_cancel, "cancel a queued, held or running job")
     p.add_argument("job_id", type=int)
 
     p = add("enhance", cmd_enhance, "enhance DICOM files offline into derived series")

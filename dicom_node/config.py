@@ -187,7 +187,7 @@ class RetentionConfig:
 
 @dataclass
 class HttpConfig:
-    """``[http]``: the health, metrics (and later console) HTTP endpoint of ``srnode serve``."""
+    """``[http]``: health, metrics, the web console and the REST API of ``srnode serve``."""
 
     enabled: bool = True
     host: str = "127.0.0.1"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ def skipped_series(db: Database, limit: int = 10) -> list[dict[str, Any]]:
 
     UIDs, modality, counts and the reason only, never patient identifiers.
     """
-    with db.session() as s:
+    with db.read_session() as s:
         rows = s.scalars(
             select(Series)
             .where(Series.skip_reason.isnot(None))
@@ -48,12 +49,22 @@ def format_skipped(skipped: list[dict[str, Any]]) -> list[str]:
     ]
 
 
-def node_status(config: Config) -> dict[str, Any]:
+def node_status(config: Config, db: Database | None = None) -> dict[str, Any]:
     """Counts of series, instances and jobs, last reception, disk space and recent failures.
 
     Contains UIDs and counts only, never patient identifiers.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    db
+        The node's open index (``GET /api/status``); ``None`` opens it read-only and closes
+        it again (``srnode status``).
     """
-    db = open_index(config, migrate=False)
+    own = db is None
+    if db is None:
+        db = open_index(config, migrate=False)
     n_series = n_instances = 0
     last = None
     failed: list[dict[str, Any]] = []
@@ -62,7 +73,7 @@ def node_status(config: Config) -> dict[str, Any]:
     try:
         if index_created(db):
             queue = JobQueue(db)
-            with db.session() as s:
+            with db.read_session() as s:
                 n_series = int(s.execute(select(func.count()).select_from(Series)).scalar_one())
                 n_instances = int(
                     s.execute(select(func.count()).select_from(Instance)).scalar_one())
@@ -71,7 +82,8 @@ def node_status(config: Config) -> dict[str, Any]:
             jobs = queue.counts()
             skipped = skipped_series(db)
     finally:
-        db.dispose()
+        if own:
+            db.dispose()
     storage = Path(config.node.storage_dir)
     disk = shutil.disk_usage(storage if storage.exists() else storage.parent)
     return {
@@ -145,14 +157,23 @@ def node_health(config: Config) -> Health:
         db.dispose()
 
 
-def node_report(config: Config) -> dict[str, Any]:
+def node_report(config: Config, db: Database | None = None,
+                health: Callable[[], Health] | None = None) -> dict[str, Any]:
     """:func:`node_status` plus the health checks (``"health"``); ``srnode status``.
 
     If the index cannot be read, the counts are left out and ``"error"`` says why.
+
+    Parameters
+    ----------
+    config
+        The node configuration.
+    db, health
+        The running node's index and health checks (``GET /api/status``); by default the
+        index is opened read-only and the checks run from this process (:func:`node_health`).
     """
     try:
-        report = node_status(config)
+        report = node_status(config, db)
     except StorageError as exc:
         report = {"error": str(exc)}
-    report["health"] = node_health(config).as_dict()
+    report["health"] = (health() if health is not None else node_health(config)).as_dict()
     return report

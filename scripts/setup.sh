@@ -2,7 +2,8 @@
 # Set up srnode on a fresh Debian machine: system tools, a virtual environment .venv at the
 # repository root, and srnode installed in it (editable). Safe to run again (it reuses .venv).
 #
-#   SRNODE_SKIP_APT=1   skip the Debian packages (dcmtk, dicom3tools, orthanc) if you have them
+#   SRNODE_SKIP_APT=1   skip the Debian packages (dcmtk, dicom3tools, orthanc, chromium) if you
+#                       have them (chromium: the console's browser tests drive /usr/bin/chromium)
 #   SRNODE_TORCH=...    pip requirement for torch (default: torch==2.13.0 from wherever pip
 #                       finds it: a CUDA build from PyPI on Linux x86_64, a CPU build where a
 #                       +cpu wheel is offered first). Choose explicitly, e.g.
@@ -16,6 +17,7 @@ if [ "${SRNODE_SKIP_APT:-0}" != "1" ]; then
   command -v storescu >/dev/null 2>&1 || need="$need dcmtk"
   command -v dciodvfy >/dev/null 2>&1 || need="$need dicom3tools"
   command -v Orthanc >/dev/null 2>&1 || need="$need orthanc"
+  [ -x /usr/bin/chromium ] || need="$need chromium"
   if [ -n "$need" ]; then
     SUDO=""; [ "$(id -u)" = "0" ] || SUDO="sudo"
     $SUDO apt-get update -qq

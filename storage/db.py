@@ -32,6 +32,8 @@ DEFAULT_BUSY_TIMEOUT = 5.0
 #: Seconds :meth:`Database.upgrade` waits for a lock (several processes may start together).
 UPGRADE_BUSY_TIMEOUT = 60.0
 _UPGRADE_LOCK = 0x5352_4E4F_4445  # "SRNODE": advisory lock key held while migrating
+#: Execution option that marks the connections of :meth:`Database.read_session`.
+_READ_ONLY = "srnode_read_only"
 
 
 def normalise_url(url: str) -> str:
@@ -117,6 +119,8 @@ class Database:
             event.listen(self.engine, "connect", _on_connect)
             event.listen(self.engine, "begin", _sqlite_on_begin)
         self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessionmaker = sessionmaker(
+            self.engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False)
 
     @property
     def is_postgresql(self) -> bool:
@@ -141,6 +145,31 @@ class Database:
                 except BaseException:
                     session.rollback()
                     raise
+        finally:
+            session.close()
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """Yield a session for reading only (the console, the API, status and job listings).
+
+        On SQLite its transaction is a plain (deferred) ``BEGIN``: in WAL mode a reader sees a
+        consistent snapshot and never takes the write lock, so reading never makes the SCP's
+        index writes wait.  On PostgreSQL it is an ordinary session.  Do not write in it.
+
+        Raises
+        ------
+        DatabaseUnavailableError
+            If the driver reports an operational error (cannot connect, locked too long).
+        """
+        session = self._read_sessionmaker()
+        try:
+            with _unavailable_as_storage_error():
+                try:
+                    yield session
+                finally:
+                    # end the read transaction; objects read stay usable (detached, loaded)
+                    session.expunge_all()
+                    session.rollback()
         finally:
             session.close()
 
@@ -251,5 +280,9 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any, busy_ms: int) -> Non
 
 
 def _sqlite_on_begin(conn: Connection) -> None:
-    """Start every SQLite transaction as IMMEDIATE (take the write lock up front)."""
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    """Start every SQLite transaction as IMMEDIATE (take the write lock up front).
+
+    Transactions of :meth:`Database.read_session` start as a deferred ``BEGIN`` (no lock).
+    """
+    read_only = conn.get_execution_options().get(_READ_ONLY, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

@@ -22,6 +22,7 @@ class JobState(StrEnum):
     FAILED = "failed"
     HELD = "held"
     SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"
 
 
 #: States a job leaves for ``superseded`` when its series received new instances.
@@ -30,6 +31,11 @@ SUPERSEDABLE_STATES: frozenset[JobState] = frozenset(
 )
 #: States an operator can send back to the queue (``srnode retry``).
 RETRYABLE_STATES: frozenset[JobState] = frozenset({JobState.FAILED, JobState.HELD})
+#: States an operator can cancel (``POST /api/jobs/{id}/cancel``); a running job's worker
+#: loses its lease at the next heartbeat and stops its child process.
+CANCELLABLE_STATES: frozenset[JobState] = frozenset(
+    {JobState.QUEUED, JobState.HELD, JobState.RUNNING}
+)
 
 
 @dataclass(frozen=True)

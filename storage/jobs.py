@@ -27,6 +27,7 @@ from storage.db import Database
 from storage.errors import InvalidJobStateError, JobNotFoundError
 from storage.job_rows import create_job, job_dict, transition
 from storage.job_types import (
+    CANCELLABLE_STATES,
     RETRYABLE_STATES,
     BackoffPolicy,
     ClaimedJob,
@@ -36,6 +37,27 @@ from storage.job_types import (
 from storage.models import Instance, Job, SentInstance, Series, utcnow
 
 LOGGER = logging.getLogger(__name__)
+
+
+def series_instance_paths(session: Session, series_fk: int) -> list[str]:
+    """The stored files of a series, sorted by instance number (then SOP Instance UID)."""
+    return list(session.scalars(
+        select(Instance.path)
+        .where(Instance.series_fk == series_fk)
+        .order_by(
+            Instance.instance_number.is_(None),
+            Instance.instance_number,
+            Instance.sop_instance_uid,
+        )
+    ).all())
+
+
+def _check_states(states: Sequence[str] | None) -> None:
+    """Raise ``ValueError`` naming any unknown job state."""
+    if states is not None:
+        unknown = set(states) - set(JobState)
+        if unknown:
+            raise ValueError(f"unknown job state(s): {sorted(unknown)}")
 
 
 class JobQueue:
@@ -152,15 +174,7 @@ class JobQueue:
                     LOGGER.warning("job %d: lease expired, taken over by %s", job_id, worker_id)
                 job = session.get(Job, job_id, populate_existing=True)
                 assert job is not None
-                paths = session.scalars(
-                    select(Instance.path)
-                    .where(Instance.series_fk == job.series_fk)
-                    .order_by(
-                        Instance.instance_number.is_(None),
-                        Instance.instance_number,
-                        Instance.sop_instance_uid,
-                    )
-                ).all()
+                paths = series_instance_paths(session, job.series_fk)
                 return ClaimedJob(
                     id=job.id,
                     series_instance_uid=job.series_instance_uid,
@@ -345,6 +359,49 @@ class JobQueue:
             job.lease_expires_at = None
             job.finished_at = None
 
+    def cancel(self, job_id: int, note: str = "cancelled by the operator") -> str:
+        """Cancel a queued, held or running job (state ``cancelled``, final).
+
+        A running job's lease is taken away: its worker's next heartbeat fails and the worker
+        stops the job's child process; the child's own later transitions are refused.
+
+        Parameters
+        ----------
+        job_id
+            The job.
+        note
+            Kept in the job's history.
+
+        Returns
+        -------
+        str
+            The state the job was in.
+
+        Raises
+        ------
+        JobNotFoundError
+            If there is no such job.
+        InvalidJobStateError
+            If the job is not queued, held or running.
+        """
+        now = utcnow()
+        with self.db.session() as session:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                raise JobNotFoundError(f"job {job_id} does not exist")
+            if job.state not in CANCELLABLE_STATES:
+                raise InvalidJobStateError(
+                    f"job {job_id} is {job.state}; only queued, held or running jobs can be "
+                    "cancelled"
+                )
+            previous = str(job.state)
+            transition(job, JobState.CANCELLED, now, error=job.error, note=note)
+            job.stage = "cancelled"
+            job.worker_id = None
+            job.lease_expires_at = None
+            job.finished_at = now
+            return previous
+
     # -- reading ------------------------------------------------------------------------------
     def get(self, job_id: int) -> dict[str, Any]:
         """Return one job as a dict (see :meth:`list_jobs`).
@@ -354,7 +411,7 @@ class JobQueue:
         JobNotFoundError
             If there is no such job.
         """
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             row = session.execute(
                 select(Job, Series)
                 .outerjoin(Series, Series.id == Job.series_fk)
@@ -365,29 +422,38 @@ class JobQueue:
             return job_dict(row[0], row[1])
 
     def list_jobs(
-        self, states: Sequence[str] | None = None, limit: int = 500
+        self, states: Sequence[str] | None = None, limit: int = 500, offset: int = 0
     ) -> list[dict[str, Any]]:
         """Return the newest jobs first, optionally only those in ``states``.
 
         Each dict holds id, series_instance_uid, modality, series_description, state, attempts,
         error, rule, stage, stage_seconds, created_at, updated_at (ISO strings), result and more.
+        ``offset`` skips that many of the newest (paging).
         """
-        if states is not None:
-            unknown = set(states) - set(JobState)
-            if unknown:
-                raise ValueError(f"unknown job state(s): {sorted(unknown)}")
-        with self.db.session() as session:
+        _check_states(states)
+        with self.db.read_session() as session:
             query = select(Job, Series).outerjoin(Series, Series.id == Job.series_fk)
             if states is not None:
                 query = query.where(Job.state.in_(list(states)))
-            query = query.order_by(Job.id.desc()).limit(limit)
+            query = query.order_by(Job.id.desc()).offset(offset).limit(limit)
             return [job_dict(job, series) for job, series in session.execute(query).all()]
+
+    def count(self, states: Sequence[str] | None = None) -> int:
+        """Return the number of jobs, optionally only those in ``states``."""
+        from sqlalchemy import func
+
+        _check_states(states)
+        with self.db.read_session() as session:
+            query = select(func.count()).select_from(Job)
+            if states is not None:
+                query = query.where(Job.state.in_(list(states)))
+            return int(session.execute(query).scalar_one())
 
     def counts(self) -> dict[str, int]:
         """Return the number of jobs in each state."""
         from sqlalchemy import func
 
-        with self.db.session() as session:
+        with self.db.read_session() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         counts = {str(state): 0 for state in JobState}
         counts.update({state: int(n) for state, n in rows})
@@ -423,3 +489,23 @@ class JobQueue:
                     )
                 ).all()
             )
+
+    def delivery(self, job_id: int) -> dict[str, dict[str, Any]]:
+        """Per destination: how many derived instances it acknowledged, and when the last one.
+
+        Returns
+        -------
+        dict
+            ``{destination: {"sent": n, "last_sent_at": ISO string}}`` for every destination
+            that acknowledged at least one instance of the job.
+        """
+        from sqlalchemy import func
+
+        with self.db.read_session() as session:
+            rows = session.execute(
+                select(SentInstance.destination, func.count(), func.max(SentInstance.sent_at))
+                .where(SentInstance.job_id == job_id)
+                .group_by(SentInstance.destination)
+            ).all()
+        return {name: {"sent": int(n), "last_sent_at": last.isoformat() if last else None}
+                for name, n, last in rows}

@@ -100,17 +100,34 @@ class Rule:
         num_instances: int,
     ) -> bool:
         """Return whether a series with these attributes is selected by this rule."""
+        return not self.mismatches(modality, body_part, series_description, num_instances)
+
+    def mismatches(
+        self,
+        modality: str | None,
+        body_part: str | None,
+        series_description: str | None,
+        num_instances: int,
+    ) -> list[str]:
+        """Why a series with these attributes is not selected (empty: it is).
+
+        One sentence per condition of the rule the series fails (``GET /api/rules/test``).
+        """
+        why: list[str] = []
         if self.modalities and (modality or "").upper() not in self.modalities:
-            return False
+            why.append(f"modality {modality or '-'} is not one of {', '.join(self.modalities)}")
         if self.body_parts and (body_part or "").upper() not in {
             b.upper() for b in self.body_parts
         }:
-            return False
+            why.append(f"body part {body_part or '-'} is not one of {', '.join(self.body_parts)}")
         if self.series_description and not re.search(
             self.series_description, series_description or "", re.IGNORECASE
         ):
-            return False
-        return num_instances >= self.min_instances
+            why.append(f"series description does not match /{self.series_description}/")
+        if num_instances < self.min_instances:
+            why.append(f"{num_instances} instance(s), the rule needs at least "
+                       f"{self.min_instances}")
+        return why
 
     def job_params(self) -> JobParams:
         """Processing parameters stored on a job."""

@@ -6,6 +6,8 @@ import logging
 
 import pytest
 
+from tests.support.console import console_site  # noqa: F401 - session fixture of the console tests
+
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> object:
