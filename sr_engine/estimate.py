@@ -261,6 +261,11 @@ def expected_gains(estimate: DegradationEstimate, scale: int,
                          for t in INPLANE_GROUPS), 3) for g in table}
 
 
+#: Fewest validation cases a selection cell needs before its worst case is trusted (cells with
+#: fewer fall back to interpolation; leave-one-volume-out failures came from such cells).
+MIN_CELL_CASES = 8
+
+
 def estimate_cell(estimate: dict, bins: tuple[float, ...] | list[float]) -> str | None:
     """Selection cell ``"<estimated group>|<confidence bin>"`` of an estimate (``as_dict``).
 
@@ -284,6 +289,8 @@ def choose_from_table(estimate: dict, table: dict) -> tuple[str, float] | None:
     by = table.get("by_estimate") or {}
     if cell is None or not by or not any(cell in row for row in by.values()):
         return None
+    if int(table.get("cases", {}).get(cell, MIN_CELL_CASES)) < MIN_CELL_CASES:
+        return None  # too few validation cases for a worst case to mean anything
     score = {g: float(row.get(cell, -99.0)) for g, row in by.items()}
     best = max(score, key=lambda g: score[g])
     return best, round(score[best], 3)

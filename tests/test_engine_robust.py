@@ -171,12 +171,15 @@ def test_selection_is_minimax_over_the_estimate_cell() -> None:
     from sr_engine.estimate import choose_from_table
 
     table = {"confidence_bins": [0.8],
-             "by_estimate": {"area_soft": {"kspace_smooth|1": -9.0, "lanczos|1": -2.0},
+             "cases": {"kspace_smooth|1": 20, "lanczos|1": 12, "area_sharp|1": 3},
+             "by_estimate": {"area_soft": {"kspace_smooth|1": -9.0, "lanczos|1": -2.0,
+                                           "area_sharp|1": 1.0},
                              "hedge": {"kspace_smooth|1": 0.4, "lanczos|1": -0.5},
                              "lanczos": {"kspace_smooth|1": 0.1, "lanczos|1": 0.8}}}
     est = {"family": "kspace_smooth", "confidence": 0.95, "in_family": True}
     assert choose_from_table(est, table) == ("hedge", 0.4)
     assert choose_from_table({**est, "family": "lanczos"}, table) == ("lanczos", 0.8)
+    assert choose_from_table({**est, "family": "area_sharp"}, table) is None  # 3 cases only
     assert choose_from_table({**est, "confidence": 0.5}, table) is None  # cell kspace_smooth|0
     assert choose_from_table({**est, "in_family": False}, table) is None
 
