@@ -125,7 +125,7 @@ def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], 
     return row
 
 
-def gain_table(rows: list[dict], scale: int) -> dict[str, object]:
+def gain_table(rows: list[dict], scale: int, minimax: bool = True) -> dict[str, object]:
     """Selection table of the slice-mode weights groups from validation rows.
 
     ``"mean"`` / ``"min"``: mean and worst gain (dB over interpolation) of each weights group's
@@ -134,12 +134,15 @@ def gain_table(rows: list[dict], scale: int) -> dict[str, object]:
     cell ``"<estimated group>|<confidence bin>"`` (bins split at :data:`CONFIDENCE_BINS`), with
     ``"cases"`` per cell: the node uses the best group of its cell when that worst case is above
     :data:`sr_engine.estimate.MIN_EXPECTED_GAIN_DB` (minimax under the estimator's confusion,
-    see ``sr_engine.estimate.slice_weights_choice``).
+    see ``sr_engine.estimate.slice_weights_choice``).  ``minimax=False``: the previous table,
+    ``"mean"`` and ``"min"`` of the family weights only (the node then takes the best expected
+    worst-case gain from the class probabilities).
     """
     from sr_engine.estimate import estimate_cell
 
     sel = [r for r in rows if r["scale"] == scale and "groups" in r]
-    groups = list(dict.fromkeys(g for r in sel for g in r["groups"]))
+    groups = list(dict.fromkeys(g for r in sel for g in r["groups"]
+                                if minimax or g in INPLANE_GROUPS))
     table: dict[str, dict[str, dict[str, float]]] = {"mean": {}, "min": {}, "by_estimate": {}}
     cells: dict[str, list[dict]] = {}
     for r in sel:
@@ -153,9 +156,13 @@ def gain_table(rows: list[dict], scale: int) -> dict[str, object]:
             vals = [r["groups"][g] for r in sel if r["true_group"] == t]
             table["mean"][g][t] = round(float(np.mean(vals)), 3) if vals else 0.0
             table["min"][g][t] = round(float(np.min(vals)), 3) if vals else 0.0
+        if not minimax:
+            continue
         for cell, members in sorted(cells.items()):
             table["by_estimate"][g][cell] = round(float(min(r["groups"][g] for r in members)),
                                                   3)
+    if not minimax:
+        return {"mean": table["mean"], "min": table["min"]}
     return {**table, "confidence_bins": list(CONFIDENCE_BINS),
             "cases": {cell: len(members) for cell, members in sorted(cells.items())}}
 
@@ -290,8 +297,9 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def _slice_cases(validation: bool) -> list[tuple[str, np.ndarray, tuple[float, float, float],
-                                                 str]]:
+def _slice_cases(validation: bool, smooth: bool = True
+                 ) -> list[tuple[str, np.ndarray, tuple[float, float, float], str]]:
+    """Public images, or the validation phantoms (also smooth at their own matrix)."""
     if not validation:
         return [load_dicom_case(f) for f in SLICE_FILES]
     from sr_engine.data import validation_volumes
@@ -300,6 +308,8 @@ def _slice_cases(validation: bool) -> list[tuple[str, np.ndarray, tuple[float, f
     for n, v, s, m in validation_volumes(3, (96, 160, 160)):
         v = np.ascontiguousarray(v[::8])
         cases.append((f"{n} | sharp", v, s, m))
+        if not smooth:
+            continue
         mapping = mapping_for(v, m)
         x = mapping.forward(v)
         rng = np.random.default_rng(len(cases))
@@ -394,6 +404,10 @@ def main() -> None:
                     help="slice tasks on the held-out synthetic phantoms (sr_engine.data."
                     "validation_volumes), training-split degradations only: the set on which "
                     "thresholds are chosen")
+    ap.add_argument("--previous-rule", type=int, nargs="*", default=[],
+                    help="slice scales whose table keeps the previous rule (sharp validation "
+                    "images, mean/min of the family weights, expected worst-case choice): x4, "
+                    "where the minimax table measured worse (README)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="only merge these result files into --out (and its .md)")
     args = ap.parse_args()
@@ -427,7 +441,8 @@ def main() -> None:
     for task in args.tasks:
         mode, scale = task.split(":")
         if mode == "slice":
-            for name, vol, spacing, modality in _slice_cases(args.validation):
+            previous = int(scale) in args.previous_rule
+            for name, vol, spacing, modality in _slice_cases(args.validation, not previous):
                 for label, deg, held in SLICE_DEGRADATIONS:
                     if args.validation and held:
                         continue
@@ -455,9 +470,11 @@ def main() -> None:
         for task in args.tasks:
             mode, scale = task.split(":")
             if mode == "slice":
-                table = gain_table(rows, int(scale))
+                table = gain_table(rows, int(scale), int(scale) not in args.previous_rule)
                 gains_path(int(scale)).write_text(json.dumps(table, indent=1, sort_keys=True))
                 print(f"gain table x{scale} (weights group -> true group):", table)
+                if int(scale) in args.previous_rule:
+                    continue
                 loo = leave_one_out(rows, int(scale))
                 for split, keep in (("sharp HR", lambda c: c.endswith("| sharp")),
                                     ("smooth HR", lambda c: not c.endswith("| sharp"))):
