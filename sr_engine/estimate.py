@@ -215,7 +215,6 @@ def estimate_inplane(volume: np.ndarray, scale: int,
         params["sigma_n"] = round(float(np.clip(out[-1], 0.0, 0.6)), 3)
     member = _group_member(group, params.get("sigma_n", 0.0))
     params.update({k2: v for k2, v in member.parameters if k2 != "sigma_n"})
-
     reasons = []
     if dist > float(est.max_distance):
         reasons.append(f"spectrum unlike every trained family (distance {dist:.1f} > "

@@ -321,9 +321,10 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
     if pick is not None:
         family, gain, _ = pick
         if gain <= MIN_EXPECTED_GAIN_DB:
-            return baseline, None, (f"no weights safe enough for this estimate (worst "
-                                    f"validation gain {gain:+.2f} dB; {estimate.family}, "
-                                    f"confidence {estimate.confidence:.2f})")
+            why = ("too few validation cases" if family == "none"
+                   else f"validation gain {gain:+.2f} dB")
+            return baseline, None, (f"no weights safe enough for this estimate ({why}; "
+                                    f"{estimate.family}, confidence {estimate.confidence:.2f})")
         if family == "nominal":
             return name, None, None
     for candidate in dict.fromkeys((name, "fast")):
