@@ -30,10 +30,12 @@ from sr_engine import EnhanceRequest, enhance_volume
 from sr_engine.degrade import (
     INPLANE_GROUPS,
     SLAB_PROFILES,
+    SMOOTH_HR_VARIANTS,
     Degradation,
     apply_inplane,
     apply_throughplane,
     inplane_group,
+    smooth_hr,
 )
 from sr_engine.evaluation import normalise_for_metrics, psnr
 from sr_engine.models import find_weights
@@ -78,10 +80,20 @@ def _run(lr: np.ndarray, spacing: tuple[float, float, float], thickness: float, 
     return _score(res.volume, hr, modality), res
 
 
+def weights_groups(scale: int) -> list[str]:
+    """Slice-mode weights groups with a shipped file: the family groups and the hedging weights."""
+    return [g for g in (*INPLANE_GROUPS, "blind", "hedge")
+            if find_weights("fast", "slice", scale, None, g).is_file()]
+
+
 def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], modality: str,
                scale: int, label: str, deg: Degradation, held_out: bool,
                cross: bool = False) -> dict:
-    """One slice-mode case: degrade, run every contender, score."""
+    """One slice-mode case: degrade, run every contender, score.
+
+    With ``cross`` (validation), also the gain of every weights group (:func:`weights_groups`)
+    under ``groups``, from which :func:`gain_table` builds the selection table.
+    """
     h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
     hr = np.ascontiguousarray(vol[:, :h, :w])
     mapping = mapping_for(hr, modality)
@@ -102,7 +114,8 @@ def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], 
         row["fast_oracle"] = _oracle(lr, sp, spacing[0], modality, "slice", scale, group, hr)
     if cross:
         row["groups"] = {g: _oracle(lr, sp, spacing[0], modality, "slice", scale, g, hr)
-                         - row["interp"] for g in INPLANE_GROUPS}
+                         - row["interp"] for g in weights_groups(scale)}
+        row["groups"]["nominal"] = row["fast_nominal"] - row["interp"]
     row["node"], res = _run(lr, sp, spacing[0], modality, EnhanceRequest(scale=scale), hr)
     row["node_model"] = res.model_name + (f"[{res.extra.get('weights_group')}]"
                                           if res.extra.get("weights_group") else "")
@@ -112,22 +125,83 @@ def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], 
     return row
 
 
-def gain_table(rows: list[dict], scale: int) -> dict[str, dict[str, dict[str, float]]]:
-    """Gains (dB over interpolation) of each group's weights under each true group.
+def gain_table(rows: list[dict], scale: int, minimax: bool = True) -> dict[str, object]:
+    """Selection table of the slice-mode weights groups from validation rows.
 
-    ``{"mean": {weights group: {true group: gain}}, "min": {...}}``: mean and worst case over
-    the validation cases; the node uses the worst case (see ``sr_engine.estimate``).
+    ``"mean"`` / ``"min"``: mean and worst gain (dB over interpolation) of each weights group's
+    file under each *true* group over the validation cases (sharp and smooth-HR images).
+    ``"by_estimate"``: worst gain of each weights group over the cases the estimator put in each
+    cell ``"<estimated group>|<confidence bin>"`` (bins split at :data:`CONFIDENCE_BINS`), with
+    ``"cases"`` per cell: the node uses the best group of its cell when that worst case is above
+    :data:`sr_engine.estimate.MIN_EXPECTED_GAIN_DB` (minimax under the estimator's confusion,
+    see ``sr_engine.estimate.slice_weights_choice``).  ``minimax=False``: the previous table,
+    ``"mean"`` and ``"min"`` of the family weights only (the node then takes the best expected
+    worst-case gain from the class probabilities).
     """
-    table: dict[str, dict[str, dict[str, float]]] = {"mean": {}, "min": {}}
-    for g in INPLANE_GROUPS:
+    from sr_engine.estimate import estimate_cell
+
+    sel = [r for r in rows if r["scale"] == scale and "groups" in r]
+    groups = list(dict.fromkeys(g for r in sel for g in r["groups"]
+                                if minimax or g in INPLANE_GROUPS))
+    table: dict[str, dict[str, dict[str, float]]] = {"mean": {}, "min": {}, "by_estimate": {}}
+    cells: dict[str, list[dict]] = {}
+    for r in sel:
+        cell = estimate_cell(r.get("estimate") or {}, CONFIDENCE_BINS)
+        if cell is not None:
+            cells.setdefault(cell, []).append(r)
+    for g in groups:
         for key in table:
             table[key][g] = {}
         for t in INPLANE_GROUPS:
-            vals = [r["groups"][g] for r in rows if r["scale"] == scale and r["true_group"] == t
-                    and "groups" in r]
+            vals = [r["groups"][g] for r in sel if r["true_group"] == t]
             table["mean"][g][t] = round(float(np.mean(vals)), 3) if vals else 0.0
             table["min"][g][t] = round(float(np.min(vals)), 3) if vals else 0.0
-    return table
+        if not minimax:
+            continue
+        for cell, members in sorted(cells.items()):
+            table["by_estimate"][g][cell] = round(float(min(r["groups"][g] for r in members)),
+                                                  3)
+    if not minimax:
+        return {"mean": table["mean"], "min": table["min"]}
+    return {**table, "confidence_bins": list(CONFIDENCE_BINS),
+            "cases": {cell: len(members) for cell, members in sorted(cells.items())}}
+
+
+#: Confidence bins of the selection cells (chosen on the validation set, leave-one-volume-out:
+#: one split at 0.8 kept every case above -0.1 dB with the best mean; finer bins overfit).
+CONFIDENCE_BINS = (0.8,)
+
+
+def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
+    """Gain of the node's slice-mode choice on validation rows under a selection ``table``.
+
+    Reproduces ``sr_engine.estimate.slice_weights_choice`` from the recorded estimate and the
+    recorded gain of every weights group (0 for the interpolation fallback).
+    """
+    from sr_engine.estimate import choose_from_table
+
+    out = []
+    for r in rows:
+        if r["scale"] != scale or "groups" not in r:
+            continue
+        est = r.get("estimate") or {}
+        pick = choose_from_table(est, table) if est.get("in_family") else None
+        out.append(r["groups"][pick[0]] if pick and pick[0] in r["groups"]
+                   and pick[1] > 0.0 else 0.0)
+    return out
+
+
+def leave_one_out(rows: list[dict], scale: int) -> dict[str, float]:
+    """Node gain per validation case when the table is built without that case's volume."""
+    out: dict[str, float] = {}
+    for b in sorted({r["case"].split(" | ")[0] for r in rows}):
+        test = [r for r in rows if r["case"].split(" | ")[0] == b and r["scale"] == scale
+                and "groups" in r]
+        train = [r for r in rows if r["case"].split(" | ")[0] != b]
+        for r, g in zip(test, simulate_choice(test, gain_table(train, scale), scale),
+                        strict=True):
+            out[f"{r['case']} {r['degradation']}"] = g
+    return out
 
 
 def _oracle(lr: np.ndarray, sp: tuple[float, float, float], thickness: float, modality: str,
@@ -136,14 +210,17 @@ def _oracle(lr: np.ndarray, sp: tuple[float, float, float], thickness: float, mo
     from sr_engine import inference
 
     est = inference.DegradationEstimate(group, {}, 1.0, True, mode)
-    saved = inference.estimate_inplane, inference.estimate_slab
+    saved = (inference.estimate_inplane, inference.estimate_slab,
+             inference.slice_weights_choice)
     inference.estimate_inplane = lambda *a, **k: est  # type: ignore[assignment]
     inference.estimate_slab = lambda *a, **k: est  # type: ignore[assignment]
+    inference.slice_weights_choice = lambda *a, **k: None  # type: ignore[assignment]
     try:
         score, _ = _run(lr, sp, thickness, modality,
                         EnhanceRequest(mode=mode, scale=scale), hr)  # type: ignore[arg-type]
     finally:
-        inference.estimate_inplane, inference.estimate_slab = saved
+        (inference.estimate_inplane, inference.estimate_slab,
+         inference.slice_weights_choice) = saved
     return score
 
 
@@ -220,13 +297,28 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def _slice_cases(validation: bool) -> list[tuple[str, np.ndarray, tuple[float, float, float],
-                                                 str]]:
+def _slice_cases(validation: bool, smooth: bool = True
+                 ) -> list[tuple[str, np.ndarray, tuple[float, float, float], str]]:
+    """Public images, or the validation phantoms (also smooth at their own matrix)."""
     if not validation:
         return [load_dicom_case(f) for f in SLICE_FILES]
     from sr_engine.data import validation_volumes
 
-    return [(n, v[::8], s, m) for n, v, s, m in validation_volumes(3, (96, 160, 160))]
+    cases = []
+    for n, v, s, m in validation_volumes(3, (96, 160, 160)):
+        v = np.ascontiguousarray(v[::8])
+        cases.append((f"{n} | sharp", v, s, m))
+        if not smooth:
+            continue
+        mapping = mapping_for(v, m)
+        x = mapping.forward(v)
+        rng = np.random.default_rng(len(cases))
+        for label, kind, amount, window, noise in SMOOTH_HR_VARIANTS:
+            sm = np.stack([smooth_hr(img, kind, amount, window, noise, rng) for img in x])
+            # Reconstructions are never below the original floor (magnitude MR, CT air).
+            sm = np.maximum(mapping.inverse(sm), float(v.min())).astype(np.float32)
+            cases.append((f"{n} | {label}", sm, s, m))
+    return cases
 
 
 def volume_validation(scale: int) -> dict[str, dict[str, dict[str, float]]]:
@@ -312,6 +404,10 @@ def main() -> None:
                     help="slice tasks on the held-out synthetic phantoms (sr_engine.data."
                     "validation_volumes), training-split degradations only: the set on which "
                     "thresholds are chosen")
+    ap.add_argument("--previous-rule", type=int, nargs="*", default=[],
+                    help="slice scales whose table keeps the previous rule (sharp validation "
+                    "images, mean/min of the family weights, expected worst-case choice): x4, "
+                    "where the minimax table measured worse (README)")
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="only merge these result files into --out (and its .md)")
     args = ap.parse_args()
@@ -345,7 +441,8 @@ def main() -> None:
     for task in args.tasks:
         mode, scale = task.split(":")
         if mode == "slice":
-            for name, vol, spacing, modality in _slice_cases(args.validation):
+            previous = int(scale) in args.previous_rule
+            for name, vol, spacing, modality in _slice_cases(args.validation, not previous):
                 for label, deg, held in SLICE_DEGRADATIONS:
                     if args.validation and held:
                         continue
@@ -373,9 +470,22 @@ def main() -> None:
         for task in args.tasks:
             mode, scale = task.split(":")
             if mode == "slice":
-                table = gain_table(rows, int(scale))
+                table = gain_table(rows, int(scale), int(scale) not in args.previous_rule)
                 gains_path(int(scale)).write_text(json.dumps(table, indent=1, sort_keys=True))
                 print(f"gain table x{scale} (weights group -> true group):", table)
+                if int(scale) in args.previous_rule:
+                    continue
+                loo = leave_one_out(rows, int(scale))
+                for split, keep in (("sharp HR", lambda c: c.endswith("| sharp")),
+                                    ("smooth HR", lambda c: not c.endswith("| sharp"))):
+                    sel = [r for r in rows if keep(r["case"]) and r["scale"] == int(scale)]
+                    for how, g in (("in-sample", simulate_choice(sel, table, int(scale))),
+                                   ("leave-one-volume-out",
+                                    [loo[f"{r['case']} {r['degradation']}"] for r in sel])):
+                        if g:
+                            print(f"  node x{scale} {split} {how}: mean {np.mean(g):+.2f} worst "
+                                  f"{np.min(g):+.2f} below -0.1: {sum(x < -0.1 for x in g)}"
+                                  f"/{len(g)}")
     print("summary (gain over interpolation, dB):")
     for k, v in summary.items():
         print(f"  {k:22} {v}")

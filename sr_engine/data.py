@@ -178,15 +178,26 @@ class PatchSampler:
     hr_blur
         Probability of blurring a HR patch with a Gaussian (sigma 0.3-1.2 px) first: real
         scans are band-limited, so the model must not sharpen beyond what the LR supports.
+    hr_bandlimit
+        When set, every HR patch is band-limited to this fraction of its Nyquist frequency
+        (zero-filled spectrum, no window), e.g. ``1 / scale``: the LR then holds all of it.
+    hr_smooth
+        Probability of making a HR patch smooth at its own resolution instead
+        (:func:`sr_engine.degrade.random_smooth_hr`: zero-filled spectra with or without a
+        window, soft kernels, acquisition noise), so that a model sees "smooth HR + sharp
+        degradation" as well as "sharp HR + blur".
     """
 
     def __init__(self, pool: list[np.ndarray], patch_hw: tuple[int, int], seed: int,
-                 natural_count: int = len(NATURAL_IMAGES), hr_blur: float = 0.0) -> None:
+                 natural_count: int = len(NATURAL_IMAGES), hr_blur: float = 0.0,
+                 hr_smooth: float = 0.0, hr_bandlimit: float | None = None) -> None:
         self.pool = [p for p in pool if p.shape[0] >= max(patch_hw) and p.shape[1] >= max(patch_hw)]
         self.patch_hw = patch_hw
         self.rng = np.random.default_rng(seed)
         self.natural_count = natural_count
         self.hr_blur = hr_blur
+        self.hr_smooth = hr_smooth
+        self.hr_bandlimit = hr_bandlimit
 
     def sample(self, batch: int) -> torch.Tensor:
         """Return ``(batch, 1, H, W)`` float32 HR patches."""
@@ -208,7 +219,15 @@ class PatchSampler:
                 p = p[::-1]
             if k < self.natural_count:
                 p = p * self.rng.uniform(0.3, 1.0) + self.rng.uniform(0.0, 0.3)
-            if self.hr_blur and self.rng.random() < self.hr_blur:
+            if self.hr_bandlimit:
+                from .degrade import smooth_hr
+
+                p = smooth_hr(np.ascontiguousarray(p), "zerofill", self.hr_bandlimit)
+            elif self.hr_smooth and self.rng.random() < self.hr_smooth:
+                from .degrade import random_smooth_hr
+
+                p = random_smooth_hr(np.ascontiguousarray(p), self.rng)
+            elif self.hr_blur and self.rng.random() < self.hr_blur:
                 p = ndimage.gaussian_filter(p, self.rng.uniform(0.3, 1.2), mode="reflect")
             out[b, 0] = p
         return torch.from_numpy(out)

@@ -461,6 +461,12 @@ def _uniform_outside(u: float, lo: float, hi: float, bands: tuple[tuple[float, f
 
 # Model groups of the in-plane families: one set of weights per group (see the model cards).
 INPLANE_GROUPS = ("area_sharp", "area_soft", "lanczos", "kspace_sharp", "kspace_smooth")
+# Training sets of the hedging slice-mode weights (no family of their own): ``blind`` draws from
+# every group, ``hedge`` only from the groups that leave the input sharp-looking.  ``interp``
+# (trained on HR band-limited at the LR Nyquist frequency, :class:`FamilyDegradation`) learns a
+# better interpolation: plain k-space truncation without window, so nothing to deblur.
+MIXED_GROUPS = {"blind": INPLANE_GROUPS, "hedge": ("area_sharp", "lanczos", "kspace_sharp"),
+                "interp": ("kspace_sharp",)}
 
 
 def inplane_group(deg: Degradation) -> str:
@@ -539,7 +545,8 @@ class FamilyDegradation:
     factor
         Scale factor.
     group
-        Slice mode: an in-plane model group (None: all); volume mode: a slab profile (None: all).
+        Slice mode: an in-plane model group, or a mixed set of :data:`MIXED_GROUPS` (None: all);
+        volume mode: a slab profile (None: all).
     """
 
     mode: str
@@ -553,7 +560,94 @@ class FamilyDegradation:
             u = torch.rand(5, generator=gen).tolist()
             x = hr[b:b + 1]
             if self.mode == "slice":
-                out.append(apply_inplane(x, self.factor, sample_inplane(u, self.group), gen))
+                group = self.group
+                if group == "interp":
+                    u[1] = 0.0  # k-space truncation without window
+                if group in MIXED_GROUPS:
+                    pool = MIXED_GROUPS[group]
+                    group = pool[min(int(u[0] * len(pool)), len(pool) - 1)]
+                out.append(apply_inplane(x, self.factor, sample_inplane(u, group), gen))
             else:
                 out.append(apply_throughplane(x, self.factor, sample_slab(u, self.group), gen))
         return torch.cat(out, 0)
+
+
+# --- Smooth-at-native-resolution HR images (issue 10: "smooth HR + sharp degradation") ------
+#
+# Real reconstructions are often band-limited at their own matrix: MR acquired at a lower matrix
+# and zero-filled (interpolated) to the stored one, often with a raw-data window, and CT with soft
+# kernels.  Degrading such an image with a sharp operator gives an input that looks like a sharp
+# image degraded by blur: the two cannot be told apart from the input alone, so the validation
+# set and the training data must contain both.
+
+#: Fixed smooth-HR variants of the validation images (``benchmarks/eval_robust.py
+#: --validation``): (label, kind, cut-off or sigma, window, noise before band-limiting).
+SMOOTH_HR_VARIANTS: tuple[tuple[str, str, float, int, float], ...] = (
+    ("zf.5 hamming", "zerofill", 0.5, 1, 0.0),      # 2x zero-filled MR with a raw-data filter
+    ("zf.6 + noise", "zerofill", 0.6, 0, 0.006),    # 0.6 of the matrix acquired, noisy
+    ("zf.75 fermi", "zerofill", 0.75, 2, 0.0),
+    ("soft kernel 1.0", "gaussian", 1.0, 0, 0.004),  # soft CT kernel
+)
+
+
+def smooth_hr(img: np.ndarray, kind: str, amount: float, window: int = 0, noise: float = 0.0,
+              rng: np.random.Generator | None = None) -> np.ndarray:
+    """Band-limit one HR image like a real reconstruction at its own matrix.
+
+    Parameters
+    ----------
+    img
+        ``(H, W)`` image in network units.
+    kind
+        ``zerofill``: only the central ``amount`` of the spectrum (fraction of the Nyquist
+        frequency along each axis) is kept, optionally windowed, i.e. acquired at a lower
+        matrix and interpolated by zero-filling; ``gaussian``: a soft kernel of standard
+        deviation ``amount`` pixels.
+    amount
+        Cut-off fraction (``zerofill``) or sigma in pixels (``gaussian``).
+    window
+        ``zerofill`` only: 0 none, 1 Hamming, 2 Fermi (radius 0.9 of the cut-off) over the
+        acquired part of the spectrum.
+    noise
+        Standard deviation of Gaussian noise added before band-limiting (acquisition noise,
+        band-limited with the image).
+    rng
+        Generator of the noise (default: a fixed seed).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(H, W)``.
+    """
+    out = np.asarray(img, dtype=np.float64)
+    if noise > 0:
+        gen = rng if rng is not None else np.random.default_rng(0)
+        out = out + noise * gen.standard_normal(out.shape)
+    if kind == "gaussian":
+        from scipy import ndimage
+
+        return ndimage.gaussian_filter(out, amount, mode="reflect").astype(np.float32)
+    if kind != "zerofill":
+        raise ValueError(f"unknown smooth-HR kind {kind!r}")
+    fy = np.abs(np.fft.fftfreq(out.shape[0]))[:, None] / (0.5 * amount)
+    fx = np.abs(np.fft.fftfreq(out.shape[1]))[None, :] / (0.5 * amount)
+    mask = ((fy <= 1.0) & (fx <= 1.0)).astype(np.float64)
+    if window == 1:
+        mask = mask * (0.54 + 0.46 * np.cos(np.pi * np.minimum(fy, 1.0))) \
+            * (0.54 + 0.46 * np.cos(np.pi * np.minimum(fx, 1.0)))
+    elif window == 2:
+        mask = mask / (1.0 + np.exp((np.sqrt(fy ** 2 + fx ** 2) - 0.9) / 0.04))
+    return np.fft.ifft2(np.fft.fft2(out) * mask).real.astype(np.float32)
+
+
+def random_smooth_hr(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random smooth-HR version of a training image (see :func:`smooth_hr`).
+
+    Zero-filled spectra with cut-off 0.45-0.9 of Nyquist (no window, Hamming or Fermi; half of
+    the draws) or a soft kernel of sigma 0.4-1.4 pixels, with acquisition noise on a third.
+    """
+    noise = float(rng.uniform(0.002, 0.01)) if rng.random() < 0.33 else 0.0
+    if rng.random() < 0.5:
+        return smooth_hr(img, "gaussian", float(rng.uniform(0.4, 1.4)), noise=noise, rng=rng)
+    return smooth_hr(img, "zerofill", float(rng.uniform(0.45, 0.9)), int(rng.integers(3)),
+                     noise, rng)

@@ -260,6 +260,79 @@ def expected_gains(estimate: DegradationEstimate, scale: int,
                          for t in INPLANE_GROUPS), 3) for g in table}
 
 
+#: Fewest validation cases a selection cell needs before its worst case is trusted (cells with
+#: fewer fall back to interpolation; leave-one-volume-out failures came from such cells).
+MIN_CELL_CASES = 8
+
+
+def estimate_cell(estimate: dict, bins: tuple[float, ...] | list[float]) -> str | None:
+    """Selection cell ``"<estimated group>|<confidence bin>"`` of an estimate (``as_dict``).
+
+    None when the estimate names no in-plane group or lies outside every family.
+    """
+    if estimate.get("family") not in INPLANE_GROUPS or not estimate.get("in_family"):
+        return None
+    confidence = float(estimate.get("confidence", 0.0))
+    return f"{estimate['family']}|{sum(confidence >= b for b in bins)}"
+
+
+def choose_from_table(estimate: dict, table: dict) -> tuple[str, float] | None:
+    """Best weights group of an estimate's cell in a ``by_estimate`` table and its worst gain.
+
+    Returns
+    -------
+    tuple or None
+        ``(group, worst validation gain in dB)``; None when the table has no such cell.
+    """
+    cell = estimate_cell(estimate, table.get("confidence_bins", ()))
+    by = table.get("by_estimate") or {}
+    if cell is None or not by or not any(cell in row for row in by.values()):
+        return None
+    if int(table.get("cases", {}).get(cell, MIN_CELL_CASES)) < MIN_CELL_CASES:
+        return None  # too few validation cases for a worst case to mean anything
+    score = {g: float(row.get(cell, -99.0)) for g, row in by.items()}
+    best = max(score, key=lambda g: score[g])
+    return best, round(score[best], 3)
+
+
+def slice_weights_choice(estimate: DegradationEstimate, scale: int,
+                         weights_dir: Path | None = None) -> tuple[str, float, bool] | None:
+    """Slice mode: the weights group for an estimate and the gain it can be trusted to keep.
+
+    With a ``by_estimate`` table (``selection_slice_x<N>.json``, built by
+    ``benchmarks/eval_robust.py --validation`` on sharp *and* smooth-at-native-resolution
+    synthetic phantoms): the weights group with the best *worst* gain over every validation
+    case the estimator put in the same cell (estimated group and confidence bin), i.e. minimax
+    under the estimator's confusion: "smooth HR + sharp degradation" and "sharp HR + blur" look
+    alike, so a cell holding both only gets weights that lose on neither (or interpolation).
+    The cell's worst case already covers low confidence.  Without it: the best expected
+    worst-case gain of :func:`expected_gains`.
+
+    Returns
+    -------
+    tuple or None
+        ``(weights group, trusted gain in dB, confidence covered)``: the node uses the group only
+        when the gain is above :data:`MIN_EXPECTED_GAIN_DB` (``nominal``: the nominal weights);
+        ``confidence covered`` is True when the table accounts for low confidence itself (else
+        the node's confidence threshold applies).  None without a table.
+    """
+    import json
+
+    path = gains_path(scale, weights_dir)
+    if not path.is_file():
+        path = gains_path(scale)
+    if path.is_file():
+        table = json.loads(path.read_text())
+        if table.get("by_estimate"):
+            pick = choose_from_table(estimate.as_dict(), table)
+            return (pick[0], pick[1], True) if pick else ("none", -99.0, True)
+    gains = expected_gains(estimate, scale, weights_dir)
+    if not gains:
+        return None
+    best = max(gains, key=lambda g: gains[g])
+    return best, gains[best], False
+
+
 def volume_selection_path(scale: int, weights_dir: Path | None = None) -> Path:
     """Gain table of the volume-mode weights (``benchmarks/eval_robust.py --validation``)."""
     return Path(weights_dir or WEIGHTS_DIR) / f"selection_volume_x{scale}.json"

@@ -26,8 +26,8 @@ from .estimate import (
     MIN_EXPECTED_GAIN_DB,
     estimate_inplane,
     estimate_slab,
-    expected_gains,
     operator_of,
+    slice_weights_choice,
     volume_weights_choice,
 )
 from .models import REGISTRY, check_scale, find_weights, load_model, resolve_name
@@ -311,21 +311,25 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
     baseline = BASELINE[mode]
     if estimate.family == "unknown" or not estimate.in_family:
         return baseline, None, (estimate.reason or "degradation could not be estimated")[:150]
-    if estimate.confidence < MIN_CONFIDENCE:
+    pick = slice_weights_choice(estimate, scale, weights_dir) if mode == "slice" else None
+    if estimate.confidence < MIN_CONFIDENCE and not (pick is not None and pick[2]):
         return baseline, None, (f"estimate uncertain ({estimate.family}, confidence "
                                 f"{estimate.confidence:.2f})")
     family = estimate.family
     if mode == "volume":
-        pick = volume_weights_choice(estimate, scale, weights_dir)
-        if pick == "nominal":
+        vpick = volume_weights_choice(estimate, scale, weights_dir)
+        if vpick == "nominal":
             return name, None, None
-        family = pick or family
-    gains = expected_gains(estimate, scale, weights_dir) if mode == "slice" else None
-    if gains:
-        family = max(gains, key=lambda g: gains[g])
-        if gains[family] <= MIN_EXPECTED_GAIN_DB:
-            return baseline, None, (f"expected gain {gains[family]:+.2f} dB too small "
-                                    f"({estimate.family}, confidence {estimate.confidence:.2f})")
+        family = vpick or family
+    if pick is not None:
+        family, gain, _ = pick
+        if gain <= MIN_EXPECTED_GAIN_DB:
+            why = ("too few validation cases" if family == "none"
+                   else f"validation gain {gain:+.2f} dB")
+            return baseline, None, (f"no weights safe enough for this estimate ({why}; "
+                                    f"{estimate.family}, confidence {estimate.confidence:.2f})")
+        if family == "nominal":
+            return name, None, None
     for candidate in dict.fromkeys((name, "fast")):
         if find_weights(candidate, mode, scale, weights_dir, family).is_file():
             return candidate, family, None

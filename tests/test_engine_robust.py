@@ -131,3 +131,67 @@ def test_volume_adaptation_reports_its_work() -> None:
     assert res.adaptation is not None and res.adaptation["steps"] > 0
     assert res.adaptation["loss_after"] < res.adaptation["loss_before"]
     assert res.volume.shape == (48, 64, 64)
+
+
+def _smooth_hr_stack(modality: str, kind: str, amount: float, window: int,
+                     n: int = 6, size: int = 160) -> np.ndarray:
+    """Held-out phantoms made smooth at their own matrix (zero-filled MR, soft-kernel CT)."""
+    from sr_engine.degrade import smooth_hr
+
+    hr = _hr_stack(modality, n, size)
+    mapping = mapping_for(hr, modality)
+    x = np.stack([smooth_hr(s, kind, amount, window) for s in mapping.forward(hr)])
+    return np.maximum(mapping.inverse(x), float(hr.min())).astype(np.float32)
+
+
+@pytest.mark.parametrize(("modality", "kind", "amount", "window", "deg"), [
+    ("MR", "zerofill", 0.5, 1, Degradation.of("lanczos", lobes=3)),
+    ("MR", "zerofill", 0.6, 0, Degradation.of("area", sigma_n=0.0)),
+    ("CT", "gaussian", 1.0, 0, Degradation.of("lanczos", lobes=3)),
+])
+def test_smooth_hr_with_a_sharp_degradation_gets_no_deblurring(
+        modality: str, kind: str, amount: float, window: int, deg: Degradation) -> None:
+    """A series already smooth at its own matrix, degraded by a sharp operator, looks like a
+    sharp series blurred: the node must not sharpen it beyond what bicubic does."""
+    hr = _smooth_hr_stack(modality, kind, amount, window)
+    lr = _degrade(hr, modality, deg)
+    scores, picks = {}, {}
+    ref = normalise_for_metrics(hr, hr, modality)
+    for model in ("auto", "bicubic"):
+        res = enhance_volume(lr, (1.0, 2.0, 2.0), 1.0, modality, EnhanceRequest(model=model))
+        scores[model] = psnr(normalise_for_metrics(res.volume, hr, modality), ref)
+        picks[model] = res.extra.get("weights_group")
+    assert picks["auto"] not in ("area_soft", "kspace_smooth"), (picks, scores)
+    assert scores["auto"] >= scores["bicubic"] - 0.1, (picks, scores)
+
+
+def test_selection_is_minimax_over_the_estimate_cell() -> None:
+    """The node takes the weights with the best *worst* validation gain of the estimate's cell,
+    not the best mean, and nothing for a cell it has never seen."""
+    from sr_engine.estimate import choose_from_table
+
+    table = {"confidence_bins": [0.8],
+             "cases": {"kspace_smooth|1": 20, "lanczos|1": 12, "area_sharp|1": 3},
+             "by_estimate": {"area_soft": {"kspace_smooth|1": -9.0, "lanczos|1": -2.0,
+                                           "area_sharp|1": 1.0},
+                             "hedge": {"kspace_smooth|1": 0.4, "lanczos|1": -0.5},
+                             "lanczos": {"kspace_smooth|1": 0.1, "lanczos|1": 0.8}}}
+    est = {"family": "kspace_smooth", "confidence": 0.95, "in_family": True}
+    assert choose_from_table(est, table) == ("hedge", 0.4)
+    assert choose_from_table({**est, "family": "lanczos"}, table) == ("lanczos", 0.8)
+    assert choose_from_table({**est, "family": "area_sharp"}, table) is None  # 3 cases only
+    assert choose_from_table({**est, "confidence": 0.5}, table) is None  # cell kspace_smooth|0
+    assert choose_from_table({**est, "in_family": False}, table) is None
+
+
+def test_smooth_looking_estimates_never_get_weights_on_the_shipped_table() -> None:
+    """On the shipped slice x2 table, an input that looks blurred (it may be a smooth image
+    degraded sharply) goes out as interpolation, whatever the confidence."""
+    from sr_engine.inference import choose_model
+
+    for family in ("kspace_smooth", "area_soft"):
+        for confidence in (0.5, 0.99):
+            est = DegradationEstimate(family, {}, confidence, True, "slice")
+            name, group, reason = choose_model("auto", "fast", "slice", 2, est)
+            assert name == "bicubic" and group is None, (family, confidence, name, group)
+            assert reason and "safe" in reason
