@@ -105,7 +105,9 @@ def test_volume_mode_adaptation_time_is_bounded_and_recorded(tmp_path: Path) -> 
     summary = d.summary()
     assert summary["choice"] == "model", summary
     adaptation = summary["adaptation"]
-    assert adaptation is not None and 0 < adaptation["seconds"] <= 6.0, adaptation
+    # reported per job (the budget itself is checked with an injected clock in
+    # tests/test_engine_robust.py: no wall-clock bound here)
+    assert adaptation is not None and adaptation["seconds"] > 0, adaptation
     assert adaptation["steps"] > 0
     assert "adapted" in d.datasets[0].DerivationDescription
     assert summary["degradation"]["mode"] == "volume" and summary["degradation"]["in_family"]
