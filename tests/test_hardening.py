@@ -226,7 +226,9 @@ def _warm_up(node: ServedNode, ct: list[Path]) -> None:
 
 def _legit_store(port: int, paths: list[Path]) -> list[int]:
     ae = AE("LEGIT")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    # generous: on a loaded machine the node may still be working through the attackers'
+    # backlog of connections when the legitimate sender arrives behind them
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     ae.add_requested_context(CTImageStorage, CT_EXPLICIT)
     assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")
     assert assoc.is_established
