@@ -51,6 +51,7 @@ class PixelEncoding:
     recomputed: bool
     floor: float
     padding_value: int | None = None
+    collisions_possible: bool = True
 
     @property
     def dtype(self) -> type[np.unsignedinteger] | type[np.signedinteger]:
@@ -114,7 +115,7 @@ def choose_encoding(
             if pr == 1 and (lo < -(2 ** (bits - 1)) or hi > 2 ** (bits - 1) - 1):
                 bits = 16
             return _with_padding(source, PixelEncoding(slopes, intercepts, pr, bits, False,
-                                                       floor))
+                                                       floor), lo, hi)
     vmin, vmax = float(ends.min()), float(ends.max())
     if not source.has_rescale and source.modality != "CT":
         raise DerivationError(
@@ -128,8 +129,13 @@ def choose_encoding(
     return PixelEncoding([slope] * n, [intercept] * n, 0, 16, True, floor)
 
 
-def _with_padding(source: SourceSeries, enc: PixelEncoding) -> PixelEncoding:
-    """Keep the source's Pixel Padding Value when the encoding can store it."""
+def _with_padding(source: SourceSeries, enc: PixelEncoding, lo_stored: float,
+                  hi_stored: float) -> PixelEncoding:
+    """Keep the source's Pixel Padding Value when the encoding can store it.
+
+    ``lo_stored``, ``hi_stored``: the range of the stored values; a padding value outside it
+    cannot collide with an enhanced value.
+    """
     pad = source.padding_value
     if not source.has_padding or pad is None:
         return enc
@@ -137,7 +143,8 @@ def _with_padding(source: SourceSeries, enc: PixelEncoding) -> PixelEncoding:
     lo, hi = (0, 2**bits - 1) if pr == 0 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
     if not lo <= pad <= hi:
         return enc
-    return PixelEncoding(enc.slopes, enc.intercepts, pr, bits, enc.recomputed, enc.floor, pad)
+    return PixelEncoding(enc.slopes, enc.intercepts, pr, bits, enc.recomputed, enc.floor, pad,
+                         lo_stored <= pad <= hi_stored)
 
 
 def encode_slab(
@@ -164,24 +171,36 @@ def encode_slab(
     tuple
         ``(stored values (k, rows, cols), voxels clipped to the floor)``.
     """
-    # float32 throughout (exact for integers up to 2**24), in place on as few copies as possible
+    # slice by slice through one float32 buffer (exact for integers up to 2**24): a slice stays
+    # in cache and no whole-slab temporary is made
     vol = np.asarray(values, dtype=np.float32)
-    floor = np.float32(enc.floor)
-    clipped = int(np.count_nonzero(vol < floor))
-    vol = np.maximum(vol, floor)
     k = vol.shape[0]
-    if enc.recomputed:
-        vol -= np.float32(enc.intercepts[0])
-        vol /= np.float32(enc.slopes[0])
-        np.rint(vol, out=vol)
-        stored = np.clip(vol, 0, 65535).astype(np.uint16)
-    else:
-        m = np.asarray(enc.slopes[start:start + k], dtype=np.float32)[:, None, None]
-        b = np.asarray(enc.intercepts[start:start + k], dtype=np.float32)[:, None, None]
-        out = _stored(vol, m, b)
-        info = np.iinfo(enc.dtype)
-        np.clip(out, info.min, info.max, out=out)  # within by construction; never wrap around
-        stored = out.astype(enc.dtype)
+    stored = np.empty(vol.shape, dtype=enc.dtype)
+    buf = np.empty(vol.shape[1:], dtype=np.float32)
+    info = np.iinfo(enc.dtype)
+    floor = np.float32(enc.floor)
+    clipped = 0
+    for i in range(k):
+        v = vol[i]
+        if float(v.min()) < enc.floor:
+            clipped += int(np.count_nonzero(v < floor))
+            np.maximum(v, floor, out=buf)
+            v = buf
+        if enc.recomputed:
+            np.subtract(v, np.float32(enc.intercepts[0]), out=buf)
+            buf /= np.float32(enc.slopes[0])
+        else:
+            m, b = enc.slopes[start + i], enc.intercepts[start + i]
+            if m == 1:
+                np.rint(v, out=buf)
+                if b != 0:
+                    buf -= np.float32(b)
+            else:
+                np.subtract(v, np.float32(b), out=buf)
+                buf /= np.float32(m)
+        np.rint(buf, out=buf)
+        np.clip(buf, info.min, info.max, out=buf)  # within by construction; never wrap around
+        stored[i] = buf
     if enc.padding_value is not None:
         _restore_padding(enc, stored, start, nearest, padding)
     return stored, clipped
@@ -215,18 +234,24 @@ def _restore_padding(
     bits = enc.bits_stored
     hi = 2**bits - 1 if enc.pixel_representation == 0 else 2 ** (bits - 1) - 1
     moved = pad + 1 if pad < hi else pad - 1
-    # slice by slice: one slice's boolean mask stays in cache
     for k in range(stored.shape[0]):
         out = stored[k]
         source_mask = padding(nearest[start + k])
-        collide = out == pad
-        if source_mask is None:
+        if enc.collisions_possible:
+            collide = out == pad
+            if source_mask is not None:
+                collide &= ~_output_padding_mask(source_mask, out.shape)
             np.putmask(out, collide, moved)
+        if source_mask is None or not source_mask.any():
             continue
-        mask = _output_padding_mask(source_mask, out.shape)
-        collide &= ~mask
-        np.putmask(out, collide, moved)
-        np.putmask(out, mask, pad)
+        rows, cols = out.shape
+        src_rows, src_cols = source_mask.shape
+        if rows % src_rows == 0 and cols % src_cols == 0:  # integer factors: rows by view
+            wide = source_mask.repeat(cols // src_cols, axis=1)
+            blocks = out.reshape(src_rows, rows // src_rows, cols)
+            np.copyto(blocks, enc.dtype(pad), where=wide[:, None, :])
+        else:
+            np.putmask(out, _output_padding_mask(source_mask, out.shape), pad)
 
 
 def set_pixel_module(
