@@ -50,6 +50,7 @@ from dicom_node.derive.geometry import (
 )
 from dicom_node.derive.identity import (
     DERIVATION_TAIL_CHARS,
+    REPLACED_TAGS,
     acquisition_item,
     copy_header,
     derivation_head,
@@ -334,7 +335,7 @@ class DerivedSeriesBuilder:
                                              source.modality)
                 strip_source_header(base)
             else:
-                base = copy_header(src_ds)
+                base = copy_header(src_ds, REPLACED_TAGS)
             ds = base
             set_identity(ds, source, self.series_uid, self.series_number, self.written_description,
                          self.numbers[k], self.options, self.local_now)

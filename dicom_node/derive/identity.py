@@ -104,18 +104,30 @@ def _element_vr(elem: DataElement | RawDataElement) -> str:
         return ""
 
 
-def copy_header(ds: Dataset) -> Dataset:
+#: Attributes every derived instance gets new values for (:func:`set_identity`,
+#: :func:`dicom_node.derive.pixels.set_pixel_module`): the builder does not copy them at all.
+REPLACED_TAGS = frozenset(Tag(k) for k in (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "SeriesNumber", "InstanceNumber", "InstanceCreationDate", "InstanceCreationTime",
+    "ContentDate", "ContentTime", "SeriesDate", "SeriesTime", "SamplesPerPixel",
+    "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation",
+))
+
+
+def copy_header(ds: Dataset, skip: frozenset[BaseTag] = frozenset()) -> Dataset:
     """Copy a header without pixel data, private attributes, overlays and curves.
 
     Also left out: everything tied to the old pixel matrix or instance
-    (:data:`_REMOVED_KEYWORDS`).  Elements pydicom has not parsed yet are immutable and shared
-    with the source (reading or setting one in the copy parses it into a new element of the
-    copy); parsed elements are deep copies.  Private attributes nested in sequences are removed.
+    (:data:`_REMOVED_KEYWORDS`), and the attributes in ``skip``.  Elements pydicom has not
+    parsed yet are immutable and shared with the source (reading or setting one in the copy
+    parses it into a new element of the copy); parsed elements are deep copies.  Private
+    attributes nested in sequences are removed.
     """
     items: dict[BaseTag, DataElement | RawDataElement] = {}
     nested = []
     for tag, elem in ds.items():
-        if not _kept(tag):
+        if tag in skip or not _kept(tag):
             continue
         items[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
         if _element_vr(elem) == "SQ":

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import pydicom
@@ -128,9 +128,11 @@ class SourceSeries:
         ``|value|`` statistics of the volume for the MR intensity mapping (streamed MR series).
     has_padding
         Whether any slice has padding (:attr:`padding_mask` of a streamed series is ``None``).
+    slice_locations
+        Per slice, the source's Slice Location value (``None`` or ``""`` when absent).
     """
 
-    datasets: list[Dataset]
+    datasets: Sequence[Dataset]
     volume: np.ndarray | None
     spacing: tuple[float, float, float]
     slice_thickness: float
@@ -162,6 +164,7 @@ class SourceSeries:
     value_max: float = 0.0
     magnitudes: MagnitudeStats | None = None
     has_padding: bool = False
+    slice_locations: list[object] = field(default_factory=list)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -198,6 +201,47 @@ class SourceSeries:
     def num_slices(self) -> int:
         """Number of slices (frames) in the volume."""
         return len(self.source_refs)
+
+
+class SourceHeaders(Sequence[Dataset]):
+    """Per-slice source headers of a streamed series, held one slab at a time.
+
+    A header is about 0.1 MB of Python objects: holding 1,500 of them would make memory grow
+    with the series.  The first slice's header is kept; the slab being processed is held by
+    :func:`read_slab` (which reads those files anyway); any other is read again on demand.
+    """
+
+    def __init__(self, first: Dataset, paths: Sequence[Path]) -> None:
+        self._first = first
+        self._paths = list(paths)
+        self._held: dict[int, Dataset] = {}
+
+    def __len__(self) -> int:
+        """Number of slices."""
+        return len(self._paths)
+
+    @overload
+    def __getitem__(self, index: int) -> Dataset: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Dataset]: ...
+
+    def __getitem__(self, index: int | slice) -> Dataset | list[Dataset]:
+        """The header of slice ``index`` (without pixel data)."""
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        j = index + len(self) if index < 0 else index
+        if not 0 <= j < len(self):
+            raise IndexError(index)
+        if j in self._held:
+            return self._held[j]
+        if j == 0:
+            return self._first
+        return read_dataset(self._paths[j], stop_before_pixels=True)
+
+    def hold(self, headers: dict[int, Dataset]) -> None:
+        """Keep these headers (slice index -> header) until the next call."""
+        self._held = headers
 
 
 @dataclass
@@ -597,9 +641,13 @@ def read_slab(source: SourceSeries, start: int, stop: int) -> tuple[np.ndarray, 
     k = stop - start
     out = np.empty((k, source.rows, source.cols), dtype=np.float32)
     mask = np.zeros(out.shape, dtype=bool) if source.has_padding else None
+    held: dict[int, Dataset] = {}
     for i in range(start, stop):
         path = source.files[i]
-        frames = _classic_frames(_read(path), path)
+        ds = _read(path)
+        frames = _classic_frames(ds, path)
+        _drop_pixels(ds)
+        held[i] = ds
         f = frames[0]
         assert f.pixels is not None
         if f.pixels.shape != out.shape[1:]:
@@ -611,6 +659,8 @@ def read_slab(source: SourceSeries, start: int, stop: int) -> tuple[np.ndarray, 
             values[f.padding] = np.float32(source.padding_fill)
             if mask is not None:
                 mask[i - start] = f.padding
+    if isinstance(source.datasets, SourceHeaders):
+        source.datasets.hold(held)
     return out, mask
 
 
@@ -802,8 +852,9 @@ def _assemble(
         raise SeriesError("mixed series: more than one Study Instance UID")
     if len(for_uids) != 1 or ("" in for_uids and not slice_mode):
         raise SeriesError("missing geometry: Frame of Reference UID absent or inconsistent")
+    files = [f.path for f in frames if f.path is not None] if streamed else []
     return SourceSeries(
-        datasets=[f.ds for f in frames],
+        datasets=SourceHeaders(frames[0].ds, files) if streamed else [f.ds for f in frames],
         volume=volume,
         spacing=(dz, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
         slice_thickness=thickness,
@@ -829,7 +880,8 @@ def _assemble(
         padding_value=padding_value,
         padding_mask=padding_mask,
         padding_fill=padding_fill,
-        files=[f.path for f in frames if f.path is not None] if streamed else [],
+        files=files,
+        slice_locations=[f.ds.get("SliceLocation") for f in frames],
         has_padding=padding_value is not None,
         **(_streamed_stats(frames, modality, padding_fill) if streamed else {}),
     )
