@@ -88,10 +88,12 @@ def measure_enhance(src: Path, mode: str, scale: int, work: Path,
 
 def _job_child(serve_pid: int) -> int | None:
     """PID of the job child process of ``srnode serve`` (spawned by multiprocessing)."""
-    try:
-        children = Path(f"/proc/{serve_pid}/task/{serve_pid}/children").read_text().split()
-    except OSError:
-        return None
+    children: list[str] = []
+    for task in Path(f"/proc/{serve_pid}/task").glob("*"):  # the worker thread's children
+        try:
+            children += (task / "children").read_text().split()
+        except OSError:
+            continue
     for pid in children:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
