@@ -596,7 +596,10 @@ def enhance_path(
     from tqdm import tqdm
 
     from dicom_node.derive.series import SeriesError
+    from dicom_node.heap import fix_mmap_threshold
     from sr_engine.errors import EngineError
+
+    fix_mmap_threshold()  # freed slab arrays go back to the OS
 
     if not input_path.exists():
         raise EnhanceError(f"{input_path} does not exist")

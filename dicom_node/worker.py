@@ -138,6 +138,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
     Runs in the child process.  Every outcome is written to the job store.
     """
     from dicom_node.derive.transcode import transcode_files
+    from dicom_node.heap import fix_mmap_threshold
     from dicom_node.logs import configure_logging
     from dicom_node.network.scu import (
         DestinationUnavailableError,
@@ -146,6 +147,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
         send_instances,
     )
 
+    fix_mmap_threshold()  # freed slab arrays go back to the OS
     configure_logging(config.node.log_level, config.node.log_file or None)
     configure_pynetdicom()
     db = open_index(config, migrate=False)  # the parent process migrated it
