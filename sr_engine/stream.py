@@ -283,6 +283,7 @@ class SeriesEnhancer:
         return self.mapping.forward(values)
 
     def _run(self, planes: np.ndarray) -> np.ndarray:
+        """Upsample planes (network units), on the CPU should CUDA run out of memory."""
         try:
             out, tiles = _run(self.model, planes, self.fy, self.fx, self.device, self.request,
                               self.ensemble)
@@ -297,6 +298,7 @@ class SeriesEnhancer:
         return out
 
     def _clip(self, out: np.ndarray) -> None:
+        """Clip enhanced values (in place) to :func:`plausible_range` of the series."""
         np.clip(out, np.float32(self.clip[0]), np.float32(self.clip[1]), out=out)
 
     def enhance_slices(self, volume: np.ndarray) -> np.ndarray:

@@ -157,3 +157,20 @@ def test_kill9_mid_series_publishes_nothing_and_the_retry_completes_it(tmp_path:
         names = {p.name for p in folder.glob("*.dcm")}
         manifest = json.loads((folder / MANIFEST).read_text())
         assert names == set(manifest["files"]) and len(names) == len(ct)
+
+
+def test_mr_mapping_from_slice_statistics_equals_the_whole_volume_mapping() -> None:
+    """The MR intensity mapping gathered slice by slice is the whole-volume one."""
+    from sr_engine.normalise import MagnitudeStats, mapping_from_stats
+
+    rng = np.random.default_rng(5)
+    for case in range(60):
+        vol = rng.gamma(2.0, rng.uniform(1, 3000), size=(6, 24, 24)).astype(np.float32)
+        if case % 3 == 0:
+            vol = np.round(vol)
+        if case % 4 == 0:
+            vol -= np.float32(50)
+        stats = MagnitudeStats()
+        for plane in vol:
+            stats.add(plane)
+        assert mapping_from_stats(stats, "MR") == mapping_for(vol, "MR"), case
