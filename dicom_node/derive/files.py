@@ -38,7 +38,7 @@ class IncompleteFileError(OSError):
 
 
 def complete_series(paths: Sequence[Path], replacements: Mapping[bytes, bytes]) -> None:
-    """Fill the reserved texts of written instances in place (same lengths), with fsync.
+    """Fill the reserved texts of written instances in place (same lengths), with fdatasync.
 
     A streamed series knows its series-level figures only after its last slab; its instances
     are written with reserved space for them (:class:`dicom_node.derive.builder.
@@ -63,4 +63,4 @@ def complete_series(paths: Sequence[Path], replacements: Mapping[bytes, bytes]) 
                 fh.seek(at)
                 fh.write(new)
             fh.flush()
-            os.fsync(fh.fileno())
+            os.fdatasync(fh.fileno())  # same size, same blocks: the data is what must persist
