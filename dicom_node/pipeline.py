@@ -302,7 +302,7 @@ def derive_series_to(
 
     from dicom_node.derive.builder import DerivationOptions, DerivedSeriesBuilder
     from dicom_node.derive.files import complete_series
-    from dicom_node.derive.series import open_series, read_slab
+    from dicom_node.derive.series import load_series, open_series, read_slab
     from sr_engine.normalise import mapping_for, mapping_from_stats
     from sr_engine.stream import SeriesEnhancer, SeriesFacts, estimate_picks, slab_slices
 
@@ -314,7 +314,8 @@ def derive_series_to(
 
     stage("loading")
     t0 = time.perf_counter()
-    source = open_series(paths, slice_mode=mode == "slice")
+    # volume mode keeps the (thick-slice) input volume: the output ranges are computed from it
+    source = open_series(paths, slice_mode=True) if mode == "slice" else load_series(paths)
     n, rows, cols = source.shape
     if source.volume is not None:
         mapping = mapping_for(source.volume, source.modality)
@@ -326,7 +327,8 @@ def derive_series_to(
         picks = estimate_picks(n)
         sample = np.stack([read_slab(source, i, i + 1)[0][0] for i in picks])
     else:
-        sample = source.volume if source.volume is not None else read_slab(source, 0, n)[0]
+        assert source.volume is not None
+        sample = source.volume
     seconds["loading"] += time.perf_counter() - t0
 
     stage("enhancing")

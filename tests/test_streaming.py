@@ -174,3 +174,29 @@ def test_mr_mapping_from_slice_statistics_equals_the_whole_volume_mapping() -> N
         for plane in vol:
             stats.add(plane)
         assert mapping_from_stats(stats, "MR") == mapping_for(vol, "MR"), case
+
+
+@pytest.mark.parametrize(("mode", "model"), [("slice", "fast"), ("volume", "fast")])
+def test_streamed_series_keeps_pixel_padding_and_is_dciodvfy_clean(
+    tmp_path: Path, mode: str, model: str
+) -> None:
+    """Slabs of one slice: padding written back as padding, the figures filled in, IOD-clean."""
+    import pydicom
+
+    from dicom_node.pipeline import derive_series_to
+    from tests.support.node import node_config
+    from tests.test_derive_sources import _padded_ct, assert_no_new_dciodvfy_errors
+
+    paths = _padded_ct(tmp_path / "src", rows=32)
+    cfg = node_config(tmp_path / "node", engine={"adapt_seconds": 0.0, "memory_budget_mb": 0.01})
+    w = derive_series_to(paths, cfg, tmp_path / "out", mode=mode, scale=2, model=model)
+    assert w.gate != "hold" and len(w.paths) == w.summary()["instances"]
+    out = [pydicom.dcmread(p) for p in w.paths]
+    for ds in out:
+        assert ds.PixelPaddingValue == -2000
+        arr = ds.pixel_array
+        assert np.all(arr[:, : arr.shape[1] // 4] == -2000)  # the padded columns
+        assert np.all(arr[:, arr.shape[1] // 4:] != -2000)
+        assert "Re-degradation check" in ds.DerivationDescription
+        assert "SRNODE-PENDING" not in ds.DerivationDescription
+    assert_no_new_dciodvfy_errors(paths, out, tmp_path / "check")
