@@ -130,9 +130,15 @@ class EngineConfig:
     estimate_degradation: bool = True
     # Volume mode: seconds of per-series self-supervised adaptation before inference (0 = off).
     adapt_seconds: float = 60.0
+    # MB for the arrays of one slab (source slices, enhanced output, encoded instances) on top
+    # of the process itself; the slab length follows from it and the matrix size.
+    memory_budget_mb: float = 384.0
 
     def __post_init__(self) -> None:
-        """Check ``self_ensemble``."""
+        """Check ``self_ensemble`` and ``memory_budget_mb``."""
+        if not self.memory_budget_mb > 0:
+            raise ConfigError(f"[engine] memory_budget_mb must be positive, got "
+                              f"{self.memory_budget_mb!r}")
         if not (self.self_ensemble == "auto" or isinstance(self.self_ensemble, bool)):
             raise ConfigError(f"[engine] self_ensemble: expected \"auto\", true or false, "
                               f"got {self.self_ensemble!r}")

@@ -235,6 +235,203 @@ def derive_series(
 
 
 @dataclass
+class WrittenSeries:
+    """A derived series written slab by slab (:func:`derive_series_to`).
+
+    Attributes
+    ----------
+    paths
+        The written instance files, in output slice order (empty when held: nothing is kept).
+    summary
+        The job outcome facts.
+    """
+
+    source_series_uid: str
+    derived_series_uid: str
+    paths: list[Path]
+    result: EnhanceResult
+    gate: Gate
+    gate_reason: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> JobOutcome:
+        """JSON-serialisable facts for the job result and logs."""
+        d = Derivation(self.source_series_uid, self.derived_series_uid, [], self.result,
+                       self.gate, self.gate_reason, self.seconds, self.notes)
+        out = d.summary()
+        out["instances"] = int(self.result.volume.shape[0])
+        return out
+
+
+def derive_series_to(
+    paths: Sequence[Path],
+    config: Config,
+    folder: Path,
+    *,
+    mode: str,
+    scale: int,
+    model: str,
+    output_spacing: float | None = None,
+    on_stage: Callable[[str, dict[str, float]], None] | None = None,
+    before_write: Callable[[str], None] | None = None,
+) -> WrittenSeries:
+    """Derive one series into ``folder`` slab by slab, in memory bounded for any length.
+
+    Each slab of source slices is read, enhanced, built into its derived instances and written
+    (each file atomically, with fsync) before the next is read; the slab length follows from
+    ``[engine] memory_budget_mb`` and the matrix (:func:`sr_engine.stream.slab_slices`).  The
+    series-level figures (the re-degradation check and the gate) are known after the last slab:
+    they are then filled into every written file (:func:`dicom_node.derive.files.
+    complete_series`).  Publishing ``folder`` (a manifest, a rename) is the caller's, after this
+    returns; a series held by the gate is removed from ``folder``.
+
+    Parameters
+    ----------
+    folder
+        Where the instances are written (created; it should be empty).
+    before_write
+        Called with the derived Series Instance UID before the first file is written.
+
+    Raises
+    ------
+    dicom_node.derive.series.SeriesError
+        The series cannot be loaded as one consistent volume.
+    """
+    import time
+
+    from dicom_node.derive.builder import DerivationOptions, DerivedSeriesBuilder
+    from dicom_node.derive.files import complete_series
+    from dicom_node.derive.series import load_series, open_series, read_slab
+    from sr_engine.normalise import mapping_for, mapping_from_stats
+    from sr_engine.stream import SeriesEnhancer, SeriesFacts, estimate_picks, slab_slices
+
+    seconds = {"loading": 0.0, "enhancing": 0.0, "building": 0.0, "writing": 0.0}
+
+    def stage(name: str) -> None:
+        if on_stage is not None:
+            on_stage(name, dict(seconds))
+
+    stage("loading")
+    t0 = time.perf_counter()
+    # volume mode keeps the (thick-slice) input volume: the output ranges are computed from it
+    source = open_series(paths, slice_mode=True) if mode == "slice" else load_series(paths)
+    n, rows, cols = source.shape
+    if source.volume is not None:
+        mapping = mapping_for(source.volume, source.modality)
+    elif source.magnitudes is not None:
+        mapping = mapping_from_stats(source.magnitudes, source.modality)
+    else:
+        mapping = mapping_for(np.zeros(1, np.float32), source.modality)  # CT: fixed
+    if mode == "slice":
+        picks = estimate_picks(n)
+        sample = np.stack([read_slab(source, i, i + 1)[0][0] for i in picks])
+    else:
+        assert source.volume is not None
+        sample = source.volume
+    seconds["loading"] += time.perf_counter() - t0
+
+    stage("enhancing")
+    t0 = time.perf_counter()
+    request = EnhanceRequest(
+        mode=mode,  # type: ignore[arg-type]
+        scale=scale,
+        model=model,
+        device=config.engine.device,
+        batch_size=config.engine.batch_size,
+        tile_size=config.engine.tile_size,
+        tile_overlap=config.engine.tile_overlap,
+        output_spacing=output_spacing,
+        self_ensemble=config.engine.self_ensemble_request,
+        estimate_degradation=config.engine.estimate_degradation,
+        adapt_seconds=config.engine.adapt_seconds,
+    )
+    facts = SeriesFacts(n, rows, cols, source.spacing, source.slice_thickness, source.modality,
+                        source.value_min, source.value_max, mapping)
+    engine = SeriesEnhancer(
+        request, facts, sample,
+        weights_dir=Path(config.engine.weights_dir) if config.engine.weights_dir else None)
+    del sample
+    seconds["enhancing"] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    options = DerivationOptions.from_config(
+        config.derived, __version__, now=datetime.now(UTC), mode=mode, scale=scale,
+        interpolated=bool(engine.fallback_reason),
+    )
+    builder = DerivedSeriesBuilder(source, engine.describe(), options, value_range=engine.clip)
+    seconds["building"] += time.perf_counter() - t0
+    if before_write is not None:
+        before_write(str(builder.series_uid))
+    folder.mkdir(parents=True, exist_ok=True)
+    budget = config.engine.memory_budget_mb
+    written: list[Path] = []
+
+    def emit(start: int, voxels: np.ndarray, padding: Callable[[int], np.ndarray | None]
+             | None) -> None:
+        t = time.perf_counter()
+        datasets = builder.build(start, voxels, padding)
+        seconds["building"] += time.perf_counter() - t
+        t = time.perf_counter()
+        written.extend(write_datasets(datasets, folder))
+        seconds["writing"] += time.perf_counter() - t
+
+    if mode == "slice":
+        step = slab_slices("slice", scale, rows, cols, budget, n)
+        for i0 in range(0, n, step):
+            i1 = min(n, i0 + step)
+            stage("loading")
+            t = time.perf_counter()
+            volume, mask = read_slab(source, i0, i1)
+            seconds["loading"] += time.perf_counter() - t
+            stage("enhancing")
+            t = time.perf_counter()
+            out = engine.enhance_slices(volume)
+            seconds["enhancing"] += time.perf_counter() - t
+            del volume
+
+            def padding(j: int, i0: int = i0, mask: np.ndarray | None = mask) -> np.ndarray | None:
+                return None if mask is None else mask[j - i0]
+
+            stage("building")
+            emit(i0, out, padding)
+            del out, mask
+    else:
+        for k0, k1 in engine.output_ranges(budget):
+            stage("enhancing")
+            t = time.perf_counter()
+            out = engine.enhance_output_range(k0, k1)
+            seconds["enhancing"] += time.perf_counter() - t
+            stage("building")
+            emit(k0, out, None)
+            del out
+    t0 = time.perf_counter()
+    result = engine.finish()
+    seconds["enhancing"] += time.perf_counter() - t0
+    gate, reason = safety_gate(result.consistency, source.modality, config.safety,
+                               fallback_reason=result.fallback_reason)
+    t0 = time.perf_counter()
+    if gate == "hold":
+        for p in written:
+            p.unlink(missing_ok=True)
+        written = []
+    else:
+        complete_series(written, builder.completion(result.consistency,
+                                                    " (CHECK)" if gate == "warn" else ""))
+    seconds["writing"] += time.perf_counter() - t0
+    return WrittenSeries(
+        source_series_uid=source.series_instance_uid,
+        derived_series_uid=str(builder.series_uid),
+        paths=written,
+        result=result,
+        gate=gate,
+        gate_reason=reason,
+        seconds=seconds,
+        notes=list(source.notes),
+    )
+
+
+@dataclass
 class InputScan:
     """What :func:`scan_input` found under an input path.
 
@@ -312,8 +509,15 @@ def _prepare_output(output_dir: Path) -> None:
         raise EnhanceError(f"output path {output_dir} is not a folder")
 
 
-def _write_series(datasets: Sequence[Dataset], output_dir: Path, series_uid: str) -> list[Path]:
-    """Write one derived series all or nothing: into a hidden partial folder, then renamed.
+def _derive_into(
+    paths: Sequence[Path], config: Config, output_dir: Path, *, mode: str, scale: int,
+    model: str,
+) -> WrittenSeries:
+    """Derive one series all or nothing: into a hidden partial folder, then renamed.
+
+    The slabs are written into ``.<source series UID>.partial``; the folder is renamed to the
+    derived Series Instance UID only once every instance is complete, so an interrupted run
+    leaves no folder that looks like a derived series (and the next run starts afresh).
 
     Raises
     ------
@@ -322,18 +526,38 @@ def _write_series(datasets: Sequence[Dataset], output_dir: Path, series_uid: str
     """
     import shutil
 
-    final = output_dir / series_uid
-    partial = output_dir / f".{series_uid}.partial"
+    from dicom_node.derive.series import SeriesError
+
+    partial = output_dir / f".{scan_key(paths)}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
     try:
-        paths = write_datasets(datasets, partial)
+        w = derive_series_to(paths, config, partial, mode=mode, scale=scale, model=model)
+        if w.gate == "hold":
+            shutil.rmtree(partial, ignore_errors=True)
+            return w
+        final = output_dir / w.derived_series_uid
         partial.rename(final)
-    except OSError as exc:
+    except (OSError, SeriesError) as exc:
         shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, SeriesError):
+            raise
         raise EnhanceError(
-            f"cannot write derived series {series_uid} to {output_dir}: "
+            f"cannot write derived series to {output_dir}: "
             f"{exc.strerror or exc}; nothing of it was left there"
         ) from exc
-    return [final / p.name for p in paths]
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    w.paths = [final / p.name for p in w.paths]
+    return w
+
+
+def scan_key(paths: Sequence[Path]) -> str:
+    """A folder-safe name for one input series (a hash of its files)."""
+    import hashlib
+
+    h = hashlib.sha256("\n".join(sorted(str(p) for p in paths)).encode()).hexdigest()
+    return h[:24]
 
 
 def enhance_path(
@@ -374,7 +598,10 @@ def enhance_path(
     from tqdm import tqdm
 
     from dicom_node.derive.series import SeriesError
+    from dicom_node.heap import fix_mmap_threshold
     from sr_engine.errors import EngineError
+
+    fix_mmap_threshold()  # freed slab arrays go back to the OS
 
     if not input_path.exists():
         raise EnhanceError(f"{input_path} does not exist")
@@ -397,7 +624,7 @@ def enhance_path(
     bar = tqdm(scan.series.items(), desc="series", unit="series", disable=not progress)
     for series_uid, paths in bar:
         try:
-            d = derive_series(paths, config, mode=mode, scale=scale, model=model)
+            d = _derive_into(paths, config, output_dir, mode=mode, scale=scale, model=model)
         except (SeriesError, EngineError, ValueError) as exc:
             folders = {p.parent for p in paths}
             nearby = [p.name for p, _ in scan.unreadable if p.parent in folders]
@@ -410,8 +637,7 @@ def enhance_path(
         if d.gate == "hold":
             problems.append(f"series {series_uid}: held by the safety gate ({d.gate_reason})")
             continue
-        written[d.derived_series_uid] = _write_series(d.datasets, output_dir,
-                                                      d.derived_series_uid)
+        written[d.derived_series_uid] = d.paths
     if not written:
         raise EnhanceError("nothing could be enhanced:\n  " + "\n  ".join(problems))
     if problems and not keep_going:

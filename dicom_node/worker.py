@@ -2,10 +2,13 @@
 
 Each job runs in a fresh child process (``spawn``) so that a hung or runaway enhancement can be
 stopped at the processing timeout without taking the node down, and a crash of the child
-leaves the job to be retried.  The child writes the derived series to
-``<storage_dir>/derived/job-<id>/`` with a ``manifest.json`` written last; a retried job that
-finds a manifest re-sends the same instances (same UIDs) instead of deriving a second series,
-and each destination receives only the instances it has not acknowledged yet.
+leaves the job to be retried.  The child derives the series slab by slab (bounded memory for
+any series length) into ``<storage_dir>/derived/job-<id>/`` and writes ``manifest.json`` last:
+only a manifest publishes the series.  A retried job that finds a manifest re-sends the same
+instances (same UIDs) instead of deriving a second series, and each destination receives only
+the instances it has not acknowledged yet; one that finds a folder without a manifest (an
+attempt killed mid-series) empties it and derives the series afresh.  Instances are sent from
+the written files, one at a time.
 """
 
 from __future__ import annotations
@@ -68,11 +71,17 @@ def _derive_or_reuse(
     config: Config, job: ClaimedJob, queue: JobQueue, worker_id: str, db: Database,
     seconds: dict[str, float],
 ) -> tuple[list[Path], JobOutcome]:
-    """Derive the series (or reuse what an earlier attempt wrote) and return files + summary."""
+    """Derive the series (or reuse what an earlier attempt wrote) and return files + summary.
+
+    The series is derived slab by slab straight into the job folder; the manifest, written
+    last, publishes it.  A folder without a manifest is what an interrupted attempt left
+    (a crash, kill -9 or timeout mid-series): it is emptied and the series derived afresh.
+    """
+    import shutil
+
     from dicom_node.derive.elements import DerivationError
-    from dicom_node.derive.files import write_datasets
     from dicom_node.derive.series import SeriesError
-    from dicom_node.pipeline import derive_series
+    from dicom_node.pipeline import derive_series_to
     from sr_engine.errors import UnknownModelError, UnsupportedRequestError, WeightsNotFoundError
     from storage.ingest import mark_produced_series
 
@@ -83,37 +92,44 @@ def _derive_or_reuse(
         LOGGER.info("job %d: reusing derived series %s from an earlier attempt", job.id,
                     data["summary"]["derived_series_instance_uid"])
         return [out_dir / name for name in data["files"]], data["summary"]
+    if out_dir.exists():
+        LOGGER.info("job %d: removing the unpublished output of an interrupted attempt", job.id)
+        shutil.rmtree(out_dir)
 
     params = job.params
 
     def on_stage(stage: str, secs: dict[str, float]) -> None:
         queue.set_stage(job.id, worker_id, stage, {**seconds, **secs})
 
+    def before_write(derived_uid: str) -> None:
+        # the node must never enhance its own output, should it come back
+        mark_produced_series(db, derived_uid)
+
     if not job.instance_paths:
         raise PermanentJobError("the series has no stored instances")
     try:
-        d = derive_series(
-            job.instance_paths, config, mode=params.mode, scale=params.scale,
+        w = derive_series_to(
+            job.instance_paths, config, out_dir, mode=params.mode, scale=params.scale,
             model=params.model, output_spacing=params.output_spacing, on_stage=on_stage,
+            before_write=before_write,
         )
     except (SeriesError, DerivationError, UnknownModelError, UnsupportedRequestError,
             WeightsNotFoundError) as exc:
         # the same input, model and weights fail the same way on every attempt: no backoff loop
+        shutil.rmtree(out_dir, ignore_errors=True)
         raise PermanentJobError(f"{type(exc).__name__}: {exc}") from exc
-    seconds.update(d.seconds)
-    summary = d.summary()
-    if d.gate == "hold":
+    seconds.update(w.seconds)
+    summary = w.summary()
+    if w.gate == "hold":
+        shutil.rmtree(out_dir, ignore_errors=True)
         summary["held"] = True
         return [], summary
-    queue.set_stage(job.id, worker_id, "writing", seconds)
     t0 = time.perf_counter()
-    mark_produced_series(db, d.derived_series_uid)
-    paths = write_datasets(d.datasets, out_dir)
     FileStore(out_dir).write_atomic(
-        manifest, json.dumps({"files": [p.name for p in paths], "summary": summary}).encode()
+        manifest, json.dumps({"files": [p.name for p in w.paths], "summary": summary}).encode()
     )
-    seconds["writing"] = time.perf_counter() - t0
-    return paths, summary
+    seconds["writing"] = seconds.get("writing", 0.0) + time.perf_counter() - t0
+    return w.paths, summary
 
 
 def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
@@ -122,6 +138,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
     Runs in the child process.  Every outcome is written to the job store.
     """
     from dicom_node.derive.transcode import transcode_files
+    from dicom_node.heap import fix_mmap_threshold
     from dicom_node.logs import configure_logging
     from dicom_node.network.scu import (
         DestinationUnavailableError,
@@ -130,6 +147,7 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
         send_instances,
     )
 
+    fix_mmap_threshold()  # freed slab arrays go back to the OS
     configure_logging(config.node.log_level, config.node.log_file or None)
     configure_pynetdicom()
     db = open_index(config, migrate=False)  # the parent process migrated it

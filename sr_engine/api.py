@@ -195,7 +195,9 @@ class EnhanceResult:
     Attributes
     ----------
     volume
-        float32 array ``(z, y, x)`` in modality units (not yet rounded or clipped).
+        float32 array ``(z, y, x)`` in modality units (not yet rounded or clipped); for a
+        series enhanced slab by slab (:mod:`sr_engine.stream`) a read-only zero-stride view
+        that only gives the output shape (the voxels were handed out slab by slab).
     spacing
         ``(dz, dy, dx)`` in mm of the output grid (``dz`` is centre-to-centre slice spacing).
     slice_thickness

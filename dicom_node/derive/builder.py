@@ -27,9 +27,10 @@ frame.
 
 from __future__ import annotations
 
-import copy
 import math
-from collections import Counter
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -48,9 +49,12 @@ from dicom_node.derive.geometry import (
     spacing_between_slices,
 )
 from dicom_node.derive.identity import (
+    DERIVATION_TAIL_CHARS,
+    REPLACED_TAGS,
     acquisition_item,
     copy_header,
-    derivation_description,
+    derivation_head,
+    derivation_tail,
     processing_item,
     series_description,
     set_derivation,
@@ -59,12 +63,19 @@ from dicom_node.derive.identity import (
     utc_offset,
 )
 from dicom_node.derive.options import DerivationOptions
-from dicom_node.derive.pixels import CT_FLOOR_HU, encode_pixels, set_file_meta, set_pixel_module
+from dicom_node.derive.pixels import (
+    CT_FLOOR_HU,
+    choose_encoding,
+    encode_slab,
+    set_file_meta,
+    set_pixel_module,
+)
 from dicom_node.derive.series import SourceSeries
-from sr_engine.api import EnhanceResult
+from sr_engine.api import ConsistencyReport, EnhanceResult
 from sr_engine.tasks import MODES
 
-__all__ = ["CT_FLOOR_HU", "DerivationError", "DerivationOptions", "build_derived_series"]
+__all__ = ["CT_FLOOR_HU", "DerivationError", "DerivationOptions", "DerivedSeriesBuilder",
+           "build_derived_series"]
 
 
 def _infer_mode_scale(
@@ -104,7 +115,7 @@ def _check_result(source: SourceSeries, result: EnhanceResult, mode: str) -> Non
     if vol.ndim != 3 or min(vol.shape) < 1:
         raise DerivationError(f"result volume must be (z, y, x), got shape {vol.shape}")
     nz = vol.shape[0]
-    if not np.all(np.isfinite(vol)):
+    if not _streamed(result) and not np.all(np.isfinite(vol)):
         raise DerivationError("result volume contains NaN or infinite values")
     if len(result.slice_offsets) != nz or len(result.contributing_slices) != nz:
         raise DerivationError(
@@ -120,6 +131,15 @@ def _check_result(source: SourceSeries, result: EnhanceResult, mode: str) -> Non
         raise DerivationError(
             f"slice mode needs one output slice per source slice ({source.num_slices}), got {nz}"
         )
+
+
+def _streamed(result: EnhanceResult) -> bool:
+    """Whether the result only describes a streamed output (its volume a zero-stride view)."""
+    return result.volume.size > 0 and not any(result.volume.strides)
+
+
+#: Marker of the space kept for the series-level figures in a streamed series' instances.
+PENDING_MARK = "SRNODE-PENDING-"
 
 
 def build_derived_series(
@@ -148,80 +168,212 @@ def build_derived_series(
         (a ``ValueError``) when the result does not fit the source, an option is invalid or the
         values cannot be represented.
     """
-    if source.modality not in c.CLASSIC_IMAGE_STORAGE:
-        raise DerivationError(f"modality {source.modality!r} is not CT or MR")
-    ts = UID(options.transfer_syntax)
-    if ts not in c.OUTPUT_TRANSFER_SYNTAXES:
-        raise DerivationError(f"unsupported output transfer syntax {ts}")
-    check_uid_root(options.uid_root)
-    mode, scale = _infer_mode_scale(source, result, options)
-    _check_result(source, result, mode)
-    nz, rows, cols = result.volume.shape
-    if rows > 65535 or cols > 65535:
-        raise DerivationError(f"matrix {rows}x{cols} exceeds the US range of Rows/Columns")
-
-    nearest = nearest_source_slices(source_indices(source, result, mode), source.num_slices)
-    enc = encode_pixels(source, result, nearest)
-
-    dz, dy, dx = (float(v) for v in result.spacing)
-    positions = output_positions(source, result, mode)
-    between = spacing_between_slices(positions, source.normal)
-    # Slice mode keeps the source's thickness, and an empty (Type 2) one stays empty.
-    thickness = (
-        None if mode == "slice" and not source.slice_thickness_present
-        else result.slice_thickness
-    )
-    numbers = instance_numbers(source, nz)
-
-    ds0 = source.datasets[0]
-    series_number = int(ds0.get("SeriesNumber") or 0) + options.series_number_offset
-    if not -(2**31) <= series_number <= c.IS_MAX:
-        raise DerivationError(f"series number {series_number} is outside the IS range")
-    series_uid = new_uid(options.uid_root)
-    description = series_description(ds0, options, mode, scale)
-    now = options.now or datetime.now(UTC)
-    tz = utc_offset(ds0)
-    local_now = now.astimezone(tz) if (tz is not None and now.tzinfo is not None) else now
-    units = "HU" if source.modality == "CT" else "signal units"
-    derivation = derivation_description(result, mode, scale, enc, units, options)
-    processing = processing_item(options, now, result, mode, scale)
-
-    slice_locs = output_slice_locations(source, result, mode)
-
-    headers: dict[int, Dataset] = {}
-    # a source header shared by several output slices (volume mode) is copied for each but the
-    # last; in slice mode every header is used once and never copied twice
-    uses = Counter(nearest)
-    out: list[Dataset] = []
-    for k in range(nz):
-        j = nearest[k]
-        if j not in headers:
-            src_ds = source.datasets[j]
-            ref = source.source_refs[j]
-            if source.is_enhanced:
-                frame = (ref.frame_number or 1) - 1
-                base = classic_from_enhanced(src_ds, frame, source.modality)
-            else:
-                base = copy_header(src_ds)
-            strip_source_header(base)
-            headers[j] = base
-        uses[j] -= 1
-        ds = copy.deepcopy(headers[j]) if uses[j] else headers.pop(j)
-        acquisition = acquisition_item(source.datasets[j])
-        set_identity(
-            ds, source, series_uid, series_number, description, numbers[k], options, local_now
-        )
-        set_derivation(
-            ds, source, result.contributing_slices[k], derivation, acquisition, processing
-        )
-        set_image_plane(
-            ds, source, positions[k], (dy, dx), thickness, between,
-            None if slice_locs is None else slice_locs[k],
-        )
-        set_pixel_module(ds, source, enc, k, j, rows, cols)
-        set_file_meta(ds, ts, options)
-        out.append(ds)
+    builder = DerivedSeriesBuilder(source, result, options)
+    out = builder.build(0, result.volume)
     return sorted(out, key=lambda d: int(d.InstanceNumber))
+
+
+class DerivedSeriesBuilder:
+    """Builds a derived series slab by slab; the series-level header once.
+
+    Everything the instances share (identity, description, derivation, equipment, pixel
+    encoding) is made once in the constructor; :meth:`build` adds only what changes per
+    instance (the source slice's own header, UIDs, numbers, position, pixel data).
+
+    For a streamed series (``result`` from :meth:`sr_engine.stream.SeriesEnhancer.describe`,
+    its consistency not known yet), the series-level figures of the Derivation Description and
+    the ``(CHECK)`` suffix of the Series Description are left as reserved space, filled in every
+    written file by :func:`dicom_node.derive.files.complete_series` before it is published.
+
+    Parameters
+    ----------
+    source, result, options
+        As :func:`build_derived_series`.
+    value_range
+        Streamed series: the range the engine clips the output to
+        (:func:`sr_engine.stream.plausible_range`); the pixel encoding is chosen from it.
+        ``None``: from ``result.volume``.
+
+    Raises
+    ------
+    DerivationError
+        As :func:`build_derived_series`.
+    """
+
+    def __init__(self, source: SourceSeries, result: EnhanceResult, options: DerivationOptions,
+                 *, value_range: tuple[float, float] | None = None) -> None:
+        if source.modality not in c.CLASSIC_IMAGE_STORAGE:
+            raise DerivationError(f"modality {source.modality!r} is not CT or MR")
+        ts = UID(options.transfer_syntax)
+        if ts not in c.OUTPUT_TRANSFER_SYNTAXES:
+            raise DerivationError(f"unsupported output transfer syntax {ts}")
+        check_uid_root(options.uid_root)
+        mode, scale = _infer_mode_scale(source, result, options)
+        _check_result(source, result, mode)
+        nz, rows, cols = result.volume.shape
+        if rows > 65535 or cols > 65535:
+            raise DerivationError(f"matrix {rows}x{cols} exceeds the US range of Rows/Columns")
+        self.source, self.result, self.options, self.ts = source, result, options, ts
+        self.mode, self.scale, self.num_instances = mode, scale, nz
+        self.streamed = _streamed(result)
+        self.nearest = nearest_source_slices(source_indices(source, result, mode),
+                                             source.num_slices)
+        if value_range is not None:
+            bounds = np.tile(np.asarray(value_range, dtype=np.float64), (nz, 1))
+        else:
+            vol = result.volume
+            bounds = np.stack([vol.min(axis=(1, 2)), vol.max(axis=(1, 2))], axis=1)
+        self.encoding = choose_encoding(source, self.nearest, bounds)
+        self.positions = output_positions(source, result, mode)
+        self.between = spacing_between_slices(self.positions, source.normal)
+        # Slice mode keeps the source's thickness, and an empty (Type 2) one stays empty.
+        self.thickness = (
+            None if mode == "slice" and not source.slice_thickness_present
+            else result.slice_thickness
+        )
+        self.numbers = instance_numbers(source, nz)
+        ds0 = source.datasets[0]
+        self.series_number = int(ds0.get("SeriesNumber") or 0) + options.series_number_offset
+        if not -(2**31) <= self.series_number <= c.IS_MAX:
+            raise DerivationError(f"series number {self.series_number} is outside the IS range")
+        self.series_uid = new_uid(options.uid_root)
+        self.pending = uuid.uuid4().hex if self.streamed else ""
+        if self.streamed:
+            # room for the gate's suffix, filled by complete_series (spaces when not needed)
+            plain = replace(options, description_suffix="")
+            text = series_description(ds0, plain, mode, scale)
+            room = c.LO_MAX_CHARS - CHECK_SUFFIX_CHARS
+            self.description = text[:room].rstrip()
+            self.written_description = self.description + " " * CHECK_SUFFIX_CHARS
+        else:
+            self.description = series_description(ds0, options, mode, scale)
+            self.written_description = self.description
+        now = options.now or datetime.now(UTC)
+        tz = utc_offset(ds0)
+        self.local_now = now.astimezone(tz) if (tz is not None and now.tzinfo is not None) else now
+        self.units = "HU" if source.modality == "CT" else "signal units"
+        self.head = derivation_head(result, mode, scale, options)
+        self.processing = processing_item(options, now, result, mode, scale)
+        self.slice_locs = output_slice_locations(source, result, mode)
+        self.clipped_voxels = 0
+
+    def derivation(self, consistency: ConsistencyReport | None = None) -> str:
+        """Derivation Description: final, or with reserved space for the figures (streamed)."""
+        if consistency is None:
+            if self.streamed:
+                return self.head + " " + pending_text(self.pending, DERIVATION_TAIL_CHARS)
+            consistency = self.result.consistency
+        tail = derivation_tail(consistency, self.units, self.clipped_voxels,
+                               self.encoding.recomputed)
+        return self.head + " " + tail
+
+    def completion(self, consistency: ConsistencyReport, suffix: str = "") -> dict[bytes, bytes]:
+        """Streamed series: reserved bytes of every written instance and their final bytes.
+
+        Parameters
+        ----------
+        consistency
+            The series' re-degradation check (known after the last slab).
+        suffix
+            Series Description suffix (the gate's ``" (CHECK)"``), at most
+            :data:`CHECK_SUFFIX_CHARS` characters.
+
+        Returns
+        -------
+        dict
+            Old bytes -> new bytes of the same length, for
+            :func:`dicom_node.derive.files.complete_series`.
+        """
+        if len(suffix) > CHECK_SUFFIX_CHARS:
+            raise DerivationError(f"description suffix {suffix!r} is longer than the room kept")
+        tail = derivation_tail(consistency, self.units, self.clipped_voxels,
+                               self.encoding.recomputed)
+        out = {pending_text(self.pending, DERIVATION_TAIL_CHARS).encode():
+               tail.ljust(DERIVATION_TAIL_CHARS).encode()}
+        if suffix:
+            old = self.written_description
+            out[_lo_value(old)] = _lo_value((self.description + suffix).ljust(len(old)))
+        return out
+
+    def build(self, start: int, voxels: np.ndarray,
+              padding: Callable[[int], np.ndarray | None] | None = None) -> list[Dataset]:
+        """Instances of output slices ``start .. start+len(voxels)-1`` (in slice order).
+
+        Parameters
+        ----------
+        start
+            Index of the first output slice.
+        voxels
+            float32 ``(k, rows, cols)`` modality values of those slices (may be changed).
+        padding
+            Source slice index -> its padding mask; default: :attr:`SourceSeries.padding_mask`.
+
+        Returns
+        -------
+        list of pydicom.dataset.Dataset
+            One instance per slice, with File Meta Information.
+        """
+        source, enc = self.source, self.encoding
+        if padding is None:
+            mask = source.padding_mask
+
+            def padding(j: int) -> np.ndarray | None:
+                return None if mask is None else mask[j]
+
+        stored, clipped = encode_slab(enc, voxels, start, self.nearest, padding)
+        self.clipped_voxels += clipped
+        derivation = self.derivation() if self.streamed else None
+        _, dy, dx = (float(v) for v in self.result.spacing)
+        out: list[Dataset] = []
+        for i in range(stored.shape[0]):
+            k = start + i
+            j = self.nearest[k]
+            src_ds = source.datasets[j]
+            if source.is_enhanced:
+                ref = source.source_refs[j]
+                base = classic_from_enhanced(src_ds, (ref.frame_number or 1) - 1,
+                                             source.modality)
+                strip_source_header(base)
+            else:
+                base = copy_header(src_ds, REPLACED_TAGS)
+            ds = base
+            set_identity(ds, source, self.series_uid, self.series_number, self.written_description,
+                         self.numbers[k], self.options, self.local_now)
+            set_derivation(ds, source, self.result.contributing_slices[k], "",
+                           acquisition_item(src_ds), self.processing)
+            set_image_plane(
+                ds, source, self.positions[k], (dy, dx), self.thickness, self.between,
+                None if self.slice_locs is None else self.slice_locs[k],
+            )
+            set_pixel_module(ds, source, enc, k, j, stored[i])
+            out.append(ds)
+        if derivation is None:
+            derivation = self.derivation()
+        for ds in out:
+            ds.DerivationDescription = derivation
+            set_file_meta(ds, self.ts, self.options)
+        return out
+
+
+#: Characters kept at the end of a streamed series' Series Description for the gate's suffix.
+CHECK_SUFFIX_CHARS = 8
+
+
+def _lo_value(text: str) -> bytes:
+    """Series Description (0008,103E) as written in explicit VR little endian.
+
+    Tag, VR, length and the value padded to even length: the bytes
+    :func:`dicom_node.derive.files.complete_series` looks for.
+    """
+    value = text.encode()
+    if len(value) % 2:
+        value += b" "
+    return b"\x08\x00\x3e\x10LO" + len(value).to_bytes(2, "little") + value
+
+
+def pending_text(token: str, length: int) -> str:
+    """Reserved text of ``length`` characters: a marker unique to the series, then spaces."""
+    return (PENDING_MARK + token).ljust(length)
 
 
 def instance_numbers(source: SourceSeries, nz: int) -> list[int]:

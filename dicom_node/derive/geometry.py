@@ -96,7 +96,7 @@ def output_slice_locations(
     Kept only when the source's Slice Location follows the position along the normal; then each
     output slice gets the source's value at its real position (its own slice in slice mode).
     """
-    src_locs = [ds.get("SliceLocation") for ds in source.datasets]
+    src_locs = source.slice_locations or [ds.get("SliceLocation") for ds in source.datasets]
     if source.is_enhanced or any(v in (None, "") for v in src_locs):
         return None
     locs = np.asarray([float(v) for v in src_locs])  # type: ignore[arg-type]

@@ -7,18 +7,18 @@ import re
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
 
 from dicom_node import codes as c
 from dicom_node.derive.elements import DerivationError, code_item, new_uid
 from dicom_node.derive.options import DerivationOptions
-from dicom_node.derive.pixels import PixelEncoding
 from dicom_node.derive.series import SourceSeries
-from sr_engine.api import EnhanceResult
+from sr_engine.api import ConsistencyReport, EnhanceResult
 
 #: Attributes removed from the copied source header: they describe the old pixel matrix, the old
 #: instance or its signature, or are replaced by the derivation attributes.
@@ -84,26 +84,68 @@ def utc_offset(ds: Dataset) -> timezone | None:
     return timezone(-delta if m.group(1) == "-" else delta)
 
 
-def copy_header(ds: Dataset) -> Dataset:
-    """Copy a header without its pixel data or private attributes."""
-    out = Dataset()
-    for elem in ds:
-        if elem.tag.is_private or elem.tag == Tag("PixelData"):
+_REMOVED_TAGS = frozenset(Tag(k) for k in _REMOVED_KEYWORDS)
+
+
+def _kept(tag: BaseTag) -> bool:
+    """Whether a top-level source attribute may be copied into a derived instance."""
+    group = tag >> 16
+    return not (tag.is_private or tag in _REMOVED_TAGS or 0x6000 <= group <= 0x60FF
+                or 0x5000 <= group <= 0x50FF)
+
+
+def _element_vr(elem: DataElement | RawDataElement) -> str:
+    """VR of an element, from the data dictionary when the file was implicit VR."""
+    if elem.VR:
+        return str(elem.VR)
+    try:
+        return str(dictionary_VR(elem.tag))
+    except KeyError:
+        return ""
+
+
+#: Attributes every derived instance gets new values for (:func:`set_identity`,
+#: :func:`dicom_node.derive.pixels.set_pixel_module`): the builder does not copy them at all.
+REPLACED_TAGS = frozenset(Tag(k) for k in (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "SeriesNumber", "InstanceNumber", "InstanceCreationDate", "InstanceCreationTime",
+    "ContentDate", "ContentTime", "SeriesDate", "SeriesTime", "SamplesPerPixel",
+    "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation",
+))
+
+
+def copy_header(ds: Dataset, skip: frozenset[BaseTag] = frozenset()) -> Dataset:
+    """Copy a header without pixel data, private attributes, overlays and curves.
+
+    Also left out: everything tied to the old pixel matrix or instance
+    (:data:`_REMOVED_KEYWORDS`), and the attributes in ``skip``.  Elements pydicom has not
+    parsed yet are immutable and shared with the source (reading or setting one in the copy
+    parses it into a new element of the copy); parsed elements are deep copies.  Private
+    attributes nested in sequences are removed.
+    """
+    items: dict[BaseTag, DataElement | RawDataElement] = {}
+    nested = []
+    for tag, elem in ds.items():
+        if tag in skip or not _kept(tag):
             continue
-        out.add(copy.deepcopy(elem))
+        items[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
+        if _element_vr(elem) == "SQ":
+            nested.append(tag)
+    out = Dataset(items)
+    for tag in nested:
+        for item in out[tag].value or []:
+            item.remove_private_tags()
     return out
 
 
 def strip_source_header(ds: Dataset) -> None:
     """Remove overlays, curves, private data and everything tied to the old pixel matrix."""
-    ds.remove_private_tags()
-    for tag in list(ds.keys()):
-        group = tag >> 16
-        if 0x6000 <= group <= 0x60FF or 0x5000 <= group <= 0x50FF:
-            del ds[tag]
-    for keyword in _REMOVED_KEYWORDS:
-        if keyword in ds:
-            delattr(ds, keyword)
+    for tag in [t for t in ds.keys() if not _kept(t)]:
+        del ds[tag]
+    for tag in [t for t, e in ds.items() if _element_vr(e) == "SQ"]:
+        for item in ds[tag].value or []:
+            item.remove_private_tags()
 
 
 def series_description(
@@ -124,26 +166,39 @@ def series_description(
     return text.replace("\\", "/").strip()
 
 
-def derivation_description(
-    result: EnhanceResult, mode: str, scale: int, enc: PixelEncoding, units: str,
-    options: DerivationOptions,
+#: Characters of the Derivation Description kept for the series-level figures (the
+#: re-degradation check, clipped voxels) that a streamed series only knows after its last slab.
+DERIVATION_TAIL_CHARS = 320
+
+
+def derivation_head(
+    result: EnhanceResult, mode: str, scale: int, options: DerivationOptions,
 ) -> str:
-    """Return the Derivation Description text (at most 1024 characters)."""
-    cons = result.consistency
+    """The Derivation Description up to the series-level figures (model, geometry, engine)."""
     dz, dy, dx = result.spacing
     text = (
         f"Super-resolution by srnode {options.software_version}: model {result.model_name} "
         f"(weights {result.model_version}) on {result.device}, {mode} mode x{scale}; output "
         f"spacing {dz:.4g}/{dy:.4g}/{dx:.4g} mm (slice/row/column), thickness "
-        f"{result.slice_thickness:.4g} mm. Re-degradation check against the source: mean abs "
-        f"error {cons.mean_abs_error:.2f} {units}, max abs error {cons.max_abs_error:.2f} "
-        f"{units}, PSNR {cons.psnr:.1f} dB. Engine: {result.describe()}."
+        f"{result.slice_thickness:.4g} mm. Engine: {result.describe()}."
     )
-    if enc.clipped_voxels:
-        text += f" {enc.clipped_voxels} voxels below the physical floor were clipped."
-    if enc.recomputed:
+    return text[: c.ST_MAX_CHARS - DERIVATION_TAIL_CHARS - 1]
+
+
+def derivation_tail(
+    consistency: ConsistencyReport, units: str, clipped_voxels: int, recomputed: bool
+) -> str:
+    """The series-level figures of the Derivation Description."""
+    cons = consistency
+    text = (
+        f"Re-degradation check against the source: mean abs error {cons.mean_abs_error:.2f} "
+        f"{units}, max abs error {cons.max_abs_error:.2f} {units}, PSNR {cons.psnr:.1f} dB."
+    )
+    if clipped_voxels:
+        text += f" {clipped_voxels} voxels below the physical floor were clipped."
+    if recomputed:
         text += " Rescale slope/intercept recomputed to represent the enhanced range."
-    return text[: c.ST_MAX_CHARS]
+    return text[:DERIVATION_TAIL_CHARS]
 
 
 def acquisition_item(ds: Dataset) -> Dataset | None:

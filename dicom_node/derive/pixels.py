@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +15,6 @@ from dicom_node import codes as c
 from dicom_node.derive.elements import DerivationError, format_ds
 from dicom_node.derive.options import DerivationOptions
 from dicom_node.derive.series import SourceSeries
-from sr_engine.api import EnhanceResult
 
 #: Lowest CT number kept (HU): nothing in a patient is less dense than air (-1000 HU); scanners
 #: store -1024 as their floor.  Interpolation undershoot below this (and below the source minimum)
@@ -29,22 +28,53 @@ MR_FLOOR = 0.0
 
 @dataclass(frozen=True)
 class PixelEncoding:
-    """How modality values were mapped to stored values."""
+    """How modality values are mapped to stored values, one choice for the whole series.
 
-    stored: np.ndarray
+    Attributes
+    ----------
+    slopes, intercepts
+        Per output slice, the Rescale Slope and Intercept written.
+    pixel_representation, bits_stored
+        Of the stored values.
+    recomputed
+        Whether one common slope/intercept was recomputed (the values did not fit otherwise).
+    floor
+        Values below it are clipped to it (the physical floor).
+    padding_value
+        The Pixel Padding Value written (stored units), or ``None``.
+    """
+
     slopes: list[float]
     intercepts: list[float]
     pixel_representation: int
     bits_stored: int
     recomputed: bool
-    clipped_voxels: int
+    floor: float
     padding_value: int | None = None
+    collisions_possible: bool = True
+
+    @property
+    def dtype(self) -> type[np.unsignedinteger] | type[np.signedinteger]:
+        """Stored value type (numpy)."""
+        return np.uint16 if self.pixel_representation == 0 else np.int16
 
 
-def encode_pixels(
-    source: SourceSeries, result: EnhanceResult, nearest: Sequence[int]
+def _stored(values: np.ndarray, m: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Rounded stored values of modality ``values`` (float32, in place where possible)."""
+    if np.all(m == 1):
+        stored = np.rint(values)
+        stored -= b
+    else:
+        stored = values - b
+        stored /= m
+    np.rint(stored, out=stored)
+    return stored
+
+
+def choose_encoding(
+    source: SourceSeries, nearest: Sequence[int], bounds: np.ndarray
 ) -> PixelEncoding:
-    """Round, clip to physical limits and map modality values to 16-bit stored values.
+    """Choose the pixel encoding of a derived series before any slice is encoded.
 
     Modality values are clipped only from below, to the physically meaningful floor
     (:data:`CT_FLOOR_HU` for CT, :data:`MR_FLOOR` for MR, or the source minimum when that is
@@ -52,27 +82,28 @@ def encode_pixels(
     The source's Rescale Slope/Intercept (of the nearest source slice) is kept when the stored
     values fit 16 bits with the source's Pixel Representation or the other one; otherwise one
     common slope/intercept is recomputed (unsigned) so that the full range is represented.
+
+    Parameters
+    ----------
+    source
+        The source series.
+    nearest
+        Nearest source slice of every output slice.
+    bounds
+        ``(n, 2)``: lowest and highest modality value of every output slice, exact (the whole
+        enhanced volume in memory) or an upper bound (the engine's plausible range, when the
+        series is streamed: every instance then shares one encoding chosen before the first).
     """
-    # float32 throughout (exact for integers up to 2**24): a 300-slice 1024x1024 output is
-    # 1.2 GB per copy, so the arithmetic works in place on as few copies as possible.
-    vol = np.asarray(result.volume, dtype=np.float32)
     floor = CT_FLOOR_HU if source.modality == "CT" else MR_FLOOR
-    floor = min(floor, float(source.volume.min()))
-    clipped = int(np.count_nonzero(vol < floor))
-    vol = np.maximum(vol, np.float32(floor))
+    floor = min(floor, float(source.value_min))
     slopes = [source.rescale_slopes[j] for j in nearest]
     intercepts = [source.rescale_intercepts[j] for j in nearest]
     if any(s == 0 for s in slopes):
         raise DerivationError("source Rescale Slope is 0")
-    m = np.asarray(slopes, dtype=np.float32)[:, None, None]
-    b = np.asarray(intercepts, dtype=np.float32)[:, None, None]
-    if np.all(m == 1):
-        stored = np.rint(vol)
-        stored -= b
-    else:
-        stored = vol - b
-        stored /= m
-    np.rint(stored, out=stored)
+    ends = np.maximum(np.asarray(bounds, dtype=np.float32), np.float32(floor))  # (n, 2)
+    m = np.asarray(slopes, dtype=np.float32)[:, None]
+    b = np.asarray(intercepts, dtype=np.float32)[:, None]
+    stored = _stored(ends.copy(), m, b)  # monotonic in the value: the ends give the range
     lo, hi = float(stored.min()), float(stored.max())
     ranges = {0: (0, 65535), 1: (-32768, 32767)}
     for pr in (source.pixel_representation, 1 - source.pixel_representation):
@@ -83,30 +114,101 @@ def encode_pixels(
                 bits = 16
             if pr == 1 and (lo < -(2 ** (bits - 1)) or hi > 2 ** (bits - 1) - 1):
                 bits = 16
-            dtype = np.uint16 if pr == 0 else np.int16
-            enc = PixelEncoding(stored.astype(dtype), slopes, intercepts, pr, bits, False, clipped)
-            return _restore_padding(source, enc, nearest)
+            return _with_padding(source, PixelEncoding(slopes, intercepts, pr, bits, False,
+                                                       floor), lo, hi)
+    vmin, vmax = float(ends.min()), float(ends.max())
     if not source.has_rescale and source.modality != "CT":
         raise DerivationError(
-            f"enhanced values {vol.min():.1f}..{vol.max():.1f} do not fit 16 bits and the source"
+            f"enhanced values {vmin:.1f}..{vmax:.1f} do not fit 16 bits and the source"
             " has no Rescale Slope/Intercept to recompute"
         )
-    vmin, vmax = float(vol.min()), float(vol.max())
     slope = max(min(slopes), (vmax - vmin) / 65535.0)
     slope = float(format_number_as_ds(slope * (1 + 1e-6)))
     intercept = float(format_ds(math.floor(vmin)))
-    new = np.clip(np.rint((vol - intercept) / slope), 0, 65535).astype(np.uint16)
-    n = vol.shape[0]
-    return PixelEncoding(new, [slope] * n, [intercept] * n, 0, 16, True, clipped)
+    n = len(nearest)
+    return PixelEncoding([slope] * n, [intercept] * n, 0, 16, True, floor)
 
 
-def _output_padding_mask(
-    source: SourceSeries, j: int, shape: tuple[int, int]
-) -> np.ndarray:
-    """Padding mask of one output slice: source slice ``j``'s mask, resampled by nearest pixel."""
-    assert source.padding_mask is not None
+def _with_padding(source: SourceSeries, enc: PixelEncoding, lo_stored: float,
+                  hi_stored: float) -> PixelEncoding:
+    """Keep the source's Pixel Padding Value when the encoding can store it.
+
+    ``lo_stored``, ``hi_stored``: the range of the stored values; a padding value outside it
+    cannot collide with an enhanced value.
+    """
+    pad = source.padding_value
+    if not source.has_padding or pad is None:
+        return enc
+    bits, pr = enc.bits_stored, enc.pixel_representation
+    lo, hi = (0, 2**bits - 1) if pr == 0 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    if not lo <= pad <= hi:
+        return enc
+    return PixelEncoding(enc.slopes, enc.intercepts, pr, bits, enc.recomputed, enc.floor, pad,
+                         lo_stored <= pad <= hi_stored)
+
+
+def encode_slab(
+    enc: PixelEncoding, values: np.ndarray, start: int, nearest: Sequence[int],
+    padding: Callable[[int], np.ndarray | None],
+) -> tuple[np.ndarray, int]:
+    """Stored values of output slices ``start .. start+len(values)-1``.
+
+    Parameters
+    ----------
+    enc
+        The series' encoding (:func:`choose_encoding`).
+    values
+        float32 ``(k, rows, cols)`` modality values.
+    start
+        Index of the first output slice.
+    nearest
+        Nearest source slice of every output slice of the series.
+    padding
+        Source slice index -> its padding mask (``None``: no padding there).
+
+    Returns
+    -------
+    tuple
+        ``(stored values (k, rows, cols), voxels clipped to the floor)``.
+    """
+    # slice by slice through one float32 buffer (exact for integers up to 2**24): a slice stays
+    # in cache and no whole-slab temporary is made
+    vol = np.asarray(values, dtype=np.float32)
+    k = vol.shape[0]
+    stored = np.empty(vol.shape, dtype=enc.dtype)
+    buf = np.empty(vol.shape[1:], dtype=np.float32)
+    info = np.iinfo(enc.dtype)
+    floor = np.float32(enc.floor)
+    clipped = 0
+    for i in range(k):
+        v = vol[i]
+        if float(v.min()) < enc.floor:
+            clipped += int(np.count_nonzero(v < floor))
+            np.maximum(v, floor, out=buf)
+            v = buf
+        if enc.recomputed:
+            np.subtract(v, np.float32(enc.intercepts[0]), out=buf)
+            buf /= np.float32(enc.slopes[0])
+        else:
+            m, b = enc.slopes[start + i], enc.intercepts[start + i]
+            if m == 1:
+                np.rint(v, out=buf)
+                if b != 0:
+                    buf -= np.float32(b)
+            else:
+                np.subtract(v, np.float32(b), out=buf)
+                buf /= np.float32(m)
+        np.rint(buf, out=buf)
+        np.clip(buf, info.min, info.max, out=buf)  # within by construction; never wrap around
+        stored[i] = buf
+    if enc.padding_value is not None:
+        _restore_padding(enc, stored, start, nearest, padding)
+    return stored, clipped
+
+
+def _output_padding_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Padding mask of one output slice: a source slice's mask, resampled by nearest pixel."""
     rows, cols = shape
-    mask = source.padding_mask[j]
     src_rows, src_cols = mask.shape
     if rows % src_rows == 0 and cols % src_cols == 0:  # integer factors: plain repetition
         return mask.repeat(rows // src_rows, axis=0).repeat(cols // src_cols, axis=1)
@@ -116,44 +218,52 @@ def _output_padding_mask(
 
 
 def _restore_padding(
-    source: SourceSeries, enc: PixelEncoding, nearest: Sequence[int]
-) -> PixelEncoding:
-    """Write the source's Pixel Padding Value back into the padding region of the output.
+    enc: PixelEncoding, stored: np.ndarray, start: int, nearest: Sequence[int],
+    padding: Callable[[int], np.ndarray | None],
+) -> None:
+    """Write the source's Pixel Padding Value back into the padding region (in place).
 
-    The padding region is the nearest source pixel's.  When the padding value cannot be stored
-    with the output's representation and bits, the region keeps the fill value it was enhanced
-    with and no Pixel Padding Value is written.  Non-padding voxels that happen to equal the
-    padding value are moved one step away from it, so that padding means padding only.
+    The padding region is the nearest source pixel's.  Non-padding voxels that happen to equal
+    the padding value are moved one step away from it, so that padding means padding only.
+    (When the padding value cannot be stored with the output's representation and bits,
+    :func:`choose_encoding` leaves it out and the region keeps the fill value it was enhanced
+    with.)
     """
-    pad = source.padding_value
-    if source.padding_mask is None or pad is None:
-        return enc
-    bits, pr = enc.bits_stored, enc.pixel_representation
-    lo, hi = (0, 2**bits - 1) if pr == 0 else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    if not lo <= pad <= hi:
-        return enc
-    stored = enc.stored
+    pad = enc.padding_value
+    assert pad is not None
+    bits = enc.bits_stored
+    hi = 2**bits - 1 if enc.pixel_representation == 0 else 2 ** (bits - 1) - 1
     moved = pad + 1 if pad < hi else pad - 1
-    # slice by slice: a whole-series boolean mask of a 300 x 1024 x 1024 output is 300 MB per
-    # temporary and memory-bound; one slice stays in cache
-    for k, j in enumerate(nearest):
-        mask = _output_padding_mask(source, j, stored.shape[1:])
+    for k in range(stored.shape[0]):
         out = stored[k]
-        collide = out == pad
-        collide &= ~mask
-        np.putmask(out, collide, moved)
-        np.putmask(out, mask, pad)
-    return PixelEncoding(stored, enc.slopes, enc.intercepts, pr, bits, enc.recomputed,
-                         enc.clipped_voxels, pad)
+        source_mask = padding(nearest[start + k])
+        if enc.collisions_possible:
+            collide = out == pad
+            if source_mask is not None:
+                collide &= ~_output_padding_mask(source_mask, out.shape)
+            np.putmask(out, collide, moved)
+        if source_mask is None or not source_mask.any():
+            continue
+        rows, cols = out.shape
+        src_rows, src_cols = source_mask.shape
+        if rows % src_rows == 0 and cols % src_cols == 0:  # integer factors: rows by view
+            wide = source_mask.repeat(cols // src_cols, axis=1)
+            blocks = out.reshape(src_rows, rows // src_rows, cols)
+            np.copyto(blocks, enc.dtype(pad), where=wide[:, None, :])
+        else:
+            np.putmask(out, _output_padding_mask(source_mask, out.shape), pad)
 
 
 def set_pixel_module(
-    ds: Dataset, source: SourceSeries, enc: PixelEncoding, k: int, j: int, rows: int, cols: int
+    ds: Dataset, source: SourceSeries, enc: PixelEncoding, k: int, j: int, stored: np.ndarray
 ) -> None:
-    """Image Pixel module, rescale and windowing of output slice ``k`` (nearest source ``j``)."""
+    """Image Pixel module, rescale and windowing of output slice ``k`` (nearest source ``j``).
+
+    ``stored``: the slice's stored values.
+    """
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = source.photometric_interpretation
-    ds.Rows, ds.Columns = rows, cols
+    ds.Rows, ds.Columns = stored.shape
     ds.BitsAllocated = 16
     ds.BitsStored = enc.bits_stored
     ds.HighBit = enc.bits_stored - 1
@@ -177,7 +287,7 @@ def set_pixel_module(
     if enc.padding_value is not None:
         ds.add_new(0x00280120, "US" if enc.pixel_representation == 0 else "SS",
                    enc.padding_value)  # Pixel Padding Value, in the stored representation
-    pixels = np.ascontiguousarray(enc.stored[k]).astype("<" + enc.stored.dtype.str[1:])
+    pixels = np.ascontiguousarray(stored).astype("<" + stored.dtype.str[1:], copy=False)
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"
 

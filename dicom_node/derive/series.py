@@ -11,9 +11,11 @@ geometry, duplicate positions, colour images, no pixel data) raises :class:`Seri
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, overload
 
 import numpy as np
 import pydicom
@@ -24,6 +26,7 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRL
 
 from dicom_node.codes import CLASSIC_IMAGE_STORAGE, ENHANCED_IMAGE_STORAGE, LOSSY_TRANSFER_SYNTAXES
 from dicom_node.derive.functional_groups import first_group_item
+from sr_engine.normalise import MagnitudeStats
 
 LOGGER = logging.getLogger(__name__)
 
@@ -65,10 +68,12 @@ class SourceSeries:
     Attributes
     ----------
     datasets
-        Per slice, the source header (pixel data left in place); for an enhanced source the one
-        multi-frame dataset, repeated for every frame.
+        Per slice, the source header (pixel data removed once decoded); for an enhanced source
+        the one multi-frame dataset, repeated for every frame.
     volume
-        float32 ``(z, y, x)`` in modality units (rescale slope/intercept applied).
+        float32 ``(z, y, x)`` in modality units (rescale slope/intercept applied); ``None`` for
+        a series opened for streaming (:func:`open_series`), whose slices are read slab by slab
+        with :func:`read_slab`.
     spacing
         ``(dz, dy, dx)`` in mm: centre-to-centre slice spacing, row spacing, column spacing.
     slice_thickness
@@ -115,10 +120,20 @@ class SourceSeries:
         value).
     notes
         What loading left out (slice mode: images that do not belong to the main stack).
+    files
+        Per slice, the file it is read from (streamed series).
+    value_min, value_max
+        Smallest and largest value of the volume (padding filled), in modality units.
+    magnitudes
+        ``|value|`` statistics of the volume for the MR intensity mapping (streamed MR series).
+    has_padding
+        Whether any slice has padding (:attr:`padding_mask` of a streamed series is ``None``).
+    slice_locations
+        Per slice, the source's Slice Location value (``None`` or ``""`` when absent).
     """
 
-    datasets: list[Dataset]
-    volume: np.ndarray
+    datasets: Sequence[Dataset]
+    volume: np.ndarray | None
     spacing: tuple[float, float, float]
     slice_thickness: float
     orientation: tuple[float, float, float, float, float, float]
@@ -144,6 +159,29 @@ class SourceSeries:
     padding_mask: np.ndarray | None = None
     padding_fill: float = 0.0
     notes: list[str] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    value_min: float = 0.0
+    value_max: float = 0.0
+    magnitudes: MagnitudeStats | None = None
+    has_padding: bool = False
+    slice_locations: list[object] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(z, y, x)`` of the volume, also when it is streamed."""
+        return (len(self.source_refs), self.rows, self.cols)
+
+    @property
+    def rows(self) -> int:
+        """Rows of every slice."""
+        return int(self.datasets[0].get("Rows", 0)) if self.volume is None else int(
+            self.volume.shape[1])
+
+    @property
+    def cols(self) -> int:
+        """Columns of every slice."""
+        return int(self.datasets[0].get("Columns", 0)) if self.volume is None else int(
+            self.volume.shape[2])
 
     @property
     def normal(self) -> np.ndarray:
@@ -162,7 +200,48 @@ class SourceSeries:
     @property
     def num_slices(self) -> int:
         """Number of slices (frames) in the volume."""
-        return int(self.volume.shape[0])
+        return len(self.source_refs)
+
+
+class SourceHeaders(Sequence[Dataset]):
+    """Per-slice source headers of a streamed series, held one slab at a time.
+
+    A header is about 0.1 MB of Python objects: holding 1,500 of them would make memory grow
+    with the series.  The first slice's header is kept; the slab being processed is held by
+    :func:`read_slab` (which reads those files anyway); any other is read again on demand.
+    """
+
+    def __init__(self, first: Dataset, paths: Sequence[Path]) -> None:
+        self._first = first
+        self._paths = list(paths)
+        self._held: dict[int, Dataset] = {}
+
+    def __len__(self) -> int:
+        """Number of slices."""
+        return len(self._paths)
+
+    @overload
+    def __getitem__(self, index: int) -> Dataset: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Dataset]: ...
+
+    def __getitem__(self, index: int | slice) -> Dataset | list[Dataset]:
+        """The header of slice ``index`` (without pixel data)."""
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        j = index + len(self) if index < 0 else index
+        if not 0 <= j < len(self):
+            raise IndexError(index)
+        if j in self._held:
+            return self._held[j]
+        if j == 0:
+            return self._first
+        return read_dataset(self._paths[j], stop_before_pixels=True)
+
+    def hold(self, headers: dict[int, Dataset]) -> None:
+        """Keep these headers (slice index -> header) until the next call."""
+        self._held = headers
 
 
 @dataclass
@@ -171,7 +250,7 @@ class _Frame:
 
     ds: Dataset
     ref: SourceRef
-    pixels: np.ndarray
+    pixels: np.ndarray | None
     position: np.ndarray
     orientation: np.ndarray
     pixel_spacing: tuple[float, float]
@@ -184,6 +263,19 @@ class _Frame:
     number: int | None = None
     padding: np.ndarray | None = None
     label: str = ""
+    path: Path | None = None
+    shape: tuple[int, ...] = ()
+    stats: _FrameStats | None = None
+
+
+@dataclass
+class _FrameStats:
+    """Value statistics of one frame, kept when its pixels are dropped (streaming)."""
+
+    low: float  # smallest non-padding value (inf: all padding)
+    high: float  # largest non-padding value (-inf: all padding)
+    padding_voxels: int
+    magnitudes: MagnitudeStats | None
 
 
 def _floats(value: object) -> tuple[float, ...]:
@@ -355,6 +447,8 @@ def _classic_frames(ds: Dataset, path: Path) -> list[_Frame]:
             number=_int_or_none(ds.get("InstanceNumber")),
             padding=_padding(ds, pixels),
             label=path.name,
+            path=path,
+            shape=tuple(pixels.shape),
         )
     ]
 
@@ -403,6 +497,8 @@ def _enhanced_frames(ds: Dataset, path: Path) -> list[_Frame]:
                 number=i + 1,
                 padding=_padding(ds, pixels[i]),
                 label=f"{path.name} frame {i + 1}",
+                path=path,
+                shape=tuple(pixels[i].shape),
             )
         )
     return frames
@@ -475,6 +571,102 @@ def _read(path: Path) -> Dataset:
 def load_series(paths: Sequence[Path], *, slice_mode: bool = False) -> SourceSeries:
     """Read the instances of one CT/MR series and return a geometry-sorted volume.
 
+    See :func:`_load` for the parameters, checks and errors; :func:`open_series` is the
+    bounded-memory variant (the volume is read slab by slab).
+    """
+    return _load(paths, slice_mode=slice_mode, stream=False)
+
+
+def open_series(paths: Sequence[Path], *, slice_mode: bool = False) -> SourceSeries:
+    """Check and sort a series like :func:`load_series`, without keeping its pixels.
+
+    Every instance is read and decoded once (the same checks as :func:`load_series`; the value
+    statistics the engine needs are gathered), then only the headers are kept; the slices are
+    read again slab by slab with :func:`read_slab`.  Enhanced (multi-frame) sources keep their
+    volume (one instance holds every frame).
+
+    Raises
+    ------
+    SeriesError
+        As :func:`load_series`.
+    """
+    return _load(paths, slice_mode=slice_mode, stream=True)
+
+
+def _frame_stats(f: _Frame, modality: str) -> _FrameStats:
+    """Value statistics of a frame (modality units) before its pixels are dropped."""
+    assert f.pixels is not None
+    values = f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+    keep = values if f.padding is None else values[~f.padding]
+    mags = None
+    if modality != "CT":
+        mags = MagnitudeStats()
+        mags.add(keep)
+    return _FrameStats(
+        float(keep.min()) if keep.size else math.inf,
+        float(keep.max()) if keep.size else -math.inf,
+        0 if f.padding is None else int(np.count_nonzero(f.padding)),
+        mags,
+    )
+
+
+def _drop_pixels(ds: Dataset) -> None:
+    """Remove the pixel data of a decoded source header (the builder never copies it)."""
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if hasattr(ds, "_pixel_array"):
+        ds._pixel_array = None  # pydicom's cache of the decoded array
+        ds._pixel_id = {}
+
+
+def read_slab(source: SourceSeries, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Slices ``start .. stop-1`` of a series: float32 values and padding mask.
+
+    Padding voxels hold :attr:`SourceSeries.padding_fill`, as in :attr:`SourceSeries.volume`.
+
+    Returns
+    -------
+    tuple
+        ``(volume (k, y, x) in modality units, padding mask (k, y, x) or None)``.
+
+    Raises
+    ------
+    SeriesError
+        A file changed since the series was opened (unreadable, another matrix).
+    """
+    if source.volume is not None:
+        mask = None if source.padding_mask is None else source.padding_mask[start:stop]
+        return source.volume[start:stop], mask
+    k = stop - start
+    out = np.empty((k, source.rows, source.cols), dtype=np.float32)
+    mask = np.zeros(out.shape, dtype=bool) if source.has_padding else None
+    held: dict[int, Dataset] = {}
+    for i in range(start, stop):
+        path = source.files[i]
+        ds = _read(path)
+        frames = _classic_frames(ds, path)
+        _drop_pixels(ds)
+        held[i] = ds
+        f = frames[0]
+        assert f.pixels is not None
+        if f.pixels.shape != out.shape[1:]:
+            raise SeriesError(f"{path.name}: matrix changed to {f.pixels.shape} while enhancing")
+        values = out[i - start]
+        np.multiply(f.pixels, np.float32(f.slope), out=values, casting="unsafe")
+        values += np.float32(f.intercept)
+        if f.padding is not None:
+            values[f.padding] = np.float32(source.padding_fill)
+            if mask is not None:
+                mask[i - start] = f.padding
+    if isinstance(source.datasets, SourceHeaders):
+        source.datasets.hold(held)
+    return out, mask
+
+
+def _load(paths: Sequence[Path], *, slice_mode: bool, stream: bool) -> SourceSeries:
+    """Read the instances of one CT/MR series and return a geometry-sorted volume.
+
     Parameters
     ----------
     paths
@@ -529,7 +721,13 @@ def load_series(paths: Sequence[Path], *, slice_mode: bool = False) -> SourceSer
         ts = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
         if str(ds.get("LossyImageCompression", "")) == "01" or ts in LOSSY_TRANSFER_SYNTAXES:
             lossy = True
-        frames.extend(_enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path))
+        new = _enhanced_frames(ds, path) if enhanced else _classic_frames(ds, path)
+        if stream and not enhanced:
+            for f in new:
+                f.stats = _frame_stats(f, modality)
+                f.pixels, f.padding = None, None
+        frames.extend(new)
+        _drop_pixels(ds)
     if len(series_uids) != 1 or "" in series_uids:
         raise SeriesError(f"mixed series: {len(series_uids)} different Series Instance UIDs")
     if len(modalities) != 1 or len(kinds) != 1:
@@ -538,6 +736,9 @@ def load_series(paths: Sequence[Path], *, slice_mode: bool = False) -> SourceSer
     if slice_mode:
         frames = _main_stack(frames, notes)
     source = _assemble(frames, modalities.pop(), kinds.pop(), lossy, slice_mode)
+    if source.volume is not None:
+        source.value_min = float(source.volume.min())
+        source.value_max = float(source.volume.max())
     source.notes = notes
     return source
 
@@ -546,7 +747,7 @@ def _stack_key(f: _Frame) -> tuple[object, ...]:
     """Frames with the same key can be enhanced as one stack (orientation, matrix, spacing)."""
     return (
         tuple(np.round(f.orientation / ORIENTATION_TOLERANCE).astype(int).tolist()),
-        f.pixels.shape,
+        f.shape,
         tuple(round(v, 4) for v in f.pixel_spacing),
     )
 
@@ -577,10 +778,10 @@ def _assemble(
     positions may be irregular, tilted or repeated and the Frame of Reference UID absent.
     """
     first = frames[0]
-    shape = first.pixels.shape
+    shape = first.shape
     for f in frames[1:]:
-        if f.pixels.shape != shape:
-            raise SeriesError(f"inconsistent matrix: {shape} and {f.pixels.shape}")
+        if f.shape != shape:
+            raise SeriesError(f"inconsistent matrix: {shape} and {f.shape}")
         if np.max(np.abs(f.orientation - first.orientation)) > ORIENTATION_TOLERANCE:
             raise SeriesError(
                 f"inconsistent orientation: {first.orientation.tolist()} and "
@@ -634,11 +835,16 @@ def _assemble(
     thickness = float(first.thickness) if first.thickness else dz
     if thickness_values and max(thickness_values) - min(thickness_values) > POSITION_ATOL_MM:
         raise SeriesError(f"inconsistent slice thickness: {sorted(thickness_values)}")
-    volume = np.stack(
-        [f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
-         for f in frames]
-    ).astype(np.float32)
-    padding_mask, padding_fill, padding_value = _fill_padding(frames, volume)
+    streamed = frames[0].pixels is None
+    if streamed:
+        volume = None
+        padding_mask, (padding_fill, padding_value) = None, _streamed_padding(frames)
+    else:
+        volume = np.stack(
+            [f.pixels.astype(np.float32) * np.float32(f.slope) + np.float32(f.intercept)
+             for f in frames if f.pixels is not None]
+        ).astype(np.float32)
+        padding_mask, padding_fill, padding_value = _fill_padding(frames, volume)
     ds0 = first.ds
     study_uids = {str(f.ds.get("StudyInstanceUID", "")) for f in frames}
     for_uids = {str(f.ds.get("FrameOfReferenceUID", "")) for f in frames}
@@ -646,8 +852,9 @@ def _assemble(
         raise SeriesError("mixed series: more than one Study Instance UID")
     if len(for_uids) != 1 or ("" in for_uids and not slice_mode):
         raise SeriesError("missing geometry: Frame of Reference UID absent or inconsistent")
+    files = [f.path for f in frames if f.path is not None] if streamed else []
     return SourceSeries(
-        datasets=[f.ds for f in frames],
+        datasets=SourceHeaders(frames[0].ds, files) if streamed else [f.ds for f in frames],
         volume=volume,
         spacing=(dz, float(first.pixel_spacing[0]), float(first.pixel_spacing[1])),
         slice_thickness=thickness,
@@ -673,7 +880,40 @@ def _assemble(
         padding_value=padding_value,
         padding_mask=padding_mask,
         padding_fill=padding_fill,
+        files=files,
+        slice_locations=[f.ds.get("SliceLocation") for f in frames],
+        has_padding=padding_value is not None,
+        **(_streamed_stats(frames, modality, padding_fill) if streamed else {}),
     )
+
+
+def _streamed_padding(frames: list[_Frame]) -> tuple[float, int | None]:
+    """Fill value and Pixel Padding Value of a streamed series (as :func:`_fill_padding`)."""
+    stats = [f.stats for f in frames if f.stats is not None]
+    if not any(s.padding_voxels for s in stats):
+        return 0.0, None
+    values = {_int_or_none(f.ds.get("PixelPaddingValue")) for f in frames} - {None}
+    if len(values) != 1:
+        raise SeriesError(f"inconsistent Pixel Padding Value: {sorted(values)}")  # type: ignore[type-var]
+    low = min(s.low for s in stats)
+    return (low if math.isfinite(low) else 0.0), values.pop()
+
+
+def _streamed_stats(frames: list[_Frame], modality: str, fill: float) -> dict[str, Any]:
+    """``value_min``, ``value_max`` and ``magnitudes`` of a streamed series."""
+    stats = [f.stats for f in frames if f.stats is not None]
+    padded = sum(s.padding_voxels for s in stats)
+    low = min([s.low for s in stats] + ([fill] if padded else []))
+    high = max([s.high for s in stats] + ([fill] if padded else []))
+    mags: MagnitudeStats | None = None
+    if modality != "CT":
+        mags = MagnitudeStats()
+        for s in stats:
+            assert s.magnitudes is not None
+            mags.merge(s.magnitudes)
+        if padded:
+            mags.add_repeated(fill, padded)
+    return {"value_min": low, "value_max": high, "magnitudes": mags}
 
 
 def _fill_padding(
