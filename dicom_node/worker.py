@@ -37,6 +37,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from dicom_node.pipeline import JobOutcome
 
 LOGGER = logging.getLogger(__name__)
+
+#: States a job child records itself when it finishes; a heartbeat refused in one of these is
+#: not a lost lease but a child that is about to exit.
+FINISHED_BY_CHILD = frozenset({JobState.DONE, JobState.FAILED, JobState.HELD, JobState.QUEUED})
 MANIFEST = "manifest.json"
 
 
@@ -276,9 +280,19 @@ class Worker:
                 LOGGER.warning("job %d: %s, now %s", job.id, msg, state)
                 return
             if not self.queue.heartbeat(job.id, self.worker_id, w.lease_seconds):
-                LOGGER.warning("job %d: lease lost to another worker, stopping", job.id)
+                now = self.queue.get(job.id)
+                state = now.get("state")
+                if state in FINISHED_BY_CHILD:
+                    proc.join(timeout=5)  # the child recorded its outcome and is exiting
+                    if not proc.is_alive():
+                        return
                 proc.kill()
                 proc.join()
+                if state == JobState.CANCELLED:
+                    LOGGER.info("job %d: cancelled while running, its process stopped", job.id)
+                else:
+                    LOGGER.warning("job %d: lease lost (now %s, worker %s), stopping", job.id,
+                                   state, now.get("worker_id") or "-")
                 return
         info = self.queue.get(job.id)
         mine = info.get("worker_id", self.worker_id) == self.worker_id
