@@ -65,13 +65,13 @@ class Mutant:
     apply: Callable[[Path], None] | None = field(default=None, compare=False)
 
 
-def _scale_last_layer(factor: float) -> Callable[[Path], None]:
-    """Scale the output layer of the shipped ``fast`` slice x2 weights (a weaker model)."""
+def _scale_last_layer(factor: float, stem: str = "fast_slice_x2") -> Callable[[Path], None]:
+    """Scale the output layer of a shipped weights file (a weaker or negated model)."""
 
     def apply(copy: Path) -> None:
         from safetensors.torch import load_file, save_file
 
-        path = copy / "sr_engine" / "weights" / "fast_slice_x2.safetensors"
+        path = copy / "sr_engine" / "weights" / f"{stem}.safetensors"
         tensors = load_file(str(path))
         last = sorted(k for k in tensors if k.endswith("weight"))[-1]
         tensors[last] = tensors[last] * factor
@@ -173,6 +173,19 @@ MUTANTS: tuple[Mutant, ...] = (
         "sr_engine/weights/fast_slice_x2.safetensors", "", "",
         ("tests/test_engine_shipped.py",),
         apply=_scale_last_layer(-1.0),
+    ),
+    Mutant(
+        "weak-family-weights", "the family weights the node picks (here: lanczos x2) keep the "
+        "gain recorded for them",
+        "sr_engine/weights/fast_slice_x2_lanczos.safetensors", "", "",
+        ("tests/test_engine_shipped.py::test_family_weights_keep_their_recorded_gain",),
+        apply=_scale_last_layer(0.4, "fast_slice_x2_lanczos"),
+    ),
+    Mutant(
+        "negated-hedge-weights", "the hedging weights beat interpolation",
+        "sr_engine/weights/fast_slice_x2_hedge.safetensors", "", "",
+        ("tests/test_engine_shipped.py::test_family_weights_keep_their_recorded_gain",),
+        apply=_scale_last_layer(-1.0, "fast_slice_x2_hedge"),
     ),
 )
 
