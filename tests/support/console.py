@@ -21,7 +21,7 @@ from dicom_node.config import Config
 from storage.job_types import JobParams, JobState
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_ct_series, make_mr_series
-from tests.support.dcmtk import StoreSCP, free_port, storescu
+from tests.support.dcmtk import StoreSCP, refusing_port, storescu
 from tests.support.node import node_config, running_node
 
 FINAL = {JobState.DONE, JobState.FAILED, JobState.HELD}
@@ -116,7 +116,7 @@ class _Built:
     jobs: dict[str, int]
 
 
-def build(tmp: Path, pacs_port: int, **http: Any) -> _Built:
+def build(tmp: Path, pacs_port: int, down_port: int, **http: Any) -> _Built:
     """Receive the series and run the real worker until every job finished."""
     rules = [
         {"name": "ct-slice", "modalities": ["CT"], "mode": "slice", "scale": 2, "model": "fast",
@@ -132,7 +132,7 @@ def build(tmp: Path, pacs_port: int, **http: Any) -> _Built:
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
                        "port": pacs_port},
                       {"name": "down", "ae_title": "DOWN", "host": "127.0.0.1",
-                       "port": free_port()}],
+                       "port": down_port}],
     )
     ct = make_ct_series(tmp / "in" / "ct", n_slices=2, rows=32)
     mr = make_mr_series(tmp / "in" / "mr", n_slices=4, rows=32)
@@ -156,8 +156,8 @@ def build(tmp: Path, pacs_port: int, **http: Any) -> _Built:
 def console_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleSite]:
     """The built node, serving the console and API again without a worker."""
     tmp = tmp_path_factory.mktemp("console")
-    with StoreSCP(tmp / "pacs", aet="PACS") as pacs:
-        built = build(tmp, pacs.port)
+    with StoreSCP(tmp / "pacs", aet="PACS") as pacs, refusing_port() as down:
+        built = build(tmp, pacs.port, down)
         with running_node(built.config, run_worker=False) as node:
             yield ConsoleSite(node, built.config, built.ct, built.mr, built.derived,
                               dict(built.jobs))
