@@ -106,8 +106,8 @@ def run(instances: int, model: str, quiet: float, timeout: float) -> dict[str, A
                         "model": model, "destinations": ["pacs"]}],
             )
             cfg = write_toml(data, work / "config.toml")
-            with ServeProcess(cfg, data["node"]["port"], work / "serve.log"):
-                send_seconds = send_series(data["node"]["port"], tmp / "in")
+            with ServeProcess(cfg, data["node"]["port"], work / "serve.log") as served:
+                send_seconds = send_series(served.port, tmp / "in")
                 db = Database(data["node"]["database_url"])
                 try:
                     job = wait_done(JobQueue(db), timeout)

@@ -196,7 +196,9 @@ def main() -> int:
             work = tmp / f"srnode{rnd}"
             work.mkdir()
             data = node_config_dict(work, worker={"enabled": False},
-                                    node={"log_level": "WARNING"},
+                                    # a fixed port: at WARNING the node does not log the
+                                    # port it bound
+                                    node={"log_level": "WARNING", "port": free_port()},
                                     http={"port": free_port()})
             cfg = write_toml(data, work / "config.toml")
             with ServeProcess(cfg, data["node"]["port"], work / "serve.log"):

@@ -134,7 +134,7 @@ def measure_worker(src: Path, mode: str, scale: int, work: Path,
         cfg = write_toml(data, work / "config.toml")
         with ServeProcess(cfg, data["node"]["port"], work / "serve.log") as serve:
             assert serve.proc is not None
-            send_series(data["node"]["port"], src)
+            send_series(serve.port, src)
             peak = 0
             child: int | None = None
             db = Database(data["node"]["database_url"])
