@@ -153,6 +153,39 @@ def safety_gate(
     return "send", "consistency within bounds"
 
 
+def engine_request(config: Config, mode: str, scale: int, model: str,
+                   output_spacing: float | None) -> EnhanceRequest:
+    """The engine request of one job: the task, and how to run it from ``[engine]``.
+
+    Parameters
+    ----------
+    config
+        Node configuration (its ``[engine]`` section).
+    mode, scale, model
+        The task.
+    output_spacing
+        Volume mode: requested output slice spacing in mm (``None``: spacing / scale).
+
+    Returns
+    -------
+    EnhanceRequest
+        The request both the whole-series and the streamed paths send to the engine.
+    """
+    return EnhanceRequest(
+        mode=mode,  # type: ignore[arg-type]
+        scale=scale,
+        model=model,
+        device=config.engine.device,
+        batch_size=config.engine.batch_size,
+        tile_size=config.engine.tile_size,
+        tile_overlap=config.engine.tile_overlap,
+        output_spacing=output_spacing,
+        self_ensemble=config.engine.self_ensemble_request,
+        estimate_degradation=config.engine.estimate_degradation,
+        adapt_seconds=config.engine.adapt_seconds,
+    )
+
+
 def derive_series(
     paths: Sequence[Path],
     config: Config,
@@ -189,19 +222,7 @@ def derive_series(
 
     stage("enhancing")
     t0 = time.perf_counter()
-    request = EnhanceRequest(
-        mode=mode,  # type: ignore[arg-type]
-        scale=scale,
-        model=model,
-        device=config.engine.device,
-        batch_size=config.engine.batch_size,
-        tile_size=config.engine.tile_size,
-        tile_overlap=config.engine.tile_overlap,
-        output_spacing=output_spacing,
-        self_ensemble=config.engine.self_ensemble_request,
-        estimate_degradation=config.engine.estimate_degradation,
-        adapt_seconds=config.engine.adapt_seconds,
-    )
+    request = engine_request(config, mode, scale, model, output_spacing)
     result = enhance_volume(
         source.volume, source.spacing, source.slice_thickness, source.modality, request,
         weights_dir=Path(config.engine.weights_dir) if config.engine.weights_dir else None,
@@ -333,19 +354,7 @@ def derive_series_to(
 
     stage("enhancing")
     t0 = time.perf_counter()
-    request = EnhanceRequest(
-        mode=mode,  # type: ignore[arg-type]
-        scale=scale,
-        model=model,
-        device=config.engine.device,
-        batch_size=config.engine.batch_size,
-        tile_size=config.engine.tile_size,
-        tile_overlap=config.engine.tile_overlap,
-        output_spacing=output_spacing,
-        self_ensemble=config.engine.self_ensemble_request,
-        estimate_degradation=config.engine.estimate_degradation,
-        adapt_seconds=config.engine.adapt_seconds,
-    )
+    request = engine_request(config, mode, scale, model, output_spacing)
     facts = SeriesFacts(n, rows, cols, source.spacing, source.slice_thickness, source.modality,
                         source.value_min, source.value_max, mapping)
     engine = SeriesEnhancer(

@@ -123,9 +123,15 @@ def _run(model: torch.nn.Module, planes: np.ndarray, fy: int, fx: int, device: s
     return total, tiles
 
 
-def cubic_resample_z(fine: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Cubic (Keys, a=-0.5) interpolation along axis 0 at fractional indices (edges clamped)."""
-    n = fine.shape[0]
+def cubic_resample_z(fine: np.ndarray, positions: np.ndarray, offset: int = 0,
+                     total: int | None = None) -> np.ndarray:
+    """Cubic (Keys, a=-0.5) interpolation along axis 0 at fractional indices (edges clamped).
+
+    ``fine`` may be the part ``[offset, offset + len(fine))`` of a series of ``total`` slices
+    (positions are then indices of the whole series, clamped to its ends); by default it is the
+    whole series.
+    """
+    n = fine.shape[0] if total is None else total
     base = np.floor(positions).astype(int)
     t = positions - base
     out = np.zeros((len(positions), *fine.shape[1:]), dtype=np.float32)
@@ -134,7 +140,7 @@ def cubic_resample_z(fine: np.ndarray, positions: np.ndarray) -> np.ndarray:
         d = np.abs(t - k)
         wgt = np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
                        np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0))
-        idx = np.clip(base + k, 0, n - 1)
+        idx = np.clip(base + k + offset, 0, n - 1) - offset
         out += wgt.astype(np.float32)[:, None, None] * fine[idx]
     return out
 

@@ -451,16 +451,4 @@ def _resample_part(fine: np.ndarray, positions: np.ndarray, f0: int, nf: int) ->
 
     Indices are clamped to the whole series' ends, as the whole-volume resampling clamps them.
     """
-    if f0 == 0 and len(fine) == nf:
-        return cubic_resample_z(fine, positions)
-    base = np.floor(positions).astype(int)
-    t = positions - base
-    out = np.zeros((len(positions), *fine.shape[1:]), dtype=np.float32)
-    a = -0.5
-    for k in range(-1, 3):
-        d = np.abs(t - k)
-        wgt = np.where(d <= 1, (a + 2) * d**3 - (a + 3) * d**2 + 1,
-                       np.where(d < 2, a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a, 0.0))
-        idx = np.clip(base + k + f0, 0, nf - 1) - f0
-        out += wgt.astype(np.float32)[:, None, None] * fine[idx]
-    return out
+    return cubic_resample_z(fine, positions, offset=f0, total=nf)
