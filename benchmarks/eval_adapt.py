@@ -9,7 +9,9 @@ PSNR gain over cubic of the node's choice without adaptation and with each adapt
 * ``hedged``: pairs degraded in turn with every profile family at the estimated FWHM;
 * ``hedged-decay``: the same with a higher peak lr decaying along the time budget;
 * ``estimated-decay``, ``estimated-mse``, ``estimated-batch16``: the estimated profile with a
-  decaying higher lr, with the MSE loss, with 16 patches per step.
+  decaying higher lr, with the MSE loss, with 16 patches per step;
+* ``estimated-mse-swa``, ``estimated-mse-ema``: MSE with the weights averaged uniformly over the
+  second half of the budget, or as an exponential moving average (decay 0.995).
 
 Usage: .venv/bin/python -m benchmarks.eval_adapt [--seconds 20] [--threads 1]
 Writes benchmarks/results/eval_adapt.json.
@@ -54,7 +56,9 @@ VARIANTS = {"estimated": functools.partial(ORIGINAL, loss="l1"),
             "estimated-decay": functools.partial(ORIGINAL, learning_rate=6e-4, decay=True,
                                                  loss="l1"),
             "estimated-mse": functools.partial(ORIGINAL, loss="mse"),
-            "estimated-batch16": functools.partial(ORIGINAL, batch_size=16, loss="l1")}
+            "estimated-batch16": functools.partial(ORIGINAL, batch_size=16, loss="l1"),
+            "estimated-mse-swa": functools.partial(ORIGINAL, loss="mse", average_from=0.5),
+            "estimated-mse-ema": functools.partial(ORIGINAL, loss="mse", ema=0.995)}
 
 
 def main() -> None:

@@ -317,7 +317,8 @@ def finetune_on_series(volume: np.ndarray, modality: str, model: str, mode: str,
 def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
                     profile: Degradation | Sequence[Degradation], seconds: float, seed: int = 0,
                     batch_size: int = 8, learning_rate: float = 3e-4,
-                    decay: bool = False, loss: str = "mse",
+                    decay: bool = False, loss: str = "mse", average_from: float | None = None,
+                    ema: float | None = None,
                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Time-bounded self-supervised fine-tuning of a volume-mode model on one series (in place).
 
@@ -352,6 +353,14 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
         ``mse`` (PSNR-oriented, the default: +0.29 dB mean over L1 on the synthetic validation
         volumes, ``benchmarks/eval_adapt.py``, 20 s) or ``l1``; the reported losses use the
         same measure.
+    average_from
+        When set (a fraction of ``seconds``, e.g. 0.5), the weights used afterwards are the
+        uniform average of the weights after every step taken from that fraction of the budget
+        on (stochastic weight averaging over a constant learning rate); None keeps the last
+        weights.
+    ema
+        When set (e.g. 0.995), the weights used afterwards are an exponential moving average of
+        the weights after every step with this decay; ignored when ``average_from`` is set.
     clock
         Monotonic clock in seconds (injected by tests to check the budget without timing).
 
@@ -379,6 +388,9 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
     net.train()
     steps = 0
+    params = [p for p in net.parameters() if p.requires_grad]
+    averaged: list[torch.Tensor] | None = None
+    averaged_count = 0
     t_loop = clock()
     while (elapsed := clock() - t_loop) < seconds:
         if decay:
@@ -393,6 +405,26 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
         objective.backward()
         opt.step()
         steps += 1
+        if average_from is not None and elapsed >= average_from * seconds:
+            with torch.no_grad():
+                if averaged is None:
+                    averaged = [p.detach().clone() for p in params]
+                else:
+                    for a, p in zip(averaged, params, strict=True):
+                        a.add_(p.detach() - a, alpha=1.0 / (averaged_count + 1))
+            averaged_count += 1
+        elif average_from is None and ema is not None:
+            with torch.no_grad():
+                if averaged is None:
+                    averaged = [p.detach().clone() for p in params]
+                else:
+                    for a, p in zip(averaged, params, strict=True):
+                        a.mul_(ema).add_(p.detach(), alpha=1.0 - ema)
+            averaged_count += 1
+    if averaged is not None:
+        with torch.no_grad():
+            for a, p in zip(averaged, params, strict=True):
+                p.copy_(a)
     net.eval()
     with torch.no_grad():
         after = float(measure(net(lr_eval), hr_eval))

@@ -149,6 +149,35 @@ def test_adaptation_lowers_the_loss_on_the_series_own_pairs() -> None:
     assert report["loss_after"] < report["loss_before"], report
 
 
+def test_adaptation_averages_the_weights_of_the_second_half() -> None:
+    """``average_from=0.5``: the weights kept are the mean of those after each late step."""
+    import torch
+
+    from sr_engine.data import mr_phantom_volume
+    from sr_engine.models import load_model
+    from sr_engine.training import adapt_on_series
+
+    hr = mr_phantom_volume((48, 64, 64), np.random.default_rng(SEED))
+    vol = hr.reshape(12, 4, 64, 64).mean(axis=1).astype(np.float32)
+    net, _ = load_model("fast", "volume", 4)
+    snapshots: list[list[torch.Tensor]] = []
+    ticks = iter(np.arange(0.0, 100.0, 1.0))
+
+    def clock() -> float:
+        # every reading of the clock records the weights at that moment
+        snapshots.append([p.detach().clone() for p in net.parameters()])
+        return float(next(ticks))
+
+    report = adapt_on_series(net, vol, 4, Degradation.of("gaussian", fwhm=1.0), seconds=4.5,
+                             average_from=0.5, clock=clock)
+    # loop readings see 1, 2, 3, 4 elapsed (4 steps), then 5: stop; steps at 3 and 4 are averaged
+    assert report["steps"] == 4, report
+    after_step_3, after_step_4, final = snapshots[-3], snapshots[-2], snapshots[-1]
+    for a, b, f in zip(after_step_3, after_step_4, final, strict=True):
+        torch.testing.assert_close(f, (a + b) / 2)
+    assert any(not torch.equal(b, f) for b, f in zip(after_step_4, final, strict=True))
+
+
 def test_adaptation_stops_when_its_time_budget_is_spent() -> None:
     """The budget bounds the optimisation loop (an injected clock: no wall-clock timing)."""
     from sr_engine.data import mr_phantom_volume

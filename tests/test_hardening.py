@@ -22,8 +22,6 @@ import pydicom
 import pytest
 from pynetdicom import AE, build_context
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
@@ -37,6 +35,7 @@ from tests.dicom_factory import make_ct_series
 from tests.support.certs import make_pki
 from tests.support.faults import ServedNode, indexed_instances, storage_problems
 from tests.support.node import node_config, running_node
+from tests.support.raw_dicom import associate_rq, read_pdu
 
 PATIENT_NAME = "DOE^JOHN"
 PATIENT_ID = "PID4711"
@@ -45,45 +44,6 @@ CT_EXPLICIT = "1.2.840.10008.1.2.1"
 
 
 # -- raw DICOM helpers ---------------------------------------------------------------------
-def _associate_rq(calling: str = "RAWSCU", called: str = "SRNODE") -> bytes:
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = calling
-    prim.called_ae_title = called
-    echo = build_context(Verification)
-    echo.context_id = 1
-    ct = build_context(CTImageStorage, [CT_EXPLICIT])
-    ct.context_id = 3
-    prim.presentation_context_definition_list = [echo, ct]
-    item = MaximumLengthNotification()
-    item.maximum_length_received = 16384
-    prim.user_information = [item]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return bytes(pdu.encode())
-
-
-def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    """Read one PDU; ``(0, b"")`` when the connection is closed (or reset)."""
-    buf = b""
-    try:
-        while len(buf) < 6:
-            chunk = sock.recv(6 - len(buf))
-            if not chunk:
-                return 0, b""
-            buf += chunk
-        pdu_type, _, length = struct.unpack(">BBI", buf)
-        body = b""
-        while len(body) < length:
-            chunk = sock.recv(length - len(body))
-            if not chunk:
-                return 0, b""
-            body += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        return 0, b""
-    return pdu_type, body
-
-
 def _connect(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout,
                                     source_address=(source, 0))
@@ -91,8 +51,8 @@ def _connect(port: int, source: str = "127.0.0.1", timeout: float = 10.0) -> soc
 
 def _raw_association(port: int, rq: bytes | None = None) -> socket.socket:
     sock = _connect(port)
-    sock.sendall(rq or _associate_rq())
-    pdu_type, _ = _read_pdu(sock)
+    sock.sendall(rq or associate_rq())
+    pdu_type, _ = read_pdu(sock)
     assert pdu_type == 0x02, pdu_type
     return sock
 
@@ -127,7 +87,7 @@ def _response_status(sock: socket.socket) -> int | None:
     """Read one response command set (possibly fragmented); ``None`` on A-ABORT or close."""
     fragments = b""
     while True:
-        pdu_type, body = _read_pdu(sock)
+        pdu_type, body = read_pdu(sock)
         if pdu_type != 0x04:
             return None
         offset = 0
@@ -240,13 +200,13 @@ def test_identifiers_and_newlines_in_every_uid_position_never_reach_a_log(
         served: ServedNode, ct: list[Path], tmp_path: Path) -> None:
     junk = f"1.2.3{FORGED}{PATIENT_NAME} {PATIENT_ID}"
     assert len(junk) <= 64
-    base = _associate_rq()
+    base = associate_rq()
     for offset in (26, 10):  # calling AE title, then called AE title (PS3.8 9.3.2)
         bad_ae = f"{PATIENT_ID}\nFORGED".encode().ljust(16)
         rq = base[:offset] + bad_ae + base[offset + 16:]
         sock = _connect(served.port)
         sock.sendall(rq)
-        assert _read_pdu(sock)[0] == 0x03  # A-ASSOCIATE-RJ
+        assert read_pdu(sock)[0] == 0x03  # A-ASSOCIATE-RJ
         sock.close()
 
     # abstract and transfer syntax of a proposed presentation context
@@ -255,7 +215,7 @@ def test_identifiers_and_newlines_in_every_uid_position_never_reach_a_log(
         rq = base.replace(field_value.encode(), bad.ljust(len(field_value), b"9"), 1)
         sock = _connect(served.port)
         sock.sendall(rq)
-        assert _read_pdu(sock)[0] in (0x02, 0x03, 0x07)  # accepted (context refused) or not
+        assert read_pdu(sock)[0] in (0x02, 0x03, 0x07)  # accepted (context refused) or not
         sock.close()
 
     sock = _raw_association(served.port)
@@ -374,7 +334,7 @@ def test_empty_pdvs_abort_with_flat_memory(served: ServedNode, ct: list[Path]) -
             sent += len(pdu)
     except OSError:
         pass
-    answer = _read_pdu(sock)[0]
+    answer = read_pdu(sock)[0]
     peak = sampler.stop()
     sock.close()
     assert answer in (0x07, 0)  # A-ABORT (or the connection already gone)
@@ -499,7 +459,7 @@ def test_silent_and_dripping_peers_do_not_keep_a_tls_sender_out(tmp_path: Path) 
         time.sleep(4.0)  # past acse_timeout: every idle peer is cut off
         for s in idle:
             s.settimeout(2)
-            assert _read_pdu(s) == (0, b"")
+            assert read_pdu(s) == (0, b"")
     finally:
         stop.set()
         for s in idle:
@@ -517,7 +477,7 @@ def test_aborted_negotiation_and_malformed_request_are_audited(served: ServedNod
     sock.close()  # gone in the middle of its request
     sock = _connect(served.port)
     sock.sendall(struct.pack(">BBI", 0x01, 0, 200_000))  # over the request size cap
-    assert _read_pdu(sock)[0] == 0x07
+    assert read_pdu(sock)[0] == 0x07
     sock.close()
     time.sleep(0.5)
     events = [e for e in _audit(served.data["node"]["audit_log"])
@@ -548,7 +508,7 @@ class _RawSender(threading.Thread):
                                  + _p_data(3, 0x02, _dataset(path)))
                 except OSError:
                     pass  # the node stopped; its A-ABORT is read below
-                pdu_type, body = _read_pdu(sock)
+                pdu_type, body = read_pdu(sock)
                 if pdu_type == 0x07:
                     self.ending = "A-ABORT"
                     return
@@ -660,11 +620,11 @@ def test_stop_lets_a_store_in_flight_finish_within_the_grace_period(
     t0 = time.monotonic()
     server.stop(grace=grace)
     took = time.monotonic() - t0
-    assert _read_pdu(idle)[0] == 0x07  # idle: A-ABORT at once
+    assert read_pdu(idle)[0] == 0x07  # idle: A-ABORT at once
     status = _response_status(busy)
     if answered:
         assert status == 0  # the store in flight was answered ...
-        assert _read_pdu(busy)[0] == 0x07  # ... then the association aborted
+        assert read_pdu(busy)[0] == 0x07  # ... then the association aborted
         assert took < delay + 1.0
     else:
         assert status is None  # grace over: A-ABORT instead of the answer

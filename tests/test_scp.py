@@ -28,6 +28,7 @@ from tests.support.node import (
     transfer_syntax_variants,
     with_new_uids,
 )
+from tests.support.raw_dicom import request_association
 
 _ENGINE: list[str] = ["srnode"]
 
@@ -160,12 +161,12 @@ def test_unknown_calling_ae_and_wrong_called_ae_are_rejected(tmp_path: Path) -> 
                                       "allowed_hosts": {"HOSTBOUND": ["10.99.99.99"]}})
     with running_node(cfg) as node:
         port = node.scp.port
-        for calling, called in [("EVILSCU", "SRNODE"), ("GOODSCU", "NOTSRNODE"),
-                                ("HOSTBOUND", "SRNODE")]:
-            ae = _scu(calling)
-            ae.add_requested_context(CTImageStorage)
-            assoc = ae.associate("127.0.0.1", port, ae_title=called)
-            assert assoc.is_rejected, (calling, called)
+        for calling, called, reason in [("EVILSCU", "SRNODE", 3), ("GOODSCU", "NOTSRNODE", 7),
+                                        ("HOSTBOUND", "SRNODE", 3)]:
+            answer = request_association(port, calling, called)
+            # A-ASSOCIATE-RJ, rejected permanent, by the service user, calling/called AE title
+            assert (answer.pdu_type, answer.result, answer.source, answer.reason) == (
+                0x03, 1, 1, reason), (calling, called, answer)
         ae = _scu("GOODSCU")
         ae.add_requested_context(CTImageStorage)
         assoc = ae.associate("127.0.0.1", port, ae_title="SRNODE")

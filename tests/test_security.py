@@ -30,6 +30,7 @@ from tests.support.node import (
     with_new_uids,
     write_toml,
 )
+from tests.support.raw_dicom import request_association
 
 PATIENT_NAME = "Zzyzx^Quentin"
 PATIENT_ID = "PID-93731"
@@ -89,8 +90,8 @@ def test_host_bound_calling_ae_is_accepted_from_its_host_only(tmp_path: Path) ->
         # a host-bound title from another host, an unknown title, a wrong called AE title
         for calling, called in (("REMOTESCU", "SRNODE"), ("STRANGER", "SRNODE"),
                                 ("LOCALSCU", "OTHERNODE"), ("LOCALSCU", "srnode")):
-            assoc = _associate(port, calling, called)
-            assert assoc.is_rejected, (calling, called)
+            answer = request_association(port, calling, called)
+            assert answer.rejected and answer.source == 1, (calling, called, answer)
         rc, out = echoscu("127.0.0.1", port, called_ae_title="SRNODE",
                           calling_ae_title="LOCALSCU")
         assert rc == 0, out
@@ -111,7 +112,8 @@ def test_called_ae_title_not_checked_when_disabled(tmp_path: Path) -> None:
         assert assoc.is_established
         assoc.release()
         # allowed_hosts alone is an allow-list too: other titles are refused
-        assert _associate(node.scp.port, "SOMEONE", "WHATEVER").is_rejected
+        answer = request_association(node.scp.port, "SOMEONE", "WHATEVER")
+        assert answer.rejected and answer.reason == 3, answer
 
 
 # ------------------------------------------------------------------------------- TLS on the SCP
