@@ -596,3 +596,69 @@ def test_one_association_per_send_with_only_the_needed_contexts(tmp_path: Path) 
     assert ct_contexts == {str(CTImageStorage)}, requests[0]
     assert all(ts in syntaxes for _, syntaxes in requests[0]), requests[0]
     assert {abstract for abstract, _ in requests[1]} == {str(MRImageStorage)}, requests[1]
+
+
+def test_the_association_reactor_never_polls_between_two_c_stores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE response cannot be taken by pynetdicom's reactor thread as "unexpected".
+
+    The reactor of a requestor association polls the DIMSE queue in a loop; pynetdicom pauses it
+    for each send, with a hand-over that a loaded machine can slip through (the send then waits
+    out the DIMSE timeout, a flake seen under 2 test workers).  The SCU keeps the reactor parked
+    for the whole send: no poll of the queue from the reactor between the first C-STORE and the
+    release.  The polls are recorded on the real association of a real loopback send.
+    """
+    from pynetdicom.association import Association
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    from dicom_node.derive.files import write_datasets
+
+    src = pydicom.dcmread(_testfile(CT))
+    series = []
+    for k in range(6):
+        ds = src.copy()
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        series.append(ds)
+    paths = write_datasets(series, tmp_path / "series")
+    window = {"open": False}
+    reactor_polls: list[str] = []
+    original_get_msg = DIMSEServiceProvider.get_msg
+    original_send = Association.send_c_store
+    original_release = Association.release
+
+    def get_msg(self: DIMSEServiceProvider, block: bool = False):  # noqa: ANN202
+        thread = threading.current_thread()
+        if (not block and window["open"] and isinstance(thread, Association)
+                and thread.is_requestor):
+            reactor_polls.append(thread.name)
+        return original_get_msg(self, block)
+
+    def send_c_store(self: Association, *args: object, **kwargs: object):  # noqa: ANN202
+        window["open"] = True
+        return original_send(self, *args, **kwargs)
+
+    def release(self: Association) -> None:
+        window["open"] = False
+        original_release(self)
+
+    monkeypatch.setattr(DIMSEServiceProvider, "get_msg", get_msg)
+    monkeypatch.setattr(Association, "send_c_store", send_c_store)
+    monkeypatch.setattr(Association, "release", release)
+
+    def slow_store(event: evt.Event) -> int:
+        threading.Event().wait(0.05)  # the reactor would loop ~50 times while this runs
+        return 0x0000
+
+    ae = AE(ae_title="SLOWSCP")
+    ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    server = ae.start_server((LOCALHOST, 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, slow_store)])
+    try:
+        port = server.socket.getsockname()[1]
+        report = send_instances(_dest("SLOWSCP", port), paths, calling_ae_title="SRNODE")
+    finally:
+        server.shutdown()
+    assert len(report.sent) == 6
+    assert reactor_polls == [], f"{len(reactor_polls)} reactor polls during the send"

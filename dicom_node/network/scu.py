@@ -271,7 +271,8 @@ def echo(
     contexts = [build_context(Verification, list(_UNCOMPRESSED))]
     assoc = _associate(ae, host, port, ae_title, tls, contexts)
     try:
-        status = assoc.send_c_echo()
+        with _reactor_parked(assoc):
+            status = assoc.send_c_echo()
     except ValueError as exc:  # the Verification context was not accepted
         raise DestinationUnavailableError(
             f"{ae_title}@{host}:{port} does not accept Verification (C-ECHO): {exc}"
@@ -283,6 +284,59 @@ def echo(
             f"no C-ECHO response from {ae_title}@{host}:{port} (timeout or abort)"
         )
     return int(status.Status)
+
+
+class _HeldCheckpoint(threading.Event):
+    """pynetdicom's reactor checkpoint, kept cleared while srnode sends on the association.
+
+    pynetdicom pauses an association's reactor thread for each ``send_*`` call by clearing this
+    event and waiting until the reactor says it is paused, and sets it again afterwards.  The
+    reactor announces "paused" just before it waits on the event and withdraws it just after;
+    a send that reads the announcement in between goes ahead while the reactor is about to poll
+    the DIMSE queue, and the reactor then takes the peer's C-STORE response as an unexpected
+    message ("Received unexpected C-STORE service message"; the send then waits out the DIMSE
+    timeout and the job is retried).  On a loaded machine this happens a few times a day.
+    Holding the event cleared for the whole send keeps the reactor parked at the event, so it
+    never polls between two of srnode's messages.  :meth:`set` is ignored while ``held``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = True
+
+    def set(self) -> None:
+        """Set the event, unless it is held."""
+        if not self.held:
+            super().set()
+
+
+@contextmanager
+def _reactor_parked(assoc: Association, timeout: float = 5.0) -> Iterator[None]:
+    """Keep the association's reactor thread parked while the block sends and receives.
+
+    Until the reactor parks, at most one pass of its loop runs; before the first request
+    nothing is outstanding, so that pass cannot take a response.  Where pynetdicom's private
+    attributes are not there (another pynetdicom release) the block runs unchanged.
+    """
+    if not isinstance(getattr(assoc, "_reactor_checkpoint", None), threading.Event) or not (
+        hasattr(assoc, "_is_paused")
+    ):
+        yield
+        return
+    checkpoint = _HeldCheckpoint()
+    assoc._reactor_checkpoint = checkpoint
+    waited = threading.Event()
+    for _ in range(int(timeout / 0.0005)):
+        if assoc._is_paused or not assoc.is_established:
+            break
+        waited.wait(0.0005)
+    try:
+        yield
+    finally:
+        checkpoint.held = False
+        if not assoc.is_established:
+            checkpoint.set()  # let the reactor see the end of the association and exit
+        # else: release()/abort() pause and set the checkpoint themselves
 
 
 def _close(assoc: Association) -> None:
@@ -383,6 +437,54 @@ def _prepare(inst: _Instance, accepted: set[UID]) -> tuple[Path | Dataset, bool]
     return ds, True
 
 
+def _send_each(assoc: Association, todo: Sequence[_Instance], report: SendReport, where: str,
+               on_stored: Callable[[str], None] | None) -> None:
+    """C-STORE each instance on ``assoc``, recording the outcome in ``report``.
+
+    Raises
+    ------
+    DestinationUnavailableError
+        No C-STORE response came (association aborted or timed out).
+    """
+    for inst in todo:
+        uid = inst.sop_instance_uid
+        accepted = _accepted_syntaxes(assoc, inst.sop_class_uid)
+        try:
+            payload, decompressed = _prepare(inst, accepted)
+        except (LookupError, ValueError) as exc:
+            report.failed[uid] = statuses.SOP_CLASS_NOT_SUPPORTED
+            report.errors[uid] = str(exc)
+            LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
+            continue
+        if decompressed:
+            report.decompressed.append(uid)
+        try:
+            rsp = assoc.send_c_store(payload)
+        except (ValueError, AttributeError) as exc:  # no context / cannot encode
+            report.failed[uid] = statuses.SOP_CLASS_NOT_SUPPORTED
+            report.errors[uid] = str(exc)
+            LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
+            continue
+        if "Status" not in rsp:
+            raise DestinationUnavailableError(
+                f"no C-STORE response from {where} for SOP Instance {uid} "
+                "(association aborted or timed out)",
+                report,
+            )
+        status = int(rsp.Status)
+        if status == statuses.SUCCESS or status in statuses.STORE_WARNINGS:
+            report.sent.append(uid)
+            if status != statuses.SUCCESS:
+                report.warnings[uid] = status
+            if on_stored is not None:
+                on_stored(uid)
+        else:
+            report.failed[uid] = status
+            LOGGER.warning(
+                "%s refused SOP Instance %s with status 0x%04X", where, uid, status
+            )
+
+
 def send_instances(
     destination: Destination,
     paths: Sequence[Path],
@@ -446,43 +548,8 @@ def send_instances(
         _contexts_for(todo),
     )
     try:
-        for inst in todo:
-            uid = inst.sop_instance_uid
-            accepted = _accepted_syntaxes(assoc, inst.sop_class_uid)
-            try:
-                payload, decompressed = _prepare(inst, accepted)
-            except (LookupError, ValueError) as exc:
-                report.failed[uid] = statuses.SOP_CLASS_NOT_SUPPORTED
-                report.errors[uid] = str(exc)
-                LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
-                continue
-            if decompressed:
-                report.decompressed.append(uid)
-            try:
-                rsp = assoc.send_c_store(payload)
-            except (ValueError, AttributeError) as exc:  # no context / cannot encode
-                report.failed[uid] = statuses.SOP_CLASS_NOT_SUPPORTED
-                report.errors[uid] = str(exc)
-                LOGGER.warning("not sending SOP Instance %s to %s: %s", uid, where, exc)
-                continue
-            if "Status" not in rsp:
-                raise DestinationUnavailableError(
-                    f"no C-STORE response from {where} for SOP Instance {uid} "
-                    "(association aborted or timed out)",
-                    report,
-                )
-            status = int(rsp.Status)
-            if status == statuses.SUCCESS or status in statuses.STORE_WARNINGS:
-                report.sent.append(uid)
-                if status != statuses.SUCCESS:
-                    report.warnings[uid] = status
-                if on_stored is not None:
-                    on_stored(uid)
-            else:
-                report.failed[uid] = status
-                LOGGER.warning(
-                    "%s refused SOP Instance %s with status 0x%04X", where, uid, status
-                )
+        with _reactor_parked(assoc):
+            _send_each(assoc, todo, report, where, on_stored)
     finally:
         _close(assoc)
     LOGGER.info(
