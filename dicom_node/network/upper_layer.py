@@ -206,14 +206,18 @@ class Association:
         return True
 
     def _reject(self, reject: tuple[int, ...], reason: str) -> None:
-        """Send an A-ASSOCIATE-RJ and tell the service."""
+        """Tell the service (log, audit), then send an A-ASSOCIATE-RJ.
+
+        The rejection is recorded before the requestor learns of it, so the audit log holds the
+        rejections of one requestor in the order it received them.
+        """
         assert self.peer is not None
         primitive = A_ASSOCIATE()
         primitive.result, primitive.result_source, primitive.diagnostic = reject
         rj = A_ASSOCIATE_RJ()
         rj.from_primitive(primitive)
-        self.sock.sendall(rj.encode())
         self.service.on_rejected(self.peer, reason)
+        self.sock.sendall(rj.encode())
         self._await_requestor_close()
 
     def _await_requestor_close(self) -> None:
