@@ -222,7 +222,9 @@ def run_mutant(mutant: Mutant, timeout: float) -> dict[str, object]:
         env = {**os.environ, "PYTHONPATH": str(copy)}
         try:
             proc = subprocess.run(
-                [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                # -n 0: one process (the suite's addopts ask for 2 xdist workers, under which
+                # -x ends the session as "interrupted", exit status 2, not as "failed")
+                [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider",
                  *mutant.tests],
                 cwd=copy, env=env, capture_output=True, text=True, timeout=timeout,
             )
