@@ -405,21 +405,19 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
         objective.backward()
         opt.step()
         steps += 1
-        if average_from is not None and elapsed >= average_from * seconds:
+        # weight of this step's parameters in the average: uniform (SWA) or exponential (EMA)
+        if average_from is not None:
+            share = (1.0 / (averaged_count + 1) if elapsed >= average_from * seconds
+                     else None)
+        else:
+            share = None if ema is None else 1.0 - ema
+        if share is not None:
             with torch.no_grad():
                 if averaged is None:
                     averaged = [p.detach().clone() for p in params]
                 else:
                     for a, p in zip(averaged, params, strict=True):
-                        a.add_(p.detach() - a, alpha=1.0 / (averaged_count + 1))
-            averaged_count += 1
-        elif average_from is None and ema is not None:
-            with torch.no_grad():
-                if averaged is None:
-                    averaged = [p.detach().clone() for p in params]
-                else:
-                    for a, p in zip(averaged, params, strict=True):
-                        a.mul_(ema).add_(p.detach(), alpha=1.0 - ema)
+                        a.add_(p.detach() - a, alpha=share)
             averaged_count += 1
     if averaged is not None:
         with torch.no_grad():

@@ -555,19 +555,25 @@ def test_tls_missing_files_are_value_errors(tmp_path: Path, pki: PKI) -> None:
                                      cert_file=str(pki.client_cert), key_file=str(pki.server_key)))
 
 
-def test_one_association_per_send_with_only_the_needed_contexts(tmp_path: Path) -> None:
+def _ct_copies(src: Dataset, n: int, folder: Path) -> list[Path]:
+    """``n`` copies of ``src`` with new SOP Instance UIDs, written to ``folder``."""
     from dicom_node.derive.files import write_datasets
 
-    # a three-instance CT series (one SOP class, one transfer syntax) and one MR instance
-    src = pydicom.dcmread(_testfile(CT))
     series = []
-    for k in range(3):
+    for k in range(n):
         ds = src.copy()
         ds.SOPInstanceUID = pydicom.uid.generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.InstanceNumber = k + 1
         series.append(ds)
-    paths = write_datasets(series, tmp_path / "series")
+    return write_datasets(series, folder)
+
+
+def test_one_association_per_send_with_only_the_needed_contexts(tmp_path: Path) -> None:
+
+    # a three-instance CT series (one SOP class, one transfer syntax) and one MR instance
+    src = pydicom.dcmread(_testfile(CT))
+    paths = _ct_copies(src, 3, tmp_path / "series")
     requests: list[list[tuple[str, tuple[str, ...]]]] = []
 
     def on_requested(event: evt.Event) -> None:
@@ -611,17 +617,8 @@ def test_the_association_reactor_never_polls_between_two_c_stores(
     from pynetdicom.association import Association
     from pynetdicom.dimse import DIMSEServiceProvider
 
-    from dicom_node.derive.files import write_datasets
 
-    src = pydicom.dcmread(_testfile(CT))
-    series = []
-    for k in range(6):
-        ds = src.copy()
-        ds.SOPInstanceUID = pydicom.uid.generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = k + 1
-        series.append(ds)
-    paths = write_datasets(series, tmp_path / "series")
+    paths = _ct_copies(pydicom.dcmread(_testfile(CT)), 6, tmp_path / "series")
     window = {"open": False}
     reactor_polls: list[str] = []
     original_get_msg = DIMSEServiceProvider.get_msg

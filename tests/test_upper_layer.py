@@ -16,14 +16,14 @@ import pydicom
 import pytest
 from pynetdicom import AE, build_context
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+from pynetdicom.pdu import A_ASSOCIATE_AC
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.network.acceptor import StorageAcceptor
 from dicom_node.network.pdu import decode_command, encode_response, file_meta
 from dicom_node.network.service import AcceptorPolicy, Peer, StorageService
 from tests.dicom_factory import make_ct_series
+from tests.support.raw_dicom import associate_rq
 
 
 class RecordingService(StorageService):
@@ -63,24 +63,6 @@ def acceptor() -> tuple[StorageAcceptor, RecordingService]:
     server.stop()
 
 
-def _associate_rq(max_length: int = 16384, called: str = "SRNODE") -> bytes:
-    prim = A_ASSOCIATE()
-    prim.application_context_name = "1.2.840.10008.3.1.1.1"
-    prim.calling_ae_title = "RAWSCU"
-    prim.called_ae_title = called
-    echo = build_context(Verification)
-    echo.context_id = 1
-    ct = build_context(CTImageStorage, ["1.2.840.10008.1.2.1"])
-    ct.context_id = 3
-    prim.presentation_context_definition_list = [echo, ct]
-    item = MaximumLengthNotification()
-    item.maximum_length_received = max_length
-    prim.user_information = [item]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(prim)
-    return pdu.encode()
-
-
 def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
     header = b""
     while len(header) < 6:
@@ -99,7 +81,7 @@ def _read_pdu(sock: socket.socket) -> tuple[int, bytes]:
 
 def _raw_association(port: int, max_length: int = 16384) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    sock.sendall(_associate_rq(max_length))
+    sock.sendall(associate_rq(max_length=max_length))
     pdu_type, body = _read_pdu(sock)
     assert pdu_type == 0x02, pdu_type
     ac = A_ASSOCIATE_AC()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -325,11 +326,9 @@ def _reactor_parked(assoc: Association, timeout: float = 5.0) -> Iterator[None]:
         return
     checkpoint = _HeldCheckpoint()
     assoc._reactor_checkpoint = checkpoint
-    waited = threading.Event()
-    for _ in range(int(timeout / 0.0005)):
-        if assoc._is_paused or not assoc.is_established:
-            break
-        waited.wait(0.0005)
+    deadline = time.monotonic() + timeout
+    while not assoc._is_paused and assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.0005)
     try:
         yield
     finally:
