@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from benchmarks.eval_public import SLICE_FILES, load_dicom_case, load_mni_case
-from sr_engine import EnhanceRequest, enhance_volume
+from benchmarks.volume_run import run_volume as _run
+from sr_engine import EnhanceRequest
 from sr_engine.degrade import (
     INPLANE_GROUPS,
     SLAB_PROFILES,
@@ -37,7 +38,6 @@ from sr_engine.degrade import (
     inplane_group,
     smooth_hr,
 )
-from sr_engine.evaluation import normalise_for_metrics, psnr
 from sr_engine.models import find_weights
 from sr_engine.normalise import mapping_for
 
@@ -66,18 +66,6 @@ SLAB_DEGRADATIONS = [
     ("box 0.9", A("box", fwhm=0.9), True), ("gauss 1.2", A("gaussian", fwhm=1.2), True),
     ("sinc 1.2", A("sinc", fwhm=1.2), True),
 ]
-
-
-def _score(out: np.ndarray, hr: np.ndarray, modality: str) -> float:
-    out = out[: hr.shape[0], : hr.shape[1], : hr.shape[2]]
-    return round(psnr(normalise_for_metrics(out, hr, modality),
-                      normalise_for_metrics(hr, hr, modality)), 3)
-
-
-def _run(lr: np.ndarray, spacing: tuple[float, float, float], thickness: float, modality: str,
-         request: EnhanceRequest, hr: np.ndarray) -> tuple[float, object]:
-    res = enhance_volume(lr, spacing, thickness, modality, request)
-    return _score(res.volume, hr, modality), res
 
 
 def weights_groups(scale: int) -> list[str]:

@@ -60,7 +60,7 @@ class JobOutcome(TypedDict, total=False):
     degradation: dict[str, Any] | None
     choice: Literal["model", "interpolation"]
     fallback_reason: str | None
-    adaptation: dict[str, float] | None
+    adaptation: dict[str, float | str] | None
     engine: str
     notes: list[str]
     destinations: dict[str, int]

@@ -238,7 +238,7 @@ class EnhanceResult:
     extra: dict[str, object] = field(default_factory=dict)
     degradation: DegradationEstimate | None = None
     fallback_reason: str | None = None
-    adaptation: dict[str, float] | None = None
+    adaptation: dict[str, float | str] | None = None
 
     def describe(self) -> str:
         """Short sentence (< 200 characters) on the estimate and the choice, for provenance.

@@ -381,6 +381,67 @@ def operator_of(estimate: DegradationEstimate) -> Degradation | None:
     return Degradation.of(estimate.family, fwhm=p.get("fwhm", 1.0))
 
 
+# How the adaptation picks its training degradations from a volume estimate (see
+# :func:`adaptation_profiles`); decided on the synthetic validation volumes
+# (``benchmarks/eval_adapt.py``).
+ADAPT_POLICY = "posterior"
+# Misfit scale of the ``posterior`` policy: a family whose best member misfits by this much more
+# than the best family gets e**-1 of its share.
+ADAPT_POSTERIOR_SCALE = 0.01
+ADAPT_POLICIES = ("estimated", "families", "posterior", "top2")
+
+
+def adaptation_profiles(estimate: DegradationEstimate | None, nominal_fwhm: float,
+                        policy: str | None = None) -> list[Degradation]:
+    """Slab profiles the per-series adaptation makes its training pairs with (volume mode).
+
+    Parameters
+    ----------
+    estimate
+        The series' volume estimate (None, or outside every family: the header's box slab).
+    nominal_fwhm
+        Slice thickness over spacing from the header (the fallback box profile's FWHM).
+    policy
+        ``estimated``: the estimated family and FWHM only; ``families``: every family's
+        best-fitting member in turn; ``posterior``: the same, each family as often as
+        ``exp(-(misfit - best misfit) / ADAPT_POSTERIOR_SCALE)`` says (out of 12 turns);
+        ``top2``: the two best families' members.  None: :data:`ADAPT_POLICY`.
+
+    Returns
+    -------
+    list of Degradation
+        One or more profiles; :func:`sr_engine.training.adapt_on_series` takes them in turn.
+    """
+    policy = policy or ADAPT_POLICY
+    if policy not in ADAPT_POLICIES:
+        raise ValueError(f"unknown adaptation policy {policy!r} (expected one of "
+                         f"{', '.join(ADAPT_POLICIES)})")
+    if estimate is None or not estimate.in_family or estimate.family not in SLAB_PROFILES:
+        return [Degradation.of("box", fwhm=nominal_fwhm if nominal_fwhm > 0 else 1.0)]
+    p = estimate.parameters
+    best = operator_of(estimate)
+    assert best is not None
+    members = {f: (float(p[f"misfit_{f}"]), Degradation.of(f, fwhm=float(p[f"fwhm_{f}"])))
+               for f in SLAB_PROFILES if f"misfit_{f}" in p and f"fwhm_{f}" in p}
+    if policy == "estimated" or len(members) < 2:
+        return [best]
+    ranked = sorted(members.values(), key=lambda m: m[0])
+    if policy == "families":
+        return [d for _, d in ranked]
+    if policy == "top2":
+        return [d for _, d in ranked[:2]]
+    low = ranked[0][0]
+    weights = [math.exp(-(m - low) / ADAPT_POSTERIOR_SCALE) for m, _ in ranked]
+    turns = [max(0, round(12 * w / sum(weights))) for w in weights]
+    out: list[Degradation] = []
+    while any(turns):  # interleave, so that every family is met early in a short budget
+        for i, (_, d) in enumerate(ranked):
+            if turns[i]:
+                out.append(d)
+                turns[i] -= 1
+    return out or [best]
+
+
 # --- through-plane ------------------------------------------------------------------------
 
 def _band_log_power(lines: np.ndarray, bands: int) -> np.ndarray:
@@ -465,6 +526,9 @@ def estimate_slab(volume: np.ndarray, scale: int, thickness_ratio: float | None 
     # blur are hard to tell apart and lead to similar weights; ``margin`` reports the gap).
     confidence = float(math.exp(-best / SLAB_MISFIT_SCALE))
     params = {"fwhm": float(fwhm), "misfit": round(best, 4), "margin": round(other - best, 4)}
+    for family in SLAB_PROFILES:  # every family's best member: the adaptation hedges over them
+        m, _, w = min(f for f in fits if f[1] == family)
+        params[f"fwhm_{family}"], params[f"misfit_{family}"] = float(w), round(m, 4)
     if thickness_ratio is not None:
         params["nominal_fwhm"] = round(float(thickness_ratio), 3)
     inside = best <= SLAB_MAX_MISFIT

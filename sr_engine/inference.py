@@ -24,6 +24,7 @@ from .errors import UnsupportedRequestError
 from .estimate import (
     MIN_CONFIDENCE,
     MIN_EXPECTED_GAIN_DB,
+    adaptation_profiles,
     estimate_inplane,
     estimate_slab,
     operator_of,
@@ -420,14 +421,13 @@ def enhance_volume(volume: np.ndarray, spacing: tuple[float, float, float],
     if fallback_reason:
         LOGGER.info("SR engine falls back to %s: %s", name, fallback_reason)
     model, version = load_model(name, mode, scale, weights_dir, group)
-    adaptation: dict[str, float] | None = None
+    adaptation: dict[str, float | str] | None = None
     if mode == "volume" and request.adapt_seconds > 0 and REGISTRY[name].learned:
         from .training import adapt_on_series
 
-        profile = (operator_of(estimate) if estimate is not None and estimate.in_family
-                   else Degradation.of("box", fwhm=thickness / dz))
-        adaptation = adapt_on_series(model, x, scale, profile or Degradation.of("box", fwhm=1.0),
-                                     request.adapt_seconds)
+        adaptation = adapt_on_series(model, x, scale,
+                                     adaptation_profiles(estimate, thickness / dz),
+                                     request.adapt_seconds, device=device)
         version += "-adapted"
     fy, fx = factors_for(mode, scale)
     # Interpolation baselines are flip-equivariant: the ensemble would only cost time.

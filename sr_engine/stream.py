@@ -35,9 +35,14 @@ from .api import (
     EnhanceResult,
     resolve_self_ensemble,
 )
-from .degrade import Degradation, apply_inplane, degrade_inplane, profile_weights, slab_weights
+from .degrade import apply_inplane, degrade_inplane, profile_weights, slab_weights
 from .errors import UnsupportedRequestError
-from .estimate import MAX_SLICES, estimate_inplane, estimate_slab, operator_of
+from .estimate import (
+    MAX_SLICES,
+    adaptation_profiles,
+    estimate_inplane,
+    estimate_slab,
+)
 from .inference import (
     CT_PADDING_BELOW_HU,
     _run,
@@ -215,15 +220,13 @@ class SeriesEnhancer:
         if self.fallback_reason:
             LOGGER.info("SR engine falls back to %s: %s", name, self.fallback_reason)
         self.model, version = load_model(name, mode, scale, weights_dir, group)
-        self.adaptation: dict[str, float] | None = None
+        self.adaptation: dict[str, float | str] | None = None
         if mode == "volume" and request.adapt_seconds > 0 and REGISTRY[name].learned:
             from .training import adapt_on_series
 
-            profile = (operator_of(estimate) if estimate is not None and estimate.in_family
-                       else Degradation.of("box", fwhm=self.thickness / dz))
             self.adaptation = adapt_on_series(
-                self.model, x, scale, profile or Degradation.of("box", fwhm=1.0),
-                request.adapt_seconds)
+                self.model, x, scale, adaptation_profiles(estimate, self.thickness / dz),
+                request.adapt_seconds, device=self.device)
             version += "-adapted"
         self.name, self.version, self.estimate = name, version, estimate
         self.fy, self.fx = factors_for(mode, scale)

@@ -318,8 +318,8 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
                     profile: Degradation | Sequence[Degradation], seconds: float, seed: int = 0,
                     batch_size: int = 8, learning_rate: float = 3e-4,
                     decay: bool = False, loss: str = "mse", average_from: float | None = None,
-                    ema: float | None = None,
-                    clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+                    ema: float | None = None, device: str = "cpu", max_steps: int | None = None,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, float | str]:
     """Time-bounded self-supervised fine-tuning of a volume-mode model on one series (in place).
 
     SMORE/ECLARE idea: the series' in-plane slices are high-resolution along y and x; degrading
@@ -368,21 +368,24 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
     -------
     dict
         ``seconds``, ``steps``, ``loss_before``, ``loss_after`` (the training loss on a fixed
-        batch of the series' own pairs, before and after).
+        batch of the series' own pairs, before and after) and ``profiles`` (the slab profiles
+        and how many of every 12 steps each took, e.g. ``box 1 x7, sinc 1.1 x5``).
     """
     t0 = clock()
     lr_patch = max(4, min(LR_PATCH, min(volume.shape[1:]) // (2 * scale)))
     pool = [np.ascontiguousarray(s) for s in volume]
     sampler = PatchSampler(pool, _patch_hw("volume", scale, lr_patch), seed, natural_count=0)
+    profiles = [profile] if isinstance(profile, Degradation) else list(profile)
     if not sampler.pool:
         return {"seconds": 0.0, "steps": 0, "loss_before": float("nan"),
-                "loss_after": float("nan")}
+                "loss_after": float("nan"), "profiles": _describe_profiles(profiles)}
     gen = torch.Generator().manual_seed(seed)
-    profiles = [profile] if isinstance(profile, Degradation) else list(profile)
+    net.to(device)
     with torch.no_grad():
         hr_eval = sampler.sample(32)
         lr_eval = torch.cat([apply_throughplane(part, scale, profiles[i % len(profiles)])
                              for i, part in enumerate(hr_eval.chunk(len(profiles)))])
+        hr_eval, lr_eval = hr_eval.to(device), lr_eval.to(device)
         measure = F.l1_loss if loss == "l1" else F.mse_loss
         before = float(measure(net(lr_eval), hr_eval))
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
@@ -392,14 +395,16 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
     averaged: list[torch.Tensor] | None = None
     averaged_count = 0
     t_loop = clock()
-    while (elapsed := clock() - t_loop) < seconds:
+    while (elapsed := clock() - t_loop) < seconds and (max_steps is None or steps < max_steps):
         if decay:
             for group in opt.param_groups:
                 group["lr"] = learning_rate * (0.1 + 0.45 * (1 + math.cos(math.pi * elapsed
                                                                           / seconds)))
         hr = sampler.sample(batch_size)
         deg = profiles[steps % len(profiles)]
-        sr = net(apply_throughplane(hr, scale, deg, gen))
+        lr = apply_throughplane(hr, scale, deg, gen).to(device)
+        hr = hr.to(device)
+        sr = net(lr)
         objective = F.l1_loss(sr, hr) if loss == "l1" else F.mse_loss(sr, hr)
         opt.zero_grad()
         objective.backward()
@@ -427,7 +432,17 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
     with torch.no_grad():
         after = float(measure(net(lr_eval), hr_eval))
     return {"seconds": round(clock() - t0, 2), "steps": steps,
-            "loss_before": round(before, 6), "loss_after": round(after, 6)}
+            "loss_before": round(before, 6), "loss_after": round(after, 6),
+            "profiles": _describe_profiles(profiles)}
+
+
+def _describe_profiles(profiles: Sequence[Degradation]) -> str:
+    """``box 1 x7, sinc 1.1 x5``: each profile and its share of the steps (out of the list)."""
+    counts: dict[str, int] = {}
+    for d in profiles:
+        key = f"{d.family} {d.get('fwhm', 1.0):g}"
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{k} x{n}" for k, n in counts.items())
 
 
 def main(argv: list[str] | None = None) -> int:

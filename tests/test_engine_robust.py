@@ -61,7 +61,76 @@ def test_slab_estimate_tells_thin_from_wide_profiles() -> None:
         est = estimate_slab(np.ascontiguousarray(lr.squeeze(1).numpy().transpose(1, 2, 0)), 4)
         assert est.in_family and est.mode == "volume"
         fwhm[width] = est.parameters["fwhm"]
+        # every family's best member is recorded (the adaptation hedges over them); the
+        # estimate is the family with the lowest misfit
+        p = est.parameters
+        misfits = {f: p[f"misfit_{f}"] for f in ("box", "gaussian", "sinc")}
+        assert min(misfits, key=lambda f: misfits[f]) == est.family
+        assert p[f"fwhm_{est.family}"] == p["fwhm"] and misfits[est.family] == p["misfit"]
     assert fwhm[1.3] - fwhm[0.7] >= 0.3
+
+
+def _slab_estimate(misfits: dict[str, float], in_family: bool = True) -> DegradationEstimate:
+    fwhm = {"box": 1.0, "gaussian": 0.8, "sinc": 1.1}
+    best = min(misfits, key=lambda f: misfits[f])
+    params = {"fwhm": fwhm[best], "misfit": misfits[best]}
+    for f, m in misfits.items():
+        params[f"fwhm_{f}"], params[f"misfit_{f}"] = fwhm[f], m
+    return DegradationEstimate(best, params, 0.9, in_family, "volume", None, best)
+
+
+def test_adaptation_hedges_over_the_profile_families_the_data_cannot_tell_apart() -> None:
+    """``posterior`` (the default): families in proportion to how well they fit, interleaved."""
+    from sr_engine.estimate import ADAPT_POLICY, adaptation_profiles
+
+    assert ADAPT_POLICY == "posterior"
+    close = _slab_estimate({"sinc": 0.010, "box": 0.012, "gaussian": 0.050})
+    mix = adaptation_profiles(close, 1.0)
+    # weights 1, e^-0.2 and e^-4 of 12 turns: sinc 7, box 5, gaussian 0
+    assert len(mix) == 12
+    assert [(d.family, d.get("fwhm")) for d in mix[:2]] == [("sinc", 1.1), ("box", 1.0)]
+    assert sum(d.family == "sinc" for d in mix) == 7 and sum(d.family == "box" for d in mix) == 5
+    # a clear winner is followed alone
+    clear = _slab_estimate({"sinc": 0.010, "box": 0.2, "gaussian": 0.3})
+    assert {(d.family, d.get("fwhm")) for d in adaptation_profiles(clear, 1.0)} == {("sinc", 1.1)}
+    # the other policies
+    assert [d.family for d in adaptation_profiles(close, 1.0, "estimated")] == ["sinc"]
+    assert [d.family for d in adaptation_profiles(close, 1.0, "families")] == [
+        "sinc", "box", "gaussian"]
+    assert [d.family for d in adaptation_profiles(close, 1.0, "top2")] == ["sinc", "box"]
+    # outside every family, or no estimate: the header's box slab
+    for est in (_slab_estimate({"sinc": 0.5, "box": 0.6}, in_family=False), None):
+        (only,) = adaptation_profiles(est, 1.25)
+        assert only.family == "box" and only.get("fwhm") == 1.25
+    with pytest.raises(ValueError, match="unknown adaptation policy"):
+        adaptation_profiles(close, 1.0, "guess")
+
+
+def test_adaptation_takes_its_profiles_in_turn_and_stops_at_max_steps(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from sr_engine import training
+    from sr_engine.data import mr_phantom_volume
+    from sr_engine.models import load_model
+
+    hr = mr_phantom_volume((48, 64, 64), np.random.default_rng(SEED))
+    vol = hr.reshape(12, 4, 64, 64).mean(axis=1).astype(np.float32)
+    net, _ = load_model("fast", "volume", 4)
+    used: list[str] = []
+    real = training.apply_throughplane
+
+    def recording(x: torch.Tensor, factor: int, deg: Degradation,
+                  gen: torch.Generator | None = None) -> torch.Tensor:
+        if gen is not None:  # the training steps (the fixed evaluation batch has none)
+            used.append(deg.family)
+        return real(x, factor, deg, gen)
+
+    monkeypatch.setattr(training, "apply_throughplane", recording)
+    mix = [Degradation.of("sinc", fwhm=1.1), Degradation.of("box", fwhm=1.0),
+           Degradation.of("sinc", fwhm=1.1)]
+    report = training.adapt_on_series(net, vol, 4, mix, seconds=3600.0, max_steps=5)
+    assert report["steps"] == 5, report
+    assert used == ["sinc", "box", "sinc", "sinc", "box"]
+    assert report["profiles"] == "sinc 1.1 x2, box 1 x1"
 
 
 def test_outside_every_family_falls_back_to_interpolation() -> None:
@@ -129,6 +198,9 @@ def test_volume_adaptation_reports_its_work() -> None:
                          self_ensemble=False)
     res = enhance_volume(thick, (4.0, 1.0, 1.0), 4.0, "MR", req)
     assert res.adaptation is not None and res.adaptation["steps"] > 0
+    # the profiles it trained on are reported, the estimated one first
+    assert res.degradation is not None
+    assert str(res.adaptation["profiles"]).startswith(f"{res.degradation.family} "), res
     assert res.volume.shape == (48, 64, 64)
     assert res.model_version.endswith("-adapted")
 
