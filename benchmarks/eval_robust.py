@@ -445,8 +445,7 @@ def main() -> None:
                     if orientation != "axial" and (int(scale) != 4 or label not in
                                                    ("box 1.0", "gauss 1.0")):
                         continue
-                    adapt = args.adapt_seconds if (int(scale) == 4
-                                                   and orientation == "axial") else 0.0
+                    adapt = args.adapt_seconds if int(scale) == 4 else 0.0
                     row = volume_case(vol, spacing, int(scale), label, deg, held, orientation,
                                       adapt, args.oracle)
                     rows.append(row)
