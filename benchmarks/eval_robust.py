@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -166,27 +167,47 @@ def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
     Reproduces ``sr_engine.estimate.slice_weights_choice`` from the recorded estimate and the
     recorded gain of every weights group (0 for the interpolation fallback).
     """
-    from sr_engine.estimate import choose_from_table
+    from sr_engine.estimate import MIN_CONFIDENCE, choose_from_table, choose_guarded
 
     out = []
     for r in rows:
         if r["scale"] != scale or "groups" not in r:
             continue
         est = r.get("estimate") or {}
-        pick = choose_from_table(est, table) if est.get("in_family") else None
+        if not est.get("in_family"):
+            pick = None
+        elif table.get("guard"):  # the expected-worst-case rule keeps its confidence threshold
+            pick = (choose_guarded(est, table)
+                    if float(est.get("confidence", 0.0)) >= MIN_CONFIDENCE else None)
+        else:
+            pick = choose_from_table(est, table)
         out.append(r["groups"][pick[0]] if pick and pick[0] in r["groups"]
                    and pick[1] > 0.0 else 0.0)
     return out
 
 
-def leave_one_out(rows: list[dict], scale: int) -> dict[str, float]:
+def guarded_table(rows: list[dict], scale: int) -> dict[str, object]:
+    """The expected-worst-case table of the sharp images plus the cell table as its guard.
+
+    See ``sr_engine.estimate.choose_guarded``: weights are used only when the pick of the
+    previous rule (``mean``/``min`` over sharp validation images) also has a positive worst
+    case in its estimate cell over sharp and smooth-at-native-resolution images.
+    """
+    sharp = [r for r in rows if r["case"].endswith("| sharp")]
+    cells = gain_table(rows, scale)
+    return {**gain_table(sharp, scale, minimax=False),
+            "guard": {k: cells[k] for k in ("by_estimate", "confidence_bins", "cases")}}
+
+
+def leave_one_out(rows: list[dict], scale: int,
+                  build: Callable[[list[dict], int], dict] = gain_table) -> dict[str, float]:
     """Node gain per validation case when the table is built without that case's volume."""
     out: dict[str, float] = {}
     for b in sorted({r["case"].split(" | ")[0] for r in rows}):
         test = [r for r in rows if r["case"].split(" | ")[0] == b and r["scale"] == scale
                 and "groups" in r]
         train = [r for r in rows if r["case"].split(" | ")[0] != b]
-        for r, g in zip(test, simulate_choice(test, gain_table(train, scale), scale),
+        for r, g in zip(test, simulate_choice(test, build(train, scale), scale),
                         strict=True):
             out[f"{r['case']} {r['degradation']}"] = g
     return out
@@ -382,7 +403,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", nargs="+", default=["slice:2", "slice:4", "volume:2", "volume:4"])
     ap.add_argument("--adapt-seconds", type=float, default=20.0,
-                    help="volume x4 axial: also run the node's choice with this adaptation")
+                    help="volume x4: also run the node's choice with this adaptation")
     ap.add_argument("--orientations", nargs="+", default=["axial", "coronal", "sagittal"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--oracle", action="store_true",
@@ -392,6 +413,9 @@ def main() -> None:
                     help="slice tasks on the held-out synthetic phantoms (sr_engine.data."
                     "validation_volumes), training-split degradations only: the set on which "
                     "thresholds are chosen")
+    ap.add_argument("--guarded-rule", type=int, nargs="*", default=[],
+                    help="with --validation: slice scales whose table is the previous rule's "
+                         "guarded by the estimate cells (sr_engine.estimate.choose_guarded)")
     ap.add_argument("--previous-rule", type=int, nargs="*", default=[],
                     help="slice scales whose table keeps the previous rule (sharp validation "
                     "images, mean/min of the family weights, expected worst-case choice): x4, "
@@ -457,12 +481,15 @@ def main() -> None:
         for task in args.tasks:
             mode, scale = task.split(":")
             if mode == "slice":
-                table = gain_table(rows, int(scale), int(scale) not in args.previous_rule)
+                guarded = int(scale) in args.guarded_rule
+                build = guarded_table if guarded else gain_table
+                table = (build(rows, int(scale)) if int(scale) not in args.previous_rule
+                         else gain_table(rows, int(scale), False))
                 gains_path(int(scale)).write_text(json.dumps(table, indent=1, sort_keys=True))
                 print(f"gain table x{scale} (weights group -> true group):", table)
                 if int(scale) in args.previous_rule:
                     continue
-                loo = leave_one_out(rows, int(scale))
+                loo = leave_one_out(rows, int(scale), build)
                 for split, keep in (("sharp HR", lambda c: c.endswith("| sharp")),
                                     ("smooth HR", lambda c: not c.endswith("| sharp"))):
                     sel = [r for r in rows if keep(r["case"]) and r["scale"] == int(scale)]

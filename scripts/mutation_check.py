@@ -182,6 +182,22 @@ MUTANTS: tuple[Mutant, ...] = (
         apply=_scale_last_layer(0.4, "fast_slice_x2_lanczos"),
     ),
     Mutant(
+        "adapt-estimated-only", "the volume adaptation hedges over the profile families",
+        "sr_engine/estimate.py",
+        'ADAPT_POLICY = "posterior"',
+        'ADAPT_POLICY = "estimated"',
+        ("tests/test_engine_robust.py::"
+         "test_adaptation_hedges_over_the_profile_families_the_data_cannot_tell_apart",),
+    ),
+    Mutant(
+        "x4-guard-off", "slice x4 weights need their estimate cell's agreement",
+        "sr_engine/estimate.py",
+        "    return best, round(min(gains[best], worst), 3)",
+        "    return best, gains[best]",
+        ("tests/test_engine_robust.py::"
+         "test_slice_x4_keeps_the_expected_worst_case_pick_only_when_its_cell_agrees",),
+    ),
+    Mutant(
         "negated-hedge-weights", "the hedging weights beat interpolation",
         "sr_engine/weights/fast_slice_x2_hedge.safetensors", "", "",
         ("tests/test_engine_shipped.py::test_family_weights_keep_their_recorded_gain",),

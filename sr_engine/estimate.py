@@ -252,12 +252,54 @@ def expected_gains(estimate: DegradationEstimate, scale: int,
     path = gains_path(scale, weights_dir)
     if not path.is_file():
         path = gains_path(scale)
-    probs = {g: estimate.parameters.get(f"p_{g}") for g in INPLANE_GROUPS}
-    if not path.is_file() or any(v is None for v in probs.values()):
+    if not path.is_file():
         return None
-    table = json.loads(path.read_text())["min"]
-    return {g: round(sum(float(probs[t] or 0.0) * float(table[g].get(t, 0.0))
-                         for t in INPLANE_GROUPS), 3) for g in table}
+    return expected_gains_from(estimate.parameters, json.loads(path.read_text()))
+
+
+def expected_gains_from(parameters: dict, table: dict) -> dict[str, float] | None:
+    """:func:`expected_gains` from an estimate's parameters and a loaded gain table."""
+    probs = {g: parameters.get(f"p_{g}") for g in INPLANE_GROUPS}
+    if any(v is None for v in probs.values()):
+        return None
+    worst = table["min"]
+    return {g: round(sum(float(probs[t] or 0.0) * float(worst[g].get(t, 0.0))
+                         for t in INPLANE_GROUPS), 3) for g in worst}
+
+
+def choose_guarded(estimate: dict, table: dict) -> tuple[str, float] | None:
+    """The expected-worst-case pick, kept only if its selection cell's worst case agrees.
+
+    The expected worst-case rule (:func:`expected_gains`, a table of sharp validation images)
+    trusts the class probabilities; the cell table (``table["guard"]``, the ``by_estimate``
+    table of :func:`choose_from_table` over sharp *and* smooth-at-native-resolution validation
+    images) knows which images the estimator confuses.  The weights are used only when both
+    expect a gain: the pick's worst validation gain among the cases the estimator put in the
+    same cell must be positive, over at least :data:`MIN_CELL_CASES` cases.
+
+    Parameters
+    ----------
+    estimate
+        ``DegradationEstimate.as_dict()``.
+    table
+        Gain table with ``min`` (and ``mean``) and ``guard``.
+
+    Returns
+    -------
+    tuple or None
+        ``(group, trusted gain in dB)``: the smaller of the expected and the cell's worst gain
+        (``none`` and -99 when the cell has too few cases); None without class probabilities.
+    """
+    gains = expected_gains_from(estimate.get("parameters") or {}, table)
+    if not gains:
+        return None
+    best = max(gains, key=lambda g: gains[g])
+    guard = table["guard"]
+    cell = estimate_cell(estimate, guard.get("confidence_bins", ()))
+    if cell is None or int(guard.get("cases", {}).get(cell, 0)) < MIN_CELL_CASES:
+        return "none", -99.0
+    worst = float(guard.get("by_estimate", {}).get(best, {}).get(cell, -99.0))
+    return best, round(min(gains[best], worst), 3)
 
 
 #: Fewest validation cases a selection cell needs before its worst case is trusted (cells with
@@ -305,8 +347,10 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
     case the estimator put in the same cell (estimated group and confidence bin), i.e. minimax
     under the estimator's confusion: "smooth HR + sharp degradation" and "sharp HR + blur" look
     alike, so a cell holding both only gets weights that lose on neither (or interpolation).
-    The cell's worst case already covers low confidence.  Without it: the best expected
-    worst-case gain of :func:`expected_gains`.
+    The cell's worst case already covers low confidence.  With a ``guard`` table instead
+    (slice x4): the best expected worst-case gain of :func:`expected_gains`, kept only when the
+    cell's worst case agrees (:func:`choose_guarded`).  Without either: the best expected
+    worst-case gain alone.
 
     Returns
     -------
@@ -326,6 +370,9 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
         if table.get("by_estimate"):
             pick = choose_from_table(estimate.as_dict(), table)
             return (pick[0], pick[1], True) if pick else ("none", -99.0, True)
+        if table.get("guard"):
+            guarded = choose_guarded(estimate.as_dict(), table)
+            return (guarded[0], guarded[1], False) if guarded else None
     gains = expected_gains(estimate, scale, weights_dir)
     if not gains:
         return None

@@ -321,6 +321,49 @@ def test_selection_is_minimax_over_the_estimate_cell() -> None:
     assert choose_from_table({**est, "in_family": False}, table) is None
 
 
+def test_slice_x4_keeps_the_expected_worst_case_pick_only_when_its_cell_agrees() -> None:
+    """Slice x4 (``guard`` table): the class-probability pick is used only when the weights also
+    kept a positive worst case over the validation cases the estimator put in the same cell."""
+    from sr_engine.estimate import INPLANE_GROUPS, choose_guarded
+
+    worst = {g: {t: (1.0 if g == t else -2.0) for t in INPLANE_GROUPS} for g in INPLANE_GROUPS}
+    worst["lanczos"]["kspace_sharp"] = 0.3  # lanczos weights also look safe on k-space data
+    table = {"min": worst, "mean": worst,
+             "guard": {"confidence_bins": [0.8],
+                       "cases": {"lanczos|1": 12, "kspace_sharp|1": 20, "area_sharp|1": 3},
+                       "by_estimate": {"lanczos": {"lanczos|1": 0.6, "kspace_sharp|1": -0.4},
+                                       "kspace_sharp": {"kspace_sharp|1": 0.2}}}}
+
+    def est(family: str, p: float = 0.95) -> dict:
+        probs = {f"p_{g}": (p if g == family else (1 - p) / 4) for g in INPLANE_GROUPS}
+        return {"family": family, "confidence": p, "in_family": True, "parameters": probs}
+
+    # lanczos estimate: expected 0.95 * 1.0 + 0.0125 * (0.3 - 6) = 0.879, cell worst 0.6
+    assert choose_guarded(est("lanczos"), table) == ("lanczos", 0.6)
+    # k-space estimate: the expected rule prefers kspace_sharp weights (its cell keeps +0.2)
+    assert choose_guarded(est("kspace_sharp"), table) == ("kspace_sharp", 0.2)
+    # ... but where it would pick lanczos, the cell's worst case (-0.4) vetoes it
+    worst["kspace_sharp"]["kspace_sharp"] = 0.1
+    pick = choose_guarded(est("kspace_sharp"), table)
+    assert pick is not None and pick[0] == "lanczos" and pick[1] == -0.4
+    # a cell with too few validation cases gets nothing
+    assert choose_guarded(est("area_sharp"), table) == ("none", -99.0)
+    assert choose_guarded({"family": "lanczos", "confidence": 0.9, "in_family": True,
+                           "parameters": {}}, table) is None  # no class probabilities
+
+
+def test_shipped_slice_x4_table_is_guarded() -> None:
+    """The shipped x4 table holds both rules (``eval_robust --validation --guarded-rule 4``)."""
+    import json
+
+    from sr_engine.estimate import MIN_CELL_CASES, gains_path
+
+    table = json.loads(gains_path(4).read_text())
+    assert {"mean", "min", "guard"} <= set(table) and "by_estimate" not in table
+    assert table["guard"]["confidence_bins"] == [0.8]
+    assert max(table["guard"]["cases"].values()) >= MIN_CELL_CASES
+
+
 def test_smooth_looking_estimates_never_get_weights_on_the_shipped_table() -> None:
     """On the shipped slice x2 table, an input that looks blurred (it may be a smooth image
     degraded sharply) goes out as interpolation, whatever the confidence."""
