@@ -164,7 +164,7 @@ def main() -> None:
         order = np.random.default_rng(0).permutation(len(cases))
         with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
             done = pool.starmap(run_case, [cases[i] for i in order], chunksize=1)
-        rows = [done[int(np.flatnonzero(order == i)[0])] for i in range(len(cases))]
+        rows = [done[k] for k in np.argsort(order)]  # back to the order of ``cases``
     else:
         rows = [run_case(*c) for c in cases]
     summary = {v: {"mean": round(float(np.mean([r[v] for r in rows])), 3),

@@ -365,15 +365,16 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
     path = gains_path(scale, weights_dir)
     if not path.is_file():
         path = gains_path(scale)
-    if path.is_file():
-        table = json.loads(path.read_text())
-        if table.get("by_estimate"):
-            pick = choose_from_table(estimate.as_dict(), table)
-            return (pick[0], pick[1], True) if pick else ("none", -99.0, True)
-        if table.get("guard"):
-            guarded = choose_guarded(estimate.as_dict(), table)
-            return (guarded[0], guarded[1], False) if guarded else None
-    gains = expected_gains(estimate, scale, weights_dir)
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())  # read once: every rule below works on it
+    if table.get("by_estimate"):
+        pick = choose_from_table(estimate.as_dict(), table)
+        return (pick[0], pick[1], True) if pick else ("none", -99.0, True)
+    if table.get("guard"):
+        guarded = choose_guarded(estimate.as_dict(), table)
+        return (guarded[0], guarded[1], False) if guarded else None
+    gains = expected_gains_from(estimate.parameters, table)
     if not gains:
         return None
     best = max(gains, key=lambda g: gains[g])
