@@ -21,9 +21,11 @@ Older variants, all with the estimated profile unless said: ``estimated`` (L1), 
 ``--steps N`` bounds each adaptation by its step count instead of the clock, so variants are
 compared at equal work whatever the machine's load; ``--device cuda`` runs the adaptation and the
 inference on a GPU and ``--jobs J`` runs J cases at once (each in its own process).
+``--keeps 1 0.75 0.5`` scores each variant with those shares of its fine-tune kept
+(``shipped + keep * (adapted - shipped)``, one adaptation per case; columns ``variant@keep``).
 
 Usage: .venv/bin/python -m benchmarks.eval_adapt [--seconds 20] [--threads 1] [--steps N]
-       [--profiles all] [--count 3] [--device cuda --jobs 12]
+       [--profiles all] [--count 3] [--device cuda --jobs 12] [--keeps 1 0.75 0.5]
 Writes benchmarks/results/eval_adapt.json.
 """
 
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.volume_run import run_adapted_keeps
 from benchmarks.volume_run import run_volume as _run
 from sr_engine import EnhanceRequest, estimate, inference, stream, training
 from sr_engine.data import validation_volumes
@@ -132,13 +135,21 @@ def run_case(index: int, label: str, deg: Degradation, args: argparse.Namespace)
     for v in args.variants:
         undo = _patched(v, deg, args.steps)
         try:
-            score, ares = _run(lr, lsp, lsp[0], modality,
-                               EnhanceRequest(adapt_seconds=seconds, **req), vol)
+            if args.keeps:
+                scores, info = run_adapted_keeps(lr, lsp, lsp[0], modality,
+                                                 EnhanceRequest(adapt_seconds=seconds, **req),
+                                                 vol, args.keeps)
+                for k, score in scores.items():
+                    row[f"{v}@{k:g}"] = round(score - base, 3)
+            else:
+                score, ares = _run(lr, lsp, lsp[0], modality,
+                                   EnhanceRequest(adapt_seconds=seconds, **req), vol)
+                row[v] = round(score - base, 3)
+                info = ares.adaptation or {}
         finally:
             undo()
-        row[v] = round(score - base, 3)
-        row[f"{v}_steps"] = (ares.adaptation or {}).get("steps")
-        row[f"{v}_seconds"] = (ares.adaptation or {}).get("seconds")
+        row[f"{v}_steps"] = info.get("steps")
+        row[f"{v}_seconds"] = info.get("seconds")
     print(json.dumps({k: v for k, v in row.items() if k != "estimate"}), flush=True)
     return row
 
@@ -155,8 +166,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="cases run at once (processes)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--keeps", nargs="+", type=float, default=[],
+                    help="score these shares of each variant's fine-tune (one adaptation)")
     ap.add_argument("--out", type=Path, default=RESULTS / "eval_adapt.json")
     args = ap.parse_args()
+    columns = [f"{v}@{k:g}" for v in args.variants for k in sorted(args.keeps, reverse=True)
+               ] if args.keeps else list(args.variants)
     profiles = ALL_PROFILES if args.profiles == "all" else PROFILES
     cases = [(i, label, deg, args) for i in range(2 * args.count) for label, deg in profiles]
     if args.jobs > 1:
@@ -169,11 +184,11 @@ def main() -> None:
         rows = [run_case(*c) for c in cases]
     summary = {v: {"mean": round(float(np.mean([r[v] for r in rows])), 3),
                    "worst": round(float(np.min([r[v] for r in rows])), 3)}
-               for v in ["node", *args.variants]}
+               for v in ["node", *columns]}
     for family in SLAB_PROFILES:
         fam = [r for r, (_, _, d, _) in zip(rows, cases, strict=True) if d.family == family]
         summary[f"by_family_{family}"] = {v: round(float(np.mean([r[v] for r in fam])), 3)
-                                          for v in ["node", *args.variants]}
+                                          for v in ["node", *columns]}
     print(json.dumps(summary, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "summary": summary, "seconds": args.seconds,

@@ -20,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.eval_public import SLICE_FILES, load_dicom_case, load_mni_case
+from benchmarks.volume_run import run_adapted_keeps
 from benchmarks.volume_run import run_volume as _run
 from sr_engine import EnhanceRequest
 from sr_engine.degrade import (
@@ -41,6 +42,7 @@ from sr_engine.degrade import (
 )
 from sr_engine.models import find_weights
 from sr_engine.normalise import mapping_for
+from sr_engine.training import ADAPT_KEEP
 
 RESULTS = Path(__file__).resolve().parent / "results"
 A = Degradation.of
@@ -235,7 +237,8 @@ def _oracle(lr: np.ndarray, sp: tuple[float, float, float], thickness: float, mo
 
 def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int, label: str,
                 deg: Degradation, held_out: bool, orientation: str,
-                adapt_seconds: float, oracle: bool = False) -> dict:
+                adapt_seconds: float, oracle: bool = False,
+                keeps: Sequence[float] = ()) -> dict:
     """One volume-mode case on MNI152: thick slices along ``orientation``."""
     axes = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}[orientation]
     v = np.ascontiguousarray(vol.transpose(axes))
@@ -262,7 +265,15 @@ def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int
     row["estimate"] = res.degradation.as_dict() if res.degradation else None
     row["fallback_reason"] = res.fallback_reason
     row["node_seconds"] = round(res.seconds, 2)
-    if adapt_seconds > 0:
+    if adapt_seconds > 0 and keeps:
+        # one adaptation, scored with each share of the fine-tune kept (ADAPT_KEEP: "adapted")
+        request = EnhanceRequest(mode="volume", scale=scale, adapt_seconds=adapt_seconds)
+        scores, row["adaptation"] = run_adapted_keeps(lr, lsp, thick, "MR", request, hr,
+                                                      sorted({*keeps, ADAPT_KEEP}))
+        row["adapted"] = scores[ADAPT_KEEP]
+        for k, score in scores.items():
+            row[f"adapted@{k:g}"] = score
+    elif adapt_seconds > 0:
         row["adapted"], ares = _run(lr, lsp, thick, "MR",
                                     EnhanceRequest(mode="volume", scale=scale,
                                                    adapt_seconds=adapt_seconds), hr)
@@ -274,7 +285,8 @@ def _print(row: dict) -> None:
     base = row["interp"]
     cells = [f"{row['case'][:16]:16} x{row['scale']} {row['degradation'][:18]:18}"
              f"{'*' if row['held_out'] else ' '} interp {base:6.2f}"]
-    for k in ("fast_nominal", "fast_oracle", "node", "adapted"):
+    for k in ("fast_nominal", "fast_oracle", "node", "adapted",
+              *sorted((k for k in row if k.startswith("adapted@")), reverse=True)):
         if k in row:
             cells.append(f"{k} {row[k] - base:+6.2f}")
     est = row["estimate"] or {}
@@ -404,6 +416,9 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=["slice:2", "slice:4", "volume:2", "volume:4"])
     ap.add_argument("--adapt-seconds", type=float, default=20.0,
                     help="volume x4: also run the node's choice with this adaptation")
+    ap.add_argument("--keeps", nargs="+", type=float, default=[],
+                    help="volume x4: also score these shares of the fine-tune kept "
+                         "(columns adapted@keep; one adaptation per case)")
     ap.add_argument("--orientations", nargs="+", default=["axial", "coronal", "sagittal"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--oracle", action="store_true",
@@ -471,7 +486,7 @@ def main() -> None:
                         continue
                     adapt = args.adapt_seconds if int(scale) == 4 else 0.0
                     row = volume_case(vol, spacing, int(scale), label, deg, held, orientation,
-                                      adapt, args.oracle)
+                                      adapt, args.oracle, args.keeps)
                     rows.append(row)
                     _print(row)
     summary = summarise(rows)

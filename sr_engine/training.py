@@ -27,6 +27,9 @@ from .models import REGISTRY, Discriminator, build_model, weights_path
 from .tasks import MODES
 
 LR_PATCH = 24
+#: Share of the per-series fine-tune kept (:func:`adapt_on_series`); decided on the synthetic
+#: validation volumes (``benchmarks/eval_adapt.py --keeps``).
+ADAPT_KEEP = 1.0
 
 
 @dataclass
@@ -319,6 +322,7 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
                     batch_size: int = 8, learning_rate: float = 3e-4,
                     decay: bool = False, loss: str = "mse", average_from: float | None = None,
                     ema: float | None = None, device: str = "cpu", max_steps: int | None = None,
+                    keep: float | None = None,
                     clock: Callable[[], float] = time.perf_counter) -> dict[str, float | str]:
     """Time-bounded self-supervised fine-tuning of a volume-mode model on one series (in place).
 
@@ -361,17 +365,25 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
     ema
         When set (e.g. 0.995), the weights used afterwards are an exponential moving average of
         the weights after every step with this decay; ignored when ``average_from`` is set.
+    keep
+        Share of the fine-tuning kept: the weights used afterwards are
+        ``shipped + keep * (adapted - shipped)`` (weight-space interpolation, WiSE-FT), which
+        holds back a fine-tune fitted to statistics of the in-plane planes that the thick axis
+        may not share.  None: :data:`ADAPT_KEEP`.
     clock
         Monotonic clock in seconds (injected by tests to check the budget without timing).
 
     Returns
     -------
     dict
-        ``seconds``, ``steps``, ``loss_before``, ``loss_after`` (the training loss on a fixed
-        batch of the series' own pairs, before and after) and ``profiles`` (the slab profiles
-        and how many of every 12 steps each took, e.g. ``box 1 x7, sinc 1.1 x5``).
+        ``seconds``, ``steps``, ``keep``, ``loss_before``, ``loss_after`` (the training loss
+        on a fixed batch of the series' own pairs, before and after) and ``profiles`` (the
+        slab profiles and how many of every 12 steps each took, e.g. ``box 1 x7, sinc 1.1 x5``).
     """
     t0 = clock()
+    keep = ADAPT_KEEP if keep is None else float(keep)
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must lie in [0, 1], got {keep}")
     lr_patch = max(4, min(LR_PATCH, min(volume.shape[1:]) // (2 * scale)))
     pool = [np.ascontiguousarray(s) for s in volume]
     sampler = PatchSampler(pool, _patch_hw("volume", scale, lr_patch), seed, natural_count=0)
@@ -392,6 +404,7 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
     net.train()
     steps = 0
     params = [p for p in net.parameters() if p.requires_grad]
+    shipped = [p.detach().clone() for p in params] if keep < 1.0 else None
     averaged: list[torch.Tensor] | None = None
     averaged_count = 0
     t_loop = clock()
@@ -428,10 +441,14 @@ def adapt_on_series(net: torch.nn.Module, volume: np.ndarray, scale: int,
         with torch.no_grad():
             for a, p in zip(averaged, params, strict=True):
                 p.copy_(a)
+    if shipped is not None:
+        with torch.no_grad():
+            for s0, p in zip(shipped, params, strict=True):
+                p.copy_(s0 + keep * (p - s0))
     net.eval()
     with torch.no_grad():
         after = float(measure(net(lr_eval), hr_eval))
-    return {"seconds": round(clock() - t0, 2), "steps": steps,
+    return {"seconds": round(clock() - t0, 2), "steps": steps, "keep": keep,
             "loss_before": round(before, 6), "loss_after": round(after, 6),
             "profiles": _describe_profiles(profiles)}
 

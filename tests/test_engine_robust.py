@@ -133,6 +133,34 @@ def test_adaptation_takes_its_profiles_in_turn_and_stops_at_max_steps(
     assert report["profiles"] == "sinc 1.1 x2, box 1 x1"
 
 
+def test_adaptation_keeps_the_stated_share_of_its_fine_tune() -> None:
+    """``keep``: the weights end at ``shipped + keep * (adapted - shipped)`` after the same steps."""
+    from sr_engine import training
+    from sr_engine.data import mr_phantom_volume
+    from sr_engine.models import load_model
+
+    hr = mr_phantom_volume((48, 64, 64), np.random.default_rng(SEED))
+    vol = hr.reshape(12, 4, 64, 64).mean(axis=1).astype(np.float32)
+    profile = Degradation.of("box", fwhm=1.0)
+    weights = {}
+    torch.manual_seed(0)
+    for keep in (1.0, 0.5, 0.0):
+        net, _ = load_model("fast", "volume", 4)
+        shipped = [p.detach().clone() for p in net.parameters()]
+        report = training.adapt_on_series(net, vol, 4, profile, seconds=3600.0, max_steps=4,
+                                          keep=keep)
+        assert report["steps"] == 4 and report["keep"] == keep
+        weights[keep] = [p.detach().clone() for p in net.parameters()]
+    moved = max(float((a - s).abs().max()) for a, s in zip(weights[1.0], shipped, strict=True))
+    assert moved > 1e-5  # the fine-tune did change the weights
+    for s0, full, half, none in zip(shipped, weights[1.0], weights[0.5], weights[0.0],
+                                    strict=True):
+        assert torch.equal(none, s0)
+        assert torch.allclose(half, s0 + 0.5 * (full - s0), atol=1e-6)
+    with pytest.raises(ValueError, match="keep"):
+        training.adapt_on_series(net, vol, 4, profile, seconds=1.0, keep=1.5)
+
+
 def test_outside_every_family_falls_back_to_interpolation() -> None:
     hr = _hr_stack("MR")
     lr = _degrade(hr, "MR", Degradation.of("area", sigma_n=0.3))
