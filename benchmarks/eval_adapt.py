@@ -12,6 +12,8 @@ How the training pairs are degraded (:func:`sr_engine.estimate.adaptation_profil
   FWHM well and the family poorly);
 * ``posterior``: the same, each family as often as its misfit says;
 * ``top2``: the two best-fitting families' members;
+* ``posterior-nominal``: the ``posterior`` turns, each followed by its family at the header's
+  FWHM (SliceThickness over spacing); ``nominal``: the families at the header's FWHM only;
 * ``oracle``: the true profile (an upper bound, not a choice the node can make).
 
 Older variants, all with the estimated profile unless said: ``estimated`` (L1), ``hedged``
@@ -21,6 +23,9 @@ Older variants, all with the estimated profile unless said: ``estimated`` (L1), 
 ``--steps N`` bounds each adaptation by its step count instead of the clock, so variants are
 compared at equal work whatever the machine's load; ``--device cuda`` runs the adaptation and the
 inference on a GPU and ``--jobs J`` runs J cases at once (each in its own process).
+``--header honest`` writes the true profile's FWHM as the slice thickness (a scanner's nominal
+thickness is its slice profile's FWHM); ``contiguous`` (the default) writes the spacing whatever
+the profile, so that gaps and overlaps are hidden from the header.
 ``--keeps 1 0.75 0.5`` scores each variant with those shares of its fine-tune kept
 (``shipped + keep * (adapted - shipped)``, one adaptation per case; columns ``variant@keep``).
 
@@ -84,6 +89,8 @@ VARIANTS: dict[str, tuple[Callable[..., dict[str, float]], str]] = {
     "families": (functools.partial(ORIGINAL, loss="mse"), "families"),
     "posterior": (functools.partial(ORIGINAL, loss="mse"), "posterior"),
     "top2": (functools.partial(ORIGINAL, loss="mse"), "top2"),
+    "posterior-nominal": (functools.partial(ORIGINAL, loss="mse"), "posterior-nominal"),
+    "nominal": (functools.partial(ORIGINAL, loss="mse"), "nominal"),
     "oracle": (functools.partial(ORIGINAL, loss="mse"), "oracle"),
 }
 
@@ -125,10 +132,11 @@ def run_case(index: int, label: str, deg: Degradation, args: argparse.Namespace)
         lr_net = apply_throughplane(x.unsqueeze(1), scale, deg).squeeze(1).numpy()
     lr = np.ascontiguousarray(mapping.inverse(lr_net).transpose(1, 2, 0))
     lsp = (spacing[0] * scale, spacing[1], spacing[2])
+    thick = lsp[0] * (deg.get("fwhm", 1.0) if args.header == "honest" else 1.0)
     req = {"mode": "volume", "scale": scale, "device": args.device}
-    base, _ = _run(lr, lsp, lsp[0], modality,
+    base, _ = _run(lr, lsp, thick, modality,
                    EnhanceRequest(model="cubic", estimate_degradation=False, **req), vol)
-    node, res = _run(lr, lsp, lsp[0], modality, EnhanceRequest(**req), vol)
+    node, res = _run(lr, lsp, thick, modality, EnhanceRequest(**req), vol)
     row = {"case": name, "profile": label, "node": round(node - base, 3),
            "estimate": res.degradation.as_dict() if res.degradation else None}
     seconds = args.seconds if not args.steps else 3600.0
@@ -136,13 +144,13 @@ def run_case(index: int, label: str, deg: Degradation, args: argparse.Namespace)
         undo = _patched(v, deg, args.steps)
         try:
             if args.keeps:
-                scores, info = run_adapted_keeps(lr, lsp, lsp[0], modality,
+                scores, info = run_adapted_keeps(lr, lsp, thick, modality,
                                                  EnhanceRequest(adapt_seconds=seconds, **req),
                                                  vol, args.keeps)
                 for k, score in scores.items():
                     row[f"{v}@{k:g}"] = round(score - base, 3)
             else:
-                score, ares = _run(lr, lsp, lsp[0], modality,
+                score, ares = _run(lr, lsp, thick, modality,
                                    EnhanceRequest(adapt_seconds=seconds, **req), vol)
                 row[v] = round(score - base, 3)
                 info = ares.adaptation or {}
@@ -166,6 +174,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--jobs", type=int, default=1, help="cases run at once (processes)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--header", choices=("contiguous", "honest"), default="contiguous",
+                    help="slice thickness in the header: the spacing, or the true FWHM")
     ap.add_argument("--keeps", nargs="+", type=float, default=[],
                     help="score these shares of each variant's fine-tune (one adaptation)")
     ap.add_argument("--out", type=Path, default=RESULTS / "eval_adapt.json")
@@ -192,7 +202,8 @@ def main() -> None:
     print(json.dumps(summary, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"rows": rows, "summary": summary, "seconds": args.seconds,
-                                    "steps": args.steps, "device": args.device}, indent=1))
+                                    "steps": args.steps, "device": args.device,
+                                    "header": args.header}, indent=1))
 
 
 if __name__ == "__main__":

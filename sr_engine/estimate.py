@@ -436,7 +436,8 @@ ADAPT_POLICY = "posterior"
 # Misfit scale of the ``posterior`` policy: a family whose best member misfits by this much more
 # than the best family gets e**-1 of its share.
 ADAPT_POSTERIOR_SCALE = 0.01
-ADAPT_POLICIES = ("estimated", "families", "posterior", "top2")
+ADAPT_POLICIES = ("estimated", "families", "posterior", "top2", "posterior-nominal",
+                  "nominal")
 
 
 def adaptation_profiles(estimate: DegradationEstimate | None, nominal_fwhm: float,
@@ -453,7 +454,10 @@ def adaptation_profiles(estimate: DegradationEstimate | None, nominal_fwhm: floa
         ``estimated``: the estimated family and FWHM only; ``families``: every family's
         best-fitting member in turn; ``posterior``: the same, each family as often as
         ``exp(-(misfit - best misfit) / ADAPT_POSTERIOR_SCALE)`` says (out of 12 turns);
-        ``top2``: the two best families' members.  None: :data:`ADAPT_POLICY`.
+        ``top2``: the two best families' members; ``posterior-nominal``: the ``posterior``
+        turns, each followed by the same family at the header's FWHM (the data picks the
+        family, data and header share the width); ``nominal``: the ``posterior`` families at
+        the header's FWHM only.  None: :data:`ADAPT_POLICY`.
 
     Returns
     -------
@@ -487,7 +491,13 @@ def adaptation_profiles(estimate: DegradationEstimate | None, nominal_fwhm: floa
             if turns[i]:
                 out.append(d)
                 turns[i] -= 1
-    return out or [best]
+    out = out or [best]
+    if policy in ("posterior-nominal", "nominal") and nominal_fwhm > 0:
+        at_nominal = [Degradation.of(d.family, fwhm=float(nominal_fwhm)) for d in out]
+        if policy == "nominal":
+            return at_nominal
+        return [d for pair in zip(out, at_nominal, strict=True) for d in pair]
+    return out
 
 
 # --- through-plane ------------------------------------------------------------------------

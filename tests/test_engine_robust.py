@@ -98,6 +98,14 @@ def test_adaptation_hedges_over_the_profile_families_the_data_cannot_tell_apart(
     assert [d.family for d in adaptation_profiles(close, 1.0, "families")] == [
         "sinc", "box", "gaussian"]
     assert [d.family for d in adaptation_profiles(close, 1.0, "top2")] == ["sinc", "box"]
+    # the header's width: each posterior turn followed by its family at the nominal FWHM
+    both = adaptation_profiles(close, 1.25, "posterior-nominal")
+    assert len(both) == 24
+    assert [(d.family, d.get("fwhm")) for d in both[:4]] == [
+        ("sinc", 1.1), ("sinc", 1.25), ("box", 1.0), ("box", 1.25)]
+    header = adaptation_profiles(close, 1.25, "nominal")
+    assert {d.get("fwhm") for d in header} == {1.25} and len(header) == 12
+    assert sum(d.family == "sinc" for d in header) == 7
     # outside every family, or no estimate: the header's box slab
     for est in (_slab_estimate({"sinc": 0.5, "box": 0.6}, in_family=False), None):
         (only,) = adaptation_profiles(est, 1.25)
@@ -134,7 +142,7 @@ def test_adaptation_takes_its_profiles_in_turn_and_stops_at_max_steps(
 
 
 def test_adaptation_keeps_the_stated_share_of_its_fine_tune() -> None:
-    """``keep``: the weights end at ``shipped + keep * (adapted - shipped)`` after the same steps."""
+    """``keep``: weights end at ``shipped + keep * (adapted - shipped)`` after the same steps."""
     from sr_engine import training
     from sr_engine.data import mr_phantom_volume
     from sr_engine.models import load_model
