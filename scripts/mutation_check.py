@@ -190,6 +190,15 @@ MUTANTS: tuple[Mutant, ...] = (
          "test_adaptation_hedges_over_the_profile_families_the_data_cannot_tell_apart",),
     ),
     Mutant(
+        "adapt-overconfident", "the adaptation's family posterior keeps its calibrated "
+        "temperature",
+        "sr_engine/estimate.py",
+        "ADAPT_POSTERIOR_SCALE = 0.15",
+        "ADAPT_POSTERIOR_SCALE = 0.01",
+        ("tests/test_engine_robust.py::"
+         "test_adaptation_hedges_over_the_profile_families_the_data_cannot_tell_apart",),
+    ),
+    Mutant(
         "x4-guard-off", "slice x4 weights need their estimate cell's agreement",
         "sr_engine/estimate.py",
         "    return best, round(min(gains[best], worst), 3)",

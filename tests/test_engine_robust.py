@@ -81,17 +81,23 @@ def _slab_estimate(misfits: dict[str, float], in_family: bool = True) -> Degrada
 
 def test_adaptation_hedges_over_the_profile_families_the_data_cannot_tell_apart() -> None:
     """``posterior`` (the default): families in proportion to how well they fit, interleaved."""
-    from sr_engine.estimate import ADAPT_POLICY, adaptation_profiles
+    from sr_engine.estimate import ADAPT_POLICY, ADAPT_POSTERIOR_SCALE, adaptation_profiles
 
     assert ADAPT_POLICY == "posterior"
     close = _slab_estimate({"sinc": 0.010, "box": 0.012, "gaussian": 0.050})
+    # the calibrated temperature (0.15): weights 1, e^-0.013, e^-0.27 of 12 turns: 4, 4, 3
+    assert ADAPT_POSTERIOR_SCALE == pytest.approx(0.15)
     mix = adaptation_profiles(close, 1.0)
-    # weights 1, e^-0.2 and e^-4 of 12 turns: sinc 7, box 5, gaussian 0
-    assert len(mix) == 12
-    assert [(d.family, d.get("fwhm")) for d in mix[:2]] == [("sinc", 1.1), ("box", 1.0)]
-    assert sum(d.family == "sinc" for d in mix) == 7 and sum(d.family == "box" for d in mix) == 5
+    assert [(d.family, d.get("fwhm")) for d in mix[:3]] == [
+        ("sinc", 1.1), ("box", 1.0), ("gaussian", 0.8)]
+    assert [sum(d.family == f for d in mix) for f in ("sinc", "box", "gaussian")] == [4, 4, 3]
+    # a colder posterior (0.01): weights 1, e^-0.2 and e^-4: sinc 7, box 5, gaussian 0
+    cold = adaptation_profiles(close, 1.0, posterior_scale=0.01)
+    assert len(cold) == 12
+    assert [(d.family, d.get("fwhm")) for d in cold[:2]] == [("sinc", 1.1), ("box", 1.0)]
+    assert sum(d.family == "sinc" for d in cold) == 7 and sum(d.family == "box" for d in cold) == 5
     # a clear winner is followed alone
-    clear = _slab_estimate({"sinc": 0.010, "box": 0.2, "gaussian": 0.3})
+    clear = _slab_estimate({"sinc": 0.010, "box": 1.0, "gaussian": 1.3})
     assert {(d.family, d.get("fwhm")) for d in adaptation_profiles(clear, 1.0)} == {("sinc", 1.1)}
     # the other policies
     assert [d.family for d in adaptation_profiles(close, 1.0, "estimated")] == ["sinc"]
@@ -99,11 +105,11 @@ def test_adaptation_hedges_over_the_profile_families_the_data_cannot_tell_apart(
         "sinc", "box", "gaussian"]
     assert [d.family for d in adaptation_profiles(close, 1.0, "top2")] == ["sinc", "box"]
     # the header's width: each posterior turn followed by its family at the nominal FWHM
-    both = adaptation_profiles(close, 1.25, "posterior-nominal")
+    both = adaptation_profiles(close, 1.25, "posterior-nominal", posterior_scale=0.01)
     assert len(both) == 24
     assert [(d.family, d.get("fwhm")) for d in both[:4]] == [
         ("sinc", 1.1), ("sinc", 1.25), ("box", 1.0), ("box", 1.25)]
-    header = adaptation_profiles(close, 1.25, "nominal")
+    header = adaptation_profiles(close, 1.25, "nominal", posterior_scale=0.01)
     assert {d.get("fwhm") for d in header} == {1.25} and len(header) == 12
     assert sum(d.family == "sinc" for d in header) == 7
     # outside every family, or no estimate: the header's box slab
