@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ from types import TracebackType
 __all__ = [
     "StoreSCP",
     "dcmtk_env",
+    "dcmtk_tool",
     "die_with_parent",
     "echoscu",
     "free_port",
@@ -47,6 +47,22 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
     except (OSError, AttributeError):
         pass
+
+
+def dcmtk_tool(name: str) -> str | None:
+    """Absolute path of dcmtk's ``name`` on PATH, skipping scripts of the same name.
+
+    pynetdicom installs Python ``storescu``/``storescp``/``echoscu`` console scripts into the
+    virtual environment, so with ``.venv/bin`` first on PATH (an activated venv) a bare name runs
+    pynetdicom's app with dcmtk's arguments.  dcmtk's tools are binaries; scripts start ``#!``.
+    """
+    for folder in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = Path(folder or ".") / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            with contextlib.suppress(OSError), candidate.open("rb") as fh:
+                if fh.read(2) != b"#!":
+                    return str(candidate)
+    return None
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -148,7 +164,7 @@ class StoreSCP:
         extra_args: Sequence[str] = (),
         tls: tuple[Path, Path, Path] | None = None,
     ) -> None:
-        if shutil.which("storescp") is None:
+        if dcmtk_tool("storescp") is None:
             raise RuntimeError("dcmtk storescp is not installed")
         self.directory = Path(directory)
         self.aet = aet
@@ -161,7 +177,8 @@ class StoreSCP:
 
     def command(self) -> list[str]:
         """The ``storescp`` command line."""
-        args = ["storescp", "-aet", self.aet, "-od", str(self.directory), "-pdu", "131072"]
+        args = [dcmtk_tool("storescp") or "storescp", "-aet", self.aet, "-od",
+                str(self.directory), "-pdu", "131072"]
         if self.accept_all:
             args.append("+xa")
         if self.tls is not None:
@@ -260,7 +277,7 @@ def storescu(
     options go in ``extra_args``.
     """
     args = [
-        "storescu",
+        dcmtk_tool("storescu") or "storescu",
         "-aet",
         calling_ae_title,
         "-aec",
@@ -287,7 +304,7 @@ def echoscu(
 ) -> tuple[int, str]:
     """Run dcmtk ``echoscu`` (C-ECHO), returning (returncode, output); 0 means success."""
     args = [
-        "echoscu",
+        dcmtk_tool("echoscu") or "echoscu",
         "-aet",
         calling_ae_title,
         "-aec",
