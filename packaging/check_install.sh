@@ -77,11 +77,17 @@ EOF
 echo "check_install: srnode serve on DICOM port $DICOM_PORT, HTTP port $HTTP_PORT"
 "$TMP/venv/bin/srnode" serve --config "$TMP/etc/config.toml" >"$TMP/serve.log" 2>&1 &
 SERVE_PID=$!
+# dcmtk's echoscu, not a Python script of the same name (pynetdicom installs one into any venv
+# that may be first on PATH)
+ECHOSCU=""
+for candidate in $(type -ap echoscu); do
+  if [ "$(head -c 2 "$candidate")" != "#!" ]; then ECHOSCU="$candidate"; break; fi
+done
 ok=""
 for _ in $(seq 1 120); do
   kill -0 "$SERVE_PID" 2>/dev/null || fail "srnode serve exited"
-  if command -v echoscu >/dev/null 2>&1; then
-    echoscu -aec SRNODE -to 5 127.0.0.1 "$DICOM_PORT" >/dev/null 2>&1 && ok=1
+  if [ -n "$ECHOSCU" ]; then
+    "$ECHOSCU" -aec SRNODE -to 5 127.0.0.1 "$DICOM_PORT" >/dev/null 2>&1 && ok=1
   else
     "$TMP/venv/bin/srnode" echo --config "$TMP/etc/config.toml" --timeout 5 \
       "SRNODE@127.0.0.1:$DICOM_PORT" >/dev/null 2>&1 && ok=1
