@@ -33,7 +33,7 @@ from benchmarks.ingest import make_series
 from storage.db import Database
 from storage.jobs import JobQueue
 from storage.models import Series
-from tests.support.dcmtk import dcmtk_env, dcmtk_tool
+from tests.support.dcmtk import dcmtk_command, dcmtk_env
 from tests.support.node import ServeProcess, node_config_dict, write_toml
 from tests.support.orthanc import OrthancServer
 
@@ -53,7 +53,7 @@ def send_series(port: int, folder: Path) -> float:
     """
     t0 = time.perf_counter()
     r = subprocess.run(
-        [dcmtk_tool("storescu") or "storescu", "-aet", "BENCH", "-aec", "SRNODE", "+sd", "-R",
+        [dcmtk_command("storescu"), "-aet", "BENCH", "-aec", "SRNODE", "+sd", "-R",
          "127.0.0.1", str(port), str(folder)],
         capture_output=True, text=True, env=dcmtk_env(), check=False,
     )

@@ -10,9 +10,10 @@ How the training pairs are degraded (:func:`sr_engine.estimate.adaptation_profil
   and FWHM), MSE, constant lr;
 * ``families``: every profile family's best-fitting member in turn (the slab estimate finds the
   FWHM well and the family poorly);
-* ``posterior``: the same, each family as often as its misfit says; ``posterior-t0.15`` with
-  the misfit scale (temperature) at 0.15, where the likelihood of the true family on the
-  validation volumes peaks (0.01, the default, is overconfident: log p -3.4 against -0.98);
+* ``posterior``: the same, each family as often as its misfit says (temperature
+  :data:`sr_engine.estimate.ADAPT_POSTERIOR_SCALE`, 0.15, where the likelihood of the true
+  family on the validation volumes peaks); ``posterior-t0.01`` with the earlier, overconfident
+  temperature 0.01 (log p -3.39 against -0.98);
 * ``top2``: the two best-fitting families' members;
 * ``posterior-nominal``: the ``posterior`` turns, each followed by its family at the header's
   FWHM (SliceThickness over spacing); ``nominal``: the families at the header's FWHM only;
@@ -94,7 +95,7 @@ VARIANTS: dict[str, tuple[Callable[..., dict[str, float]], str]] = {
     "posterior-nominal": (functools.partial(ORIGINAL, loss="mse"), "posterior-nominal"),
     "nominal": (functools.partial(ORIGINAL, loss="mse"), "nominal"),
     "oracle": (functools.partial(ORIGINAL, loss="mse"), "oracle"),
-    "posterior-t0.15": (functools.partial(ORIGINAL, loss="mse"), "posterior@0.15"),
+    "posterior-t0.01": (functools.partial(ORIGINAL, loss="mse"), "posterior@0.01"),
 }
 
 

@@ -34,7 +34,7 @@ import pydicom
 from pydicom.uid import generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from tests.support.dcmtk import StoreSCP, dcmtk_tool
+from tests.support.dcmtk import StoreSCP, dcmtk_command
 from tests.support.node import ServeProcess, node_config_dict, sample_file, write_toml
 from tests.support.orthanc import OrthancServer
 
@@ -119,7 +119,7 @@ def send(port: int, called: str, folder: Path) -> float:
     env = {**os.environ, "TCP_NODELAY": "1"}
     t0 = time.perf_counter()
     r = subprocess.run(
-        [dcmtk_tool("storescu") or "storescu", "-aet", "BENCH", "-aec", called, "+sd", "-R",
+        [dcmtk_command("storescu"), "-aet", "BENCH", "-aec", called, "+sd", "-R",
          "127.0.0.1", str(port), str(folder)], capture_output=True, text=True, env=env,
     )
     dt = time.perf_counter() - t0

@@ -529,8 +529,7 @@ def _shape(curve: np.ndarray) -> np.ndarray:
 
 
 def estimate_slab(volume: np.ndarray, scale: int, thickness_ratio: float | None = None,
-                  max_lines: int = 2048, seed: int = 0, axes: tuple[int, ...] = (1, 2)
-                  ) -> DegradationEstimate:
+                  max_lines: int = 2048, seed: int = 0) -> DegradationEstimate:
     """Estimate the through-plane slab profile of a thick-slice series (volume mode).
 
     Parameters
@@ -547,8 +546,6 @@ def estimate_slab(volume: np.ndarray, scale: int, thickness_ratio: float | None 
         Lines sampled along each axis.
     seed
         Sampling seed (deterministic).
-    axes
-        The fine axes (1: y, 2: x) whose lines are the high-resolution reference.
 
     Returns
     -------
@@ -572,10 +569,10 @@ def estimate_slab(volume: np.ndarray, scale: int, thickness_ratio: float | None 
     seg = min(nz * scale, ny, nx)
     seg -= seg % scale
     refs = []
-    for axis in axes:
+    for axis in (1, 2):
         planes = np.moveaxis(volume, axis, 2)  # (.., .., along)
         a, b, n = planes.shape
-        count = min(max_lines // len(axes), a * b)
+        count = min(max_lines // 2, a * b)
         ia, ib = rng.integers(0, a, count), rng.integers(0, b, count)
         start = rng.integers(0, n - seg + 1, count)
         idx = start[:, None] + np.arange(seg)[None]

@@ -23,6 +23,7 @@ from types import TracebackType
 
 __all__ = [
     "StoreSCP",
+    "dcmtk_command",
     "dcmtk_env",
     "dcmtk_tool",
     "die_with_parent",
@@ -63,6 +64,11 @@ def dcmtk_tool(name: str) -> str | None:
                 if fh.read(2) != b"#!":
                     return str(candidate)
     return None
+
+
+def dcmtk_command(name: str) -> str:
+    """What to run for dcmtk's ``name``: its binary's path, or the bare name if none is found."""
+    return dcmtk_tool(name) or name
 
 
 def dcmtk_env() -> dict[str, str]:
@@ -177,7 +183,7 @@ class StoreSCP:
 
     def command(self) -> list[str]:
         """The ``storescp`` command line."""
-        args = [dcmtk_tool("storescp") or "storescp", "-aet", self.aet, "-od",
+        args = [dcmtk_command("storescp"), "-aet", self.aet, "-od",
                 str(self.directory), "-pdu", "131072"]
         if self.accept_all:
             args.append("+xa")
@@ -277,7 +283,7 @@ def storescu(
     options go in ``extra_args``.
     """
     args = [
-        dcmtk_tool("storescu") or "storescu",
+        dcmtk_command("storescu"),
         "-aet",
         calling_ae_title,
         "-aec",
@@ -304,7 +310,7 @@ def echoscu(
 ) -> tuple[int, str]:
     """Run dcmtk ``echoscu`` (C-ECHO), returning (returncode, output); 0 means success."""
     args = [
-        dcmtk_tool("echoscu") or "echoscu",
+        dcmtk_command("echoscu"),
         "-aet",
         calling_ae_title,
         "-aec",

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from storage.db import Database
 from storage.jobs import JobQueue
 from storage.models import Instance
-from tests.support.dcmtk import dcmtk_env, dcmtk_tool
+from tests.support.dcmtk import dcmtk_command, dcmtk_env
 from tests.support.node import ServeProcess, node_config_dict, write_toml
 
 JobDict = dict[str, Any]
@@ -247,7 +247,7 @@ class StorescuSender:
 
     def __init__(self, port: int, paths: Sequence[Path], log_path: Path,
                  called: str = "SRNODE") -> None:
-        self.args = [dcmtk_tool("storescu") or "storescu", "-v", "-aet", "FAULTSCU", "-aec",
+        self.args = [dcmtk_command("storescu"), "-v", "-aet", "FAULTSCU", "-aec",
                      called, "-R", "-to", "15", "127.0.0.1", str(port), *[str(p) for p in paths]]
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
