@@ -150,7 +150,7 @@ def backprojection(args: argparse.Namespace) -> list[dict]:
     training.adapt_on_series = functools.partial(original, max_steps=args.steps)
     rows = []
     try:
-        for name, vol, spacing, modality in validation_volumes(1, (96, 128, 128)):
+        for name, vol, spacing, modality in validation_volumes(args.count, (96, 128, 128)):
             mapping = mapping_for(vol, modality)
             for label, deg in ALL_PROFILES:
                 with torch.inference_mode():
@@ -177,14 +177,24 @@ def backprojection(args: argparse.Namespace) -> list[dict]:
                         o = _backproject(out, lr_net, members, scale)  # type: ignore[arg-type]
                         row[f"{key}+bp_{tag}"] = round(
                             score_volume(mapping.inverse(o), vol, modality) - base, 3)
+                    # back-projection only where the estimate reads a wide profile
+                    row[f"{key}+bp_posterior_wide"] = (row[f"{key}+bp_posterior"]
+                                                       if p["fwhm"] >= 1.0 else row[key])
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     finally:
         training.adapt_on_series = original
-    for k in rows[0]:
-        if k not in ("case", "profile"):
-            vals = [r[k] for r in rows]
-            print(f"{k:24s} mean {np.mean(vals):+.2f} worst {np.min(vals):+.2f}")
+    for subset, keep in (("all", lambda r: True),
+                         ("volumes after the first CT/MR pair",
+                          lambda r: not r["case"].endswith("_0"))):
+        chosen = [r for r in rows if keep(r)]
+        if not chosen:
+            continue
+        print(f"{subset} ({len(chosen)} cases)")
+        for k in rows[0]:
+            if k not in ("case", "profile"):
+                vals = [r[k] for r in chosen]
+                print(f"  {k:28s} mean {np.mean(vals):+.2f} worst {np.min(vals):+.2f}")
     return rows
 
 
@@ -298,7 +308,7 @@ def main() -> None:
     ap.add_argument("experiment", choices=("zssr", "backprojection", "discriminator"))
     ap.add_argument("--seconds", type=float, default=10.0, help="zssr: adaptation per case")
     ap.add_argument("--steps", type=int, default=3000, help="backprojection: adaptation steps")
-    ap.add_argument("--count", type=int, default=1, help="discriminator: CT and MR volumes each")
+    ap.add_argument("--count", type=int, default=1, help="CT and MR volumes each")
     ap.add_argument("--patches", type=int, default=3000, help="discriminator: patches per side")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
