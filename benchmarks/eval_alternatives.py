@@ -17,8 +17,14 @@ with the smooth-at-native-resolution versions in slice mode); no public image is
     Volume x4, slab family read by a patch classifier (ESPRESO-like) instead of spectra: for
     every family's best-fitting member, a small CNN learns to tell thick-axis patches from
     in-plane patches degraded by that member; the member it separates worst is the estimate.
+``learned-family``
+    Volume x4, slab family read by a classifier (softmax regression) on the spectral misfits of
+    every candidate profile, the y/x difference of the in-plane misfits and the z spectrum,
+    trained on other phantom volumes (seed 777, FWHM 0.75 / 0.95 / 1.05 / 1.25) and scored on
+    the validation volumes (FWHM 0.7 / 1.0 / 1.3) against the best-fitting family.
 
-Usage: .venv/bin/python -m benchmarks.eval_alternatives {zssr,backprojection,discriminator}
+Usage: .venv/bin/python -m benchmarks.eval_alternatives
+       {zssr,backprojection,discriminator,learned-family}
 Prints one line per case and a summary; writes benchmarks/results/eval_alternatives_<name>.json.
 """
 
@@ -39,7 +45,7 @@ from torch import nn
 from benchmarks.eval_adapt import ALL_PROFILES
 from benchmarks.volume_run import run_volume, score_volume
 from sr_engine import EnhanceRequest, training
-from sr_engine.data import validation_volumes
+from sr_engine.data import VALIDATION_SEED, validation_volumes
 from sr_engine.degrade import SLAB_PROFILES, Degradation, apply_inplane, apply_throughplane
 from sr_engine.estimate import ADAPT_POSTERIOR_SCALE, estimate_slab, operator_of
 from sr_engine.models import load_model
@@ -303,9 +309,107 @@ def discriminator(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# --- learned family --------------------------------------------------------------------------
+
+def _misfit_features(volume: np.ndarray, scale: int, bands: int = 6,
+                     max_lines: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """Spectral features of a thick volume and every family's best misfit (estimate_slab's)."""
+    from sr_engine.degrade import _decimate_axis, slab_taps
+    from sr_engine.estimate import FWHM_GRID, _band_log_power, _shape
+
+    nz, ny, nx = volume.shape
+    rng = np.random.default_rng(0)
+    cols = rng.integers(0, ny * nx, size=min(max_lines, ny * nx))
+    target = _shape(_band_log_power(volume.reshape(nz, -1)[:, cols].T.astype(np.float64), bands))
+    seg = min(nz * scale, ny, nx)
+    seg -= seg % scale
+    refs = []
+    for axis in (1, 2):
+        planes = np.moveaxis(volume, axis, 2)
+        a, b, n = planes.shape
+        count = min(max_lines // 2, a * b)
+        ia, ib = rng.integers(0, a, count), rng.integers(0, b, count)
+        idx = rng.integers(0, n - seg + 1, count)[:, None] + np.arange(seg)[None]
+        refs.append(planes[ia[:, None], ib[:, None], idx])
+    curves = []
+    for lines in (np.concatenate(refs), refs[0], refs[1]):
+        ref = torch.from_numpy(lines.astype(np.float32))[:, None, :, None]
+        rows = []
+        for family in SLAB_PROFILES:
+            for fwhm in FWHM_GRID:
+                lr = _decimate_axis(ref.transpose(2, 3), slab_taps(scale, family, fwhm), scale,
+                                    3)[:, 0, 0].numpy()
+                rows.append(_shape(_band_log_power(lr.astype(np.float64), bands))[2:]
+                            - target[2:])
+        curves.append(np.array(rows))
+    both, along_y, along_x = curves
+    misfit = np.mean(both ** 2, axis=1)
+    best = misfit.reshape(len(SLAB_PROFILES), -1).min(axis=1)
+    features = np.concatenate([np.log(misfit + 1e-4), np.log(best + 1e-4) - np.log(best.min()
+                                                                                   + 1e-4),
+                               (along_y - along_x).mean(axis=0), target[2:]])
+    return features, best
+
+
+def _family_cases(seed: int, count: int, widths: tuple[float, ...]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    feats, truth, best = [], [], []
+    for _, vol, _, modality in validation_volumes(count, (96, 128, 128), seed=seed):
+        for axes in AXES.values():
+            v = np.ascontiguousarray(vol.transpose(axes))
+            hr = v[: (v.shape[0] // 4) * 4]
+            x = mapping_for(hr, modality).forward(hr).astype(np.float32)
+            for i, family in enumerate(SLAB_PROFILES):
+                for width in widths:
+                    with torch.inference_mode():
+                        lr = _degrade_z(x, Degradation.of(family, fwhm=width), 4)
+                    f, b = _misfit_features(np.ascontiguousarray(lr), 4)
+                    feats.append(f)
+                    truth.append(i)
+                    best.append(b)
+    return np.array(feats), np.array(truth), np.array(best)
+
+
+def learned_family(args: argparse.Namespace) -> list[dict]:
+    """Slab family from a classifier on spectral features, against the best misfit."""
+    x_train, y_train, _ = _family_cases(777, 4, (0.75, 0.95, 1.05, 1.25))
+    x_test, y_test, best = _family_cases(VALIDATION_SEED, 3, (0.7, 1.0, 1.3))
+    mu, sd = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
+    a = torch.from_numpy((x_train - mu) / sd).float()
+    b = torch.from_numpy((x_test - mu) / sd).float()
+    rows = []
+    for l2 in (1.0, 0.1, 0.01):
+        torch.manual_seed(0)
+        head = nn.Linear(a.shape[1], len(SLAB_PROFILES))
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=500)
+
+        def closure(head: nn.Linear = head, opt: torch.optim.LBFGS = opt,
+                    l2: float = l2) -> torch.Tensor:
+            opt.zero_grad()
+            loss = (F.cross_entropy(head(a), torch.from_numpy(y_train))
+                    + l2 * head.weight.pow(2).sum() / len(a))
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            p = F.softmax(head(b), dim=1).numpy()
+            train_right = float((head(a).argmax(1).numpy() == y_train).mean())
+        row = {"l2": l2, "train_right": round(train_right, 3),
+               "test_right": round(float((p.argmax(1) == y_test).mean()), 3),
+               "test_mean_log_p": round(float(np.mean(np.log(
+                   p[np.arange(len(y_test)), y_test] + 1e-12))), 3)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"best-fitting family (spectral misfit) right in "
+          f"{float((best.argmin(axis=1) == y_test).mean()):.1%} of {len(y_test)} validation cases")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("experiment", choices=("zssr", "backprojection", "discriminator"))
+    ap.add_argument("experiment",
+                    choices=("zssr", "backprojection", "discriminator", "learned-family"))
     ap.add_argument("--seconds", type=float, default=10.0, help="zssr: adaptation per case")
     ap.add_argument("--steps", type=int, default=3000, help="backprojection: adaptation steps")
     ap.add_argument("--count", type=int, default=1, help="CT and MR volumes each")
@@ -313,8 +417,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = {"zssr": zssr, "backprojection": backprojection,
-            "discriminator": discriminator}[args.experiment](args)
+    rows = {"zssr": zssr, "backprojection": backprojection, "discriminator": discriminator,
+            "learned-family": learned_family}[args.experiment](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"eval_alternatives_{args.experiment}.json").write_text(
         json.dumps({"args": vars(args), "rows": rows}, indent=1))
