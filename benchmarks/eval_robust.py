@@ -235,11 +235,10 @@ def _oracle(lr: np.ndarray, sp: tuple[float, float, float], thickness: float, mo
     return score
 
 
-def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int, label: str,
-                deg: Degradation, held_out: bool, orientation: str,
-                adapt_seconds: float, oracle: bool = False,
-                keeps: Sequence[float] = ()) -> dict:
-    """One volume-mode case on MNI152: thick slices along ``orientation``."""
+def thick_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int,
+               deg: Degradation, orientation: str
+               ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    """MNI152 with thick slices along ``orientation``: (truth, thick volume, thick spacing)."""
     axes = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}[orientation]
     v = np.ascontiguousarray(vol.transpose(axes))
     sp = tuple(spacing[a] for a in axes)
@@ -250,12 +249,22 @@ def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int
         x = torch.from_numpy(np.ascontiguousarray(mapping.forward(hr).transpose(2, 0, 1)))
         lr_net = apply_throughplane(x.unsqueeze(1), scale, deg).squeeze(1).numpy()
     lr = np.ascontiguousarray(mapping.inverse(lr_net).transpose(1, 2, 0))
-    lsp = (sp[0] * scale, sp[1], sp[2])
+    return hr, lr, (sp[0] * scale, sp[1], sp[2])
+
+
+def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int, label: str,
+                deg: Degradation, held_out: bool, orientation: str,
+                adapt_seconds: float, oracle: bool = False,
+                keeps: Sequence[float] = ()) -> dict:
+    """One volume-mode case on MNI152: thick slices along ``orientation``."""
+    hr, lr, lsp = thick_case(vol, spacing, scale, deg, orientation)
     thick = lsp[0]  # the header states contiguous slices; the true profile is for the estimate
     row: dict = {"case": f"MNI152 {orientation}", "modality": "MR", "scale": scale,
                  "degradation": label, "held_out": held_out, "true_group": deg.family}
     off = {"mode": "volume", "scale": scale, "estimate_degradation": False}
     row["interp"], _ = _run(lr, lsp, thick, "MR", EnhanceRequest(model="cubic", **off), hr)
+    # the issue states the volume goals over linear interpolation; cubic is the stricter one
+    row["linear"], _ = _run(lr, lsp, thick, "MR", EnhanceRequest(model="linear", **off), hr)
     row["fast_nominal"], _ = _run(lr, lsp, thick, "MR", EnhanceRequest(model="fast", **off), hr)
     if oracle and find_weights("fast", "volume", scale, None, deg.family).is_file():
         row["fast_oracle"] = _oracle(lr, lsp, thick, "MR", "volume", scale, deg.family, hr)
