@@ -323,6 +323,17 @@ def summarise(rows: list[dict]) -> dict:
             if all("adapted" in r for r in sel):
                 entry["adapted_mean_gain"] = round(float(np.mean(
                     [r["adapted"] - r["interp"] for r in sel])), 3)
+            if all("fast_oracle" in r for r in sel):
+                # upper bounds no node can reach: the true family's weights, and the best of
+                # interpolation, nominal and true-family weights chosen per case with the truth
+                entry["oracle_mean_gain"] = round(float(np.mean(
+                    [r["fast_oracle"] - r["interp"] for r in sel])), 3)
+                entry["best_of_mean_gain"] = round(float(np.mean(
+                    [max(r["fast_oracle"], r["fast_nominal"], r["interp"]) - r["interp"]
+                     for r in sel])), 3)
+            if all("linear" in r for r in sel):
+                entry["interp_over_linear"] = round(float(np.mean(
+                    [r["interp"] - r["linear"] for r in sel])), 3)
             out[key] = entry
     return out
 
