@@ -71,6 +71,10 @@ SLAB_DEGRADATIONS = [
 ]
 
 
+# The other learned models, run with their nominal weights when ``--models`` names them.
+OTHER_MODELS = ("srcnn", "residual", "srgan")
+
+
 def weights_groups(scale: int) -> list[str]:
     """Slice-mode weights groups with a shipped file: the family groups and the hedging weights."""
     return [g for g in (*INPLANE_GROUPS, "blind", "hedge")
@@ -79,7 +83,7 @@ def weights_groups(scale: int) -> list[str]:
 
 def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], modality: str,
                scale: int, label: str, deg: Degradation, held_out: bool,
-               cross: bool = False) -> dict:
+               cross: bool = False, models: Sequence[str] = ()) -> dict:
     """One slice-mode case: degrade, run every contender, score.
 
     With ``cross`` (validation), also the gain of every weights group (:func:`weights_groups`)
@@ -100,6 +104,9 @@ def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], 
                             EnhanceRequest(scale=scale, model="bicubic", **off), hr)
     row["fast_nominal"], _ = _run(lr, sp, spacing[0], modality,
                                   EnhanceRequest(scale=scale, model="fast", **off), hr)
+    for m in models:  # every other model with its nominal weights, as named by a rule
+        row[f"{m}_nominal"], _ = _run(lr, sp, spacing[0], modality,
+                                      EnhanceRequest(scale=scale, model=m, **off), hr)
     group = inplane_group(deg)
     if find_weights("fast", "slice", scale, None, group).is_file():
         row["fast_oracle"] = _oracle(lr, sp, spacing[0], modality, "slice", scale, group, hr)
@@ -255,7 +262,7 @@ def thick_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int,
 def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int, label: str,
                 deg: Degradation, held_out: bool, orientation: str,
                 adapt_seconds: float, oracle: bool = False,
-                keeps: Sequence[float] = ()) -> dict:
+                keeps: Sequence[float] = (), models: Sequence[str] = ()) -> dict:
     """One volume-mode case on MNI152: thick slices along ``orientation``."""
     hr, lr, lsp = thick_case(vol, spacing, scale, deg, orientation)
     thick = lsp[0]  # the header states contiguous slices; the true profile is for the estimate
@@ -266,6 +273,8 @@ def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int
     # the issue states the volume goals over linear interpolation; cubic is the stricter one
     row["linear"], _ = _run(lr, lsp, thick, "MR", EnhanceRequest(model="linear", **off), hr)
     row["fast_nominal"], _ = _run(lr, lsp, thick, "MR", EnhanceRequest(model="fast", **off), hr)
+    for m in models:
+        row[f"{m}_nominal"], _ = _run(lr, lsp, thick, "MR", EnhanceRequest(model=m, **off), hr)
     if oracle and find_weights("fast", "volume", scale, None, deg.family).is_file():
         row["fast_oracle"] = _oracle(lr, lsp, thick, "MR", "volume", scale, deg.family, hr)
     row["node"], res = _run(lr, lsp, thick, "MR", EnhanceRequest(mode="volume", scale=scale), hr)
@@ -294,7 +303,8 @@ def _print(row: dict) -> None:
     base = row["interp"]
     cells = [f"{row['case'][:16]:16} x{row['scale']} {row['degradation'][:18]:18}"
              f"{'*' if row['held_out'] else ' '} interp {base:6.2f}"]
-    for k in ("fast_nominal", "fast_oracle", "node", "adapted",
+    for k in ("fast_nominal", *(f"{m}_nominal" for m in OTHER_MODELS), "fast_oracle", "node",
+              "adapted",
               *sorted((k for k in row if k.startswith("adapted@")), reverse=True)):
         if k in row:
             cells.append(f"{k} {row[k] - base:+6.2f}")
@@ -302,6 +312,10 @@ def _print(row: dict) -> None:
     cells.append(f"est {est.get('family', '-')}/{est.get('confidence', 0):.2f} -> "
                  f"{row['node_model']}")
     print("  ".join(cells), flush=True)
+
+
+def _task_key(row: dict) -> str:
+    return f"{'volume' if row['case'].startswith('MNI') else 'slice'} x{row['scale']}"
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -323,6 +337,11 @@ def summarise(rows: list[dict]) -> dict:
             if all("adapted" in r for r in sel):
                 entry["adapted_mean_gain"] = round(float(np.mean(
                     [r["adapted"] - r["interp"] for r in sel])), 3)
+            for m in OTHER_MODELS:
+                if all(f"{m}_nominal" in r for r in sel):
+                    gm = [r[f"{m}_nominal"] - r["interp"] for r in sel]
+                    entry[f"{m}_mean_gain"] = round(float(np.mean(gm)), 3)
+                    entry[f"{m}_min_gain"] = round(float(np.min(gm)), 3)
             if all("fast_oracle" in r for r in sel):
                 # upper bounds no node can reach: the true family's weights, and the best of
                 # interpolation, nominal and true-family weights chosen per case with the truth
@@ -399,9 +418,11 @@ def volume_validation(scale: int) -> dict[str, dict[str, dict[str, float]]]:
 
 def markdown(rows: list[dict]) -> str:
     """Markdown tables: per task and degradation (over images) and per case."""
-    lines = ["| task | degradation | held out | interp PSNR (mean) | fast nominal | node's choice "
-             "(mean / worst) | adapted | fallbacks | node's weights |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    others = [m for m in OTHER_MODELS if any(f"{m}_nominal" in r for r in rows)]
+    other_head = f" {' / '.join(others)} nominal |" if others else ""
+    lines = ["| task | degradation | held out | interp PSNR (mean) | fast nominal |" + other_head
+             + " node's choice (mean / worst) | adapted | fallbacks | node's weights |",
+             "|---|---|---|---|---|" + ("---|" if others else "") + "---|---|---|---|"]
     keys = dict.fromkeys((r["case"].startswith("MNI"), r["scale"], r["degradation"],
                           r["case"] if r["case"].startswith("MNI") else "") for r in rows)
     for vol, scale, label, case in keys:
@@ -412,11 +433,30 @@ def markdown(rows: list[dict]) -> str:
         ad = [r["adapted"] - r["interp"] for r in sel if "adapted" in r]
         task = f"{case or 'slice'} x{scale}"
         picks = ", ".join(sorted({r["node_model"] for r in sel}))
+        other = " / ".join(
+            f"{np.mean([r[f'{m}_nominal'] - r['interp'] for r in sel]):+.2f}"
+            if all(f"{m}_nominal" in r for r in sel) else "-" for m in others)
         lines.append(f"| {task} | {label} | {'yes' if sel[0]['held_out'] else ''} | "
                      f"{np.mean([r['interp'] for r in sel]):.2f} | {nom:+.2f} | "
-                     f"{np.mean(g):+.2f} / {min(g):+.2f} | "
+                     + (f"{other} | " if others else "")
+                     + f"{np.mean(g):+.2f} / {min(g):+.2f} | "
                      f"{f'{np.mean(ad):+.2f}' if ad else '-'} | "
                      f"{sum(1 for r in sel if r['fallback_reason'])}/{len(sel)} | {picks} |")
+    present = [m for m in OTHER_MODELS if any(f"{m}_nominal" in r for r in rows)]
+    if present:
+        lines += ["", "Every model with its nominal weights (mean / worst gain over "
+                  "interpolation, dB), and the node's choice:", "",
+                  "| task | split | fast | " + " | ".join(present) + " | node's choice |",
+                  "|---|---|---|" + "---|" * len(present) + "---|"]
+        for key in summarise(rows):
+            task, _, split = key.rpartition(" ")
+            sel = [r for r in rows if _task_key(r) == task and r["held_out"] == (
+                split == "held-out")]
+            cells = []
+            for col in ("fast_nominal", *(f"{m}_nominal" for m in present), "node"):
+                g = [r[col] - r["interp"] for r in sel if col in r]
+                cells.append(f"{np.mean(g):+.2f} / {min(g):+.2f}" if g else "-")
+            lines.append(f"| {task} | {split} | " + " | ".join(cells) + " |")
     lines += ["", "Per case (PSNR gain over interpolation, dB; estimate family/confidence):", "",
               "| case | task | degradation | interp PSNR | fast nominal | node's choice | "
               "estimate | adapted |", "|---|---|---|---|---|---|---|---|"]
@@ -441,6 +481,9 @@ def main() -> None:
                          "(columns adapted@keep; one adaptation per case)")
     ap.add_argument("--orientations", nargs="+", default=["axial", "coronal", "sagittal"])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--models", nargs="*", default=list(OTHER_MODELS), choices=OTHER_MODELS,
+                    help="other models run with their nominal weights per case (fast always "
+                         "runs); none: --models with no name")
     ap.add_argument("--oracle", action="store_true",
                     help="volume mode: also run fast with the true profile's weights")
     ap.add_argument("--out", type=Path, default=None)
@@ -494,7 +537,8 @@ def main() -> None:
                     if args.validation and held:
                         continue
                     row = slice_case(name, vol, spacing, modality, int(scale), label, deg, held,
-                                     cross=args.validation)
+                                     cross=args.validation,
+                                     models=() if args.validation else args.models)
                     rows.append(row)
                     _print(row)
         else:
@@ -506,7 +550,7 @@ def main() -> None:
                         continue
                     adapt = args.adapt_seconds if int(scale) == 4 else 0.0
                     row = volume_case(vol, spacing, int(scale), label, deg, held, orientation,
-                                      adapt, args.oracle, args.keeps)
+                                      adapt, args.oracle, args.keeps, args.models)
                     rows.append(row)
                     _print(row)
     summary = summarise(rows)
