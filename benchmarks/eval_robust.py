@@ -458,14 +458,19 @@ def markdown(rows: list[dict]) -> str:
                 cells.append(f"{np.mean(g):+.2f} / {min(g):+.2f}" if g else "-")
             lines.append(f"| {task} | {split} | " + " | ".join(cells) + " |")
     lines += ["", "Per case (PSNR gain over interpolation, dB; estimate family/confidence):", "",
-              "| case | task | degradation | interp PSNR | fast nominal | node's choice | "
-              "estimate | adapted |", "|---|---|---|---|---|---|---|---|"]
+              "| case | task | degradation | interp PSNR | fast nominal |" + other_head
+              + " node's choice | estimate | adapted |",
+              "|---|---|---|---|---|" + ("---|" if others else "") + "---|---|---|"]
     for r in rows:
         est = r["estimate"] or {}
         ad = f"{r['adapted'] - r['interp']:+.2f}" if "adapted" in r else "-"
+        other = " / ".join(f"{r[f'{m}_nominal'] - r['interp']:+.2f}" if f"{m}_nominal" in r
+                           else "-" for m in others)
         lines.append(f"| {r['case']} | x{r['scale']} | {r['degradation']}"
                      f"{' (held out)' if r['held_out'] else ''} | {r['interp']:.2f} | "
-                     f"{r['fast_nominal'] - r['interp']:+.2f} | {r['node'] - r['interp']:+.2f} "
+                     f"{r['fast_nominal'] - r['interp']:+.2f} | "
+                     + (f"{other} | " if others else "")
+                     + f"{r['node'] - r['interp']:+.2f} "
                      f"{r['node_model']} | {est.get('family', '-')}/"
                      f"{est.get('confidence', 0):.2f} | {ad} |")
     return "\n".join(lines) + "\n"
