@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import time
 from pathlib import Path
 
@@ -47,8 +46,16 @@ from benchmarks.volume_run import run_volume, score_volume
 from sr_engine import EnhanceRequest, training
 from sr_engine.data import VALIDATION_SEED, validation_volumes
 from sr_engine.degrade import SLAB_PROFILES, Degradation, apply_inplane, apply_throughplane
-from sr_engine.estimate import ADAPT_POSTERIOR_SCALE, estimate_slab, operator_of
+from sr_engine.estimate import (
+    FWHM_GRID,
+    estimate_slab,
+    family_posterior,
+    operator_of,
+    slab_candidate_curve,
+    slab_lines,
+)
 from sr_engine.models import load_model
+from sr_engine.models.base import interpolate
 from sr_engine.normalise import mapping_for
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -137,8 +144,7 @@ def _degrade_z(v: np.ndarray, deg: Degradation, scale: int) -> np.ndarray:
 
 def _upsample_z(r: np.ndarray, scale: int) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(r.transpose(2, 0, 1))).unsqueeze(1)
-    u = F.interpolate(t, scale_factor=(scale, 1), mode="bicubic", align_corners=False)
-    return u.squeeze(1).numpy().transpose(1, 2, 0)
+    return interpolate(t, scale, 1).squeeze(1).numpy().transpose(1, 2, 0)
 
 
 def _backproject(out: np.ndarray, lr: np.ndarray, members: list[tuple[float, Degradation]],
@@ -171,13 +177,11 @@ def backprojection(args: argparse.Namespace) -> list[dict]:
                     row[key] = round(s - base, 3)
                     out = mapping.forward(res.volume[: vol.shape[0]].astype(np.float32))
                     p = res.degradation.parameters
-                    low = min(p[f"misfit_{f}"] for f in SLAB_PROFILES)
-                    w = {f: math.exp(-(p[f"misfit_{f}"] - low) / ADAPT_POSTERIOR_SCALE)
-                         for f in SLAB_PROFILES}
+                    w = family_posterior([p[f"misfit_{f}"] for f in SLAB_PROFILES])
                     choices = {
                         "estimated": [(1.0, operator_of(res.degradation))],
-                        "posterior": [(w[f] / sum(w.values()), Degradation.of(
-                            f, fwhm=p[f"fwhm_{f}"])) for f in SLAB_PROFILES],
+                        "posterior": [(wf, Degradation.of(f, fwhm=p[f"fwhm_{f}"]))
+                                      for wf, f in zip(w, SLAB_PROFILES, strict=True)],
                         "true": [(1.0, deg)]}
                     for tag, members in choices.items():
                         o = _backproject(out, lr_net, members, scale)  # type: ignore[arg-type]
@@ -314,34 +318,10 @@ def discriminator(args: argparse.Namespace) -> list[dict]:
 def _misfit_features(volume: np.ndarray, scale: int, bands: int = 6,
                      max_lines: int = 2048) -> tuple[np.ndarray, np.ndarray]:
     """Spectral features of a thick volume and every family's best misfit (estimate_slab's)."""
-    from sr_engine.degrade import _decimate_axis, slab_taps
-    from sr_engine.estimate import FWHM_GRID, _band_log_power, _shape
-
-    nz, ny, nx = volume.shape
-    rng = np.random.default_rng(0)
-    cols = rng.integers(0, ny * nx, size=min(max_lines, ny * nx))
-    target = _shape(_band_log_power(volume.reshape(nz, -1)[:, cols].T.astype(np.float64), bands))
-    seg = min(nz * scale, ny, nx)
-    seg -= seg % scale
-    refs = []
-    for axis in (1, 2):
-        planes = np.moveaxis(volume, axis, 2)
-        a, b, n = planes.shape
-        count = min(max_lines // 2, a * b)
-        ia, ib = rng.integers(0, a, count), rng.integers(0, b, count)
-        idx = rng.integers(0, n - seg + 1, count)[:, None] + np.arange(seg)[None]
-        refs.append(planes[ia[:, None], ib[:, None], idx])
-    curves = []
-    for lines in (np.concatenate(refs), refs[0], refs[1]):
-        ref = torch.from_numpy(lines.astype(np.float32))[:, None, :, None]
-        rows = []
-        for family in SLAB_PROFILES:
-            for fwhm in FWHM_GRID:
-                lr = _decimate_axis(ref.transpose(2, 3), slab_taps(scale, family, fwhm), scale,
-                                    3)[:, 0, 0].numpy()
-                rows.append(_shape(_band_log_power(lr.astype(np.float64), bands))[2:]
-                            - target[2:])
-        curves.append(np.array(rows))
+    target, refs = slab_lines(volume, scale, bands, max_lines)
+    curves = [np.array([slab_candidate_curve(lines, scale, family, fwhm, bands)[2:] - target[2:]
+                        for family in SLAB_PROFILES for fwhm in FWHM_GRID])
+              for lines in (np.concatenate(refs), *refs)]
     both, along_y, along_x = curves
     misfit = np.mean(both ** 2, axis=1)
     best = misfit.reshape(len(SLAB_PROFILES), -1).min(axis=1)

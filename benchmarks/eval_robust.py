@@ -242,6 +242,12 @@ def _oracle(lr: np.ndarray, sp: tuple[float, float, float], thickness: float, mo
     return score
 
 
+def runs_volume_case(orientation: str, scale: int, label: str) -> bool:
+    """Whether the benchmark runs this MNI152 case: every profile axial, two profiles x4
+    coronal and sagittal."""
+    return orientation == "axial" or (scale == 4 and label in ("box 1.0", "gauss 1.0"))
+
+
 def thick_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int,
                deg: Degradation, orientation: str
                ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
@@ -321,13 +327,13 @@ def _task_key(row: dict) -> str:
 def summarise(rows: list[dict]) -> dict:
     """Mean / min gain of the node's choice over interpolation per task and split."""
     out = {}
-    for task in sorted({(r["case"].startswith("MNI"), r["scale"]) for r in rows}):
+    for task in sorted({_task_key(r) for r in rows}, key=lambda t: (t.startswith("volume"),
+                                                                  int(t.rpartition("x")[2]))):
         for held in (False, True):
-            sel = [r for r in rows if (r["case"].startswith("MNI"), r["scale"]) == task
-                   and r["held_out"] == held]
+            sel = [r for r in rows if _task_key(r) == task and r["held_out"] == held]
             if not sel:
                 continue
-            key = f"{'volume' if task[0] else 'slice'} x{task[1]} {'held-out' if held else 'train'}"
+            key = f"{task} {'held-out' if held else 'train'}"
             g = [r["node"] - r["interp"] for r in sel]
             entry = {"cases": len(sel), "node_mean_gain": round(float(np.mean(g)), 3),
                      "node_min_gain": round(float(np.min(g)), 3),
@@ -442,18 +448,17 @@ def markdown(rows: list[dict]) -> str:
                      + f"{np.mean(g):+.2f} / {min(g):+.2f} | "
                      f"{f'{np.mean(ad):+.2f}' if ad else '-'} | "
                      f"{sum(1 for r in sel if r['fallback_reason'])}/{len(sel)} | {picks} |")
-    present = [m for m in OTHER_MODELS if any(f"{m}_nominal" in r for r in rows)]
-    if present:
+    if others:
         lines += ["", "Every model with its nominal weights (mean / worst gain over "
                   "interpolation, dB), and the node's choice:", "",
-                  "| task | split | fast | " + " | ".join(present) + " | node's choice |",
-                  "|---|---|---|" + "---|" * len(present) + "---|"]
+                  "| task | split | fast | " + " | ".join(others) + " | node's choice |",
+                  "|---|---|---|" + "---|" * len(others) + "---|"]
         for key in summarise(rows):
             task, _, split = key.rpartition(" ")
             sel = [r for r in rows if _task_key(r) == task and r["held_out"] == (
                 split == "held-out")]
             cells = []
-            for col in ("fast_nominal", *(f"{m}_nominal" for m in present), "node"):
+            for col in ("fast_nominal", *(f"{m}_nominal" for m in others), "node"):
                 g = [r[col] - r["interp"] for r in sel if col in r]
                 cells.append(f"{np.mean(g):+.2f} / {min(g):+.2f}" if g else "-")
             lines.append(f"| {task} | {split} | " + " | ".join(cells) + " |")
@@ -550,8 +555,7 @@ def main() -> None:
             _, vol, spacing, _ = load_mni_case()
             for orientation in args.orientations:
                 for label, deg, held in SLAB_DEGRADATIONS:
-                    if orientation != "axial" and (int(scale) != 4 or label not in
-                                                   ("box 1.0", "gauss 1.0")):
+                    if not runs_volume_case(orientation, int(scale), label):
                         continue
                     adapt = args.adapt_seconds if int(scale) == 4 else 0.0
                     row = volume_case(vol, spacing, int(scale), label, deg, held, orientation,

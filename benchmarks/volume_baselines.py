@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.eval_public import load_mni_case
-from benchmarks.eval_robust import SLAB_DEGRADATIONS, thick_case
+from benchmarks.eval_robust import SLAB_DEGRADATIONS, runs_volume_case, thick_case
 from benchmarks.volume_run import run_volume
 from sr_engine import EnhanceRequest
 
@@ -38,9 +38,8 @@ def main() -> None:
     for scale in args.scales:
         for orientation in ("axial", "coronal", "sagittal"):
             for label, deg, held_out in SLAB_DEGRADATIONS:
-                if orientation != "axial" and (scale != 4 or label not in ("box 1.0",
-                                                                           "gauss 1.0")):
-                    continue  # the cases eval_robust runs
+                if not runs_volume_case(orientation, scale, label):
+                    continue
                 hr, lr, lsp = thick_case(vol, spacing, scale, deg, orientation)
                 psnr = {}
                 for model in ("cubic", "linear"):

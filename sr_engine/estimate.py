@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -445,6 +446,17 @@ ADAPT_POLICIES = ("estimated", "families", "posterior", "top2", "posterior-nomin
                   "nominal")
 
 
+def family_posterior(misfits: Sequence[float], temperature: float | None = None) -> list[float]:
+    """Probabilities of slab families from their best misfits: ``exp(-(m - min) / T)``, normalised.
+
+    ``temperature`` None: :data:`ADAPT_POSTERIOR_SCALE` (calibrated on the validation volumes).
+    """
+    t = ADAPT_POSTERIOR_SCALE if temperature is None else temperature
+    low = min(misfits)
+    weights = [math.exp(-(m - low) / t) for m in misfits]
+    return [w / sum(weights) for w in weights]
+
+
 def adaptation_profiles(estimate: DegradationEstimate | None, nominal_fwhm: float,
                         policy: str | None = None, posterior_scale: float | None = None
                         ) -> list[Degradation]:
@@ -491,10 +503,8 @@ def adaptation_profiles(estimate: DegradationEstimate | None, nominal_fwhm: floa
         return [d for _, d in ranked]
     if policy == "top2":
         return [d for _, d in ranked[:2]]
-    low = ranked[0][0]
-    temperature = ADAPT_POSTERIOR_SCALE if posterior_scale is None else posterior_scale
-    weights = [math.exp(-(m - low) / temperature) for m, _ in ranked]
-    turns = [max(0, round(12 * w / sum(weights))) for w in weights]
+    weights = family_posterior([m for m, _ in ranked], posterior_scale)
+    turns = [max(0, round(12 * w)) for w in weights]
     out: list[Degradation] = []
     while any(turns):  # interleave, so that every family is met early in a short budget
         for i, (_, d) in enumerate(ranked):
@@ -528,6 +538,58 @@ def _shape(curve: np.ndarray) -> np.ndarray:
     return curve - curve[1:3].mean()
 
 
+def slab_lines(volume: np.ndarray, scale: int, bands: int, max_lines: int = 2048,
+               seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The z spectrum of a thick series and its in-plane reference lines (:func:`estimate_slab`).
+
+    Parameters
+    ----------
+    volume
+        ``(z, y, x)`` in network units, z the thick-slice axis.
+    scale
+        Slice spacing over the in-plane pixel size.
+    bands
+        Frequency bands of the z spectrum.
+    max_lines
+        Lines sampled along z (and half as many along each in-plane axis).
+    seed
+        Sampling seed (deterministic).
+
+    Returns
+    -------
+    tuple
+        The shape-normalised log band power along z, and the in-plane lines along y and along
+        x, ``nz * scale`` fine samples each (at most the in-plane size).
+    """
+    nz, ny, nx = volume.shape
+    rng = np.random.default_rng(seed)
+    cols = rng.integers(0, ny * nx, size=min(max_lines, ny * nx))
+    zlines = volume.reshape(nz, -1)[:, cols].T.astype(np.float64)
+    target = _shape(_band_log_power(zlines, bands))
+    seg = min(nz * scale, ny, nx)
+    seg -= seg % scale
+    refs = []
+    for axis in (1, 2):
+        planes = np.moveaxis(volume, axis, 2)  # (.., .., along)
+        a, b, n = planes.shape
+        count = min(max_lines // 2, a * b)
+        ia, ib = rng.integers(0, a, count), rng.integers(0, b, count)
+        start = rng.integers(0, n - seg + 1, count)
+        idx = start[:, None] + np.arange(seg)[None]
+        refs.append(planes[ia[:, None], ib[:, None], idx])
+    return target, refs
+
+
+def slab_candidate_curve(lines: np.ndarray, scale: int, profile: str, fwhm: float,
+                         bands: int) -> np.ndarray:
+    """Shape-normalised log band power of fine lines ``(L, n)`` degraded by a slab profile."""
+    ref = torch.from_numpy(lines.astype(np.float32))[:, None, :, None]
+    with torch.inference_mode():
+        lr = _decimate_axis(ref.transpose(2, 3), slab_taps(scale, profile, fwhm), scale,
+                            3)[:, 0, 0].numpy()
+    return _shape(_band_log_power(lr.astype(np.float64), bands))
+
+
 def estimate_slab(volume: np.ndarray, scale: int, thickness_ratio: float | None = None,
                   max_lines: int = 2048, seed: int = 0) -> DegradationEstimate:
     """Estimate the through-plane slab profile of a thick-slice series (volume mode).
@@ -556,37 +618,19 @@ def estimate_slab(volume: np.ndarray, scale: int, thickness_ratio: float | None 
     """
     t0 = time.perf_counter()
     nz, ny, nx = volume.shape
-    rng = np.random.default_rng(seed)
     bands = int(min(SLAB_BANDS, max(3, nz // 4)))
     if nz < 8 or ny < 8 * scale:
         return DegradationEstimate("unknown", {}, 0.0, False, "volume",
                                    "too few slices or too small in-plane for the estimate",
                                    seconds=time.perf_counter() - t0)
-    cols = rng.integers(0, ny * nx, size=min(max_lines, ny * nx))
-    zlines = volume.reshape(nz, -1)[:, cols].T.astype(np.float64)
-    target = _shape(_band_log_power(zlines, bands))
-    # In-plane reference lines along y and along x, ``nz * scale`` fine samples each.
-    seg = min(nz * scale, ny, nx)
-    seg -= seg % scale
-    refs = []
-    for axis in (1, 2):
-        planes = np.moveaxis(volume, axis, 2)  # (.., .., along)
-        a, b, n = planes.shape
-        count = min(max_lines // 2, a * b)
-        ia, ib = rng.integers(0, a, count), rng.integers(0, b, count)
-        start = rng.integers(0, n - seg + 1, count)
-        idx = start[:, None] + np.arange(seg)[None]
-        refs.append(planes[ia[:, None], ib[:, None], idx])
-    ref = torch.from_numpy(np.concatenate(refs).astype(np.float32))[:, None, :, None]
+    target, refs = slab_lines(volume, scale, bands, max_lines, seed)
+    ref = np.concatenate(refs)
     fits: list[tuple[float, str, float]] = []
-    with torch.inference_mode():
-        for profile in SLAB_PROFILES:
-            for fwhm in FWHM_GRID:
-                taps = slab_taps(scale, profile, fwhm)
-                lr = _decimate_axis(ref.transpose(2, 3), taps, scale, 3)[:, 0, 0].numpy()
-                cand = _shape(_band_log_power(lr.astype(np.float64), bands))
-                misfit = float(np.mean((cand[2:] - target[2:]) ** 2))
-                fits.append((misfit, profile, fwhm))
+    for profile in SLAB_PROFILES:
+        for fwhm in FWHM_GRID:
+            cand = slab_candidate_curve(ref, scale, profile, fwhm, bands)
+            misfit = float(np.mean((cand[2:] - target[2:]) ** 2))
+            fits.append((misfit, profile, fwhm))
     fits.sort()
     best, profile, fwhm = fits[0]
     other = min(m for m, p, _ in fits if p != profile)
