@@ -66,7 +66,7 @@ AXES = {"axial": (0, 1, 2), "coronal": (1, 0, 2), "sagittal": (2, 0, 1)}
 
 def zssr(args: argparse.Namespace) -> list[dict]:
     """Slice x2 cross-scale adaptation against the node's own output (validation cases)."""
-    from benchmarks.eval_robust import SLICE_DEGRADATIONS, _slice_cases
+    from benchmarks.eval_robust import SLICE_DEGRADATIONS, _slice_cases, low_resolution_slices
 
     scale, patch = 2, 48
     rows = []
@@ -74,13 +74,7 @@ def zssr(args: argparse.Namespace) -> list[dict]:
         for label, deg, held_out in SLICE_DEGRADATIONS:
             if held_out:
                 continue
-            h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
-            hr = np.ascontiguousarray(vol[:, :h, :w])
-            mapping = mapping_for(hr, modality)
-            with torch.inference_mode():
-                x = torch.from_numpy(mapping.forward(hr)).unsqueeze(1)
-                lr_net = apply_inplane(x, scale, deg, torch.Generator().manual_seed(0))
-                lr = mapping.inverse(lr_net.squeeze(1).numpy())
+            hr, lr = low_resolution_slices(vol, modality, scale, deg)
             sp = (spacing[0], spacing[1] * scale, spacing[2] * scale)
             node, res = run_volume(lr, sp, spacing[0], modality, EnhanceRequest(scale=scale), hr)
             group = res.extra.get("weights_group")

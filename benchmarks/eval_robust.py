@@ -81,6 +81,19 @@ def weights_groups(scale: int) -> list[str]:
             if find_weights("fast", "slice", scale, None, g).is_file()]
 
 
+def low_resolution_slices(vol: np.ndarray, modality: str, scale: int, deg: Degradation
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """Slices cropped to a multiple of ``scale`` and their in-plane degradation: (truth, input)."""
+    h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
+    hr = np.ascontiguousarray(vol[:, :h, :w])
+    mapping = mapping_for(hr, modality)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        x = torch.from_numpy(mapping.forward(hr)).unsqueeze(1)
+        lr = mapping.inverse(apply_inplane(x, scale, deg, gen).squeeze(1).numpy())
+    return hr, lr
+
+
 def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], modality: str,
                scale: int, label: str, deg: Degradation, held_out: bool,
                cross: bool = False, models: Sequence[str] = ()) -> dict:
@@ -89,13 +102,7 @@ def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], 
     With ``cross`` (validation), also the gain of every weights group (:func:`weights_groups`)
     under ``groups``, from which :func:`gain_table` builds the selection table.
     """
-    h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
-    hr = np.ascontiguousarray(vol[:, :h, :w])
-    mapping = mapping_for(hr, modality)
-    gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        x = torch.from_numpy(mapping.forward(hr)).unsqueeze(1)
-        lr = mapping.inverse(apply_inplane(x, scale, deg, gen).squeeze(1).numpy())
+    hr, lr = low_resolution_slices(vol, modality, scale, deg)
     sp = (spacing[0], spacing[1] * scale, spacing[2] * scale)
     row: dict = {"case": name, "modality": modality, "scale": scale, "degradation": label,
                  "held_out": held_out, "true_group": inplane_group(deg)}
