@@ -80,6 +80,21 @@ def _scale_last_layer(factor: float, stem: str = "fast_slice_x2") -> Callable[[P
     return apply
 
 
+def _cell_pick(cell: str, group: str, worst: float) -> Callable[[Path], None]:
+    """Give ``group`` a worst gain of ``worst`` in one cell of the shipped slice x2 table.
+
+    E.g. what the table built without the stress cases recorded for it.
+    """
+
+    def apply(copy: Path) -> None:
+        path = copy / "sr_engine" / "weights" / "selection_slice_x2.json"
+        table = json.loads(path.read_text())
+        table["by_estimate"].setdefault(group, {})[cell] = worst
+        path.write_text(json.dumps(table))
+
+    return apply
+
+
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "gate-ct-hold", "the safety gate holds a CT series whose mean error exceeds hold bound",
@@ -205,6 +220,21 @@ MUTANTS: tuple[Mutant, ...] = (
         "    return best, gains[best]",
         ("tests/test_engine_robust.py::"
          "test_slice_x4_keeps_the_expected_worst_case_pick_only_when_its_cell_agrees",),
+    ),
+    Mutant(
+        "residual-scale", "a weights group at alpha runs cubic + alpha x its residual",
+        "sr_engine/models/base.py",
+        "            y = y * self.residual_scale",
+        "            pass",
+        ("tests/test_engine_robust.py::test_residual_scale_shrinks_the_output_towards_cubic",
+         "tests/test_engine_robust.py::"
+         "test_a_scaled_group_chosen_by_the_table_is_applied_and_described"),
+    ),
+    Mutant(
+        "stress-table", "slice tables are safe on aliased, off-grid sampling (stress cases)",
+        "sr_engine/weights/selection_slice_x2.json", "", "",
+        ("tests/test_engine_robust.py::test_aliased_decimation_is_not_made_worse_than_bicubic",),
+        apply=_cell_pick("area_sharp|1", "hedge", 2.044),
     ),
     Mutant(
         "negated-hedge-weights", "the hedging weights beat interpolation",

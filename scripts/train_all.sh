@@ -161,13 +161,13 @@ esac
 
 # In-plane degradation estimator (sr_engine/estimate.py: spectral features of family-degraded
 # training images, HR augmented like real reconstructions) and the selection tables (on the
-# held-out synthetic validation phantoms, sharp and smooth at their own resolution:
-# selection_slice_x*.json; slice x2: worst gain of every weights group per estimate cell; slice
-# x4 keeps the previous rule, sharp validation images and the expected worst-case choice, because
-# the minimax table measured worse on the public benchmark: see README).
+# held-out synthetic validation phantoms, sharp and smooth at their own resolution, plus the
+# aliased / off-grid stress cases of eval_robust VALIDATION_STRESS: selection_slice_x*.json;
+# slice x2: worst gain of every weights group, also at half its residual, per estimate cell;
+# slice x4: the expected worst-case choice guarded by the cells, see README).
 if [ -n "$ROBUST" ]; then
   "$PY" -m sr_engine.estimate --scale 2 --samples 16000 --out "$OUT"
   "$PY" -m sr_engine.estimate --scale 4 --samples 12000 --out "$OUT"
-  "$PY" -m benchmarks.eval_robust --validation --tasks slice:2 slice:4 volume:4 --previous-rule 4 \
-    --threads "$THREADS"
+  "$PY" -m benchmarks.eval_robust --validation --tasks slice:2 slice:4 volume:4 --stress \
+    --guarded-rule 4 --threads "$THREADS"
 fi

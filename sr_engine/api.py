@@ -250,7 +250,10 @@ class EnhanceResult:
             text = f"interpolation {self.model_name}: {self.fallback_reason}"
         else:
             group = self.extra.get("weights_group")
-            text = f"SR {self.model_name}" + (f" ({group} weights)" if group else "")
+            text = f"SR {self.model_name}"
+            if group:  # "hedge@0.5": the hedge weights with half their residual over cubic
+                base, _, alpha = str(group).partition("@")
+                text += f" ({base} weights" + (f", residual x{alpha})" if alpha else ")")
         if self.degradation is not None and not self.fallback_reason:
             text += "; " + self.degradation.describe()
         if self.adaptation:

@@ -193,6 +193,8 @@ def slab_weights(out_centres: np.ndarray, out_thickness: float, in_centres: np.n
 # * ``lanczos``: antialiased Lanczos resampling (kernel stretched by N, ``lobes`` 2 or 3);
 # * ``kspace``: MR acquisition of a lower matrix, centre crop of the 2-D spectrum with
 #   ``window`` 0 (none), 1 (Hamming) or 2 (Fermi, radius ``fermi_radius`` of the crop's Nyquist);
+# * ``decimate``: every N-th pixel, no antialiasing filter (aliased, off-centre by the sampling
+#   phase); not a trained family: a stress case of the validation tables and the tests;
 # * optional noise after the degradation: ``noise`` standard deviation in network units, added
 #   (CT-like) or Rician (MR-like, ``rician`` = 1).
 #
@@ -396,7 +398,9 @@ def apply_inplane(x: torch.Tensor, factor: int, deg: Degradation,
     factor
         Decimation factor.
     deg
-        Family ``area``, ``lanczos`` or ``kspace`` and its parameters.
+        Family ``area``, ``lanczos`` or ``kspace`` and its parameters, or ``decimate``
+        (every N-th pixel from ``phase_y`` / ``phase_x`` times N on, no antialiasing: a stress
+        case, never trained on).
     gen
         Generator of the noise.
 
@@ -412,6 +416,10 @@ def apply_inplane(x: torch.Tensor, factor: int, deg: Degradation,
         y = _decimate_axis(_decimate_axis(x, taps, factor, 2), taps, factor, 3)
     elif deg.family == "kspace":
         y = _kspace_crop(x, factor, int(deg.get("window")), deg.get("fermi_radius", 0.9))
+    elif deg.family == "decimate":
+        py = min(int(deg.get("phase_y") * factor), factor - 1)
+        px = min(int(deg.get("phase_x") * factor), factor - 1)
+        y = x[:, :, py::factor, px::factor].contiguous()
     else:
         raise ValueError(f"unknown in-plane family {deg.family!r}")
     return add_noise(y, deg.get("noise"), deg.get("rician") > 0.5, gen)
@@ -465,6 +473,11 @@ INPLANE_GROUPS = ("area_sharp", "area_soft", "lanczos", "kspace_sharp", "kspace_
 # every group, ``hedge`` only from the groups that leave the input sharp-looking.  ``interp``
 # (trained on HR band-limited at the LR Nyquist frequency, :class:`FamilyDegradation`) learns a
 # better interpolation: plain k-space truncation without window, so nothing to deblur.
+# (Adding aliased ``decimate`` to the hedge's training set was tried on 2026-12-06: with a
+# quarter of the samples its loss on decimated validation inputs went from -0.36 to -0.27 dB,
+# with three quarters -0.26, while its losses on smooth images grew: the sampling phase cannot
+# be seen in the input, so the selection tables guard against it instead, see
+# ``benchmarks/eval_robust.py`` VALIDATION_STRESS.)
 MIXED_GROUPS = {"blind": INPLANE_GROUPS, "hedge": ("area_sharp", "lanczos", "kspace_sharp"),
                 "interp": ("kspace_sharp",)}
 
@@ -475,6 +488,8 @@ def inplane_group(deg: Degradation) -> str:
         return "area_sharp" if deg.get("sigma_n") < 0.3 else "area_soft"
     if deg.family == "lanczos":
         return "lanczos"
+    if deg.family == "decimate":
+        return "decimate"
     return "kspace_smooth" if int(deg.get("window")) == 1 else "kspace_sharp"
 
 

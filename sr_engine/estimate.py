@@ -49,6 +49,12 @@ MAX_SLICES = 12  # slices of a series used by the estimate (evenly spaced)
 MAX_EDGE = 192  # central crop edge of each slice used by the estimate
 MIN_CONFIDENCE = 0.6  # below: "uncertain", the node falls back to interpolation
 MIN_EXPECTED_GAIN_DB = 0.0  # slice mode: at or below, interpolation (see expected_gains)
+# Slice mode, ``by_estimate`` tables: weights only when the worst validation gain of the
+# estimate's cell is above this margin.  Chosen on the validation set, leave-one-volume-out
+# (2026-12-06, with the residual-scaled candidates and the aliased/off-grid stress cases): at
+# 0 one left-out case lost 0.16 dB, at 0.25 none lost more than 0.07 (a worst case over a few
+# dozen cases is an optimistic bound for the next series).
+MIN_CELL_WORST_DB = 0.25
 FWHM_GRID = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
 # Through-plane: a best spectral misfit above this (mean squared log-power difference over the
 # high bands) is outside every profile family.  Calibrated on the synthetic 3-D phantoms.
@@ -357,7 +363,8 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
     -------
     tuple or None
         ``(weights group, trusted gain in dB, confidence covered)``: the node uses the group only
-        when the gain is above :data:`MIN_EXPECTED_GAIN_DB` (``nominal``: the nominal weights);
+        when the gain is above :data:`MIN_CELL_WORST_DB` (``by_estimate`` tables) or
+        :data:`MIN_EXPECTED_GAIN_DB` (the other rules; ``nominal``: the nominal weights);
         ``confidence covered`` is True when the table accounts for low confidence itself (else
         the node's confidence threshold applies).  None without a table.
     """

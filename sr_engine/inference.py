@@ -22,6 +22,7 @@ from .api import (
 from .degrade import Degradation, apply_inplane, degrade_inplane, profile_weights, slab_weights
 from .errors import UnsupportedRequestError
 from .estimate import (
+    MIN_CELL_WORST_DB,
     MIN_CONFIDENCE,
     MIN_EXPECTED_GAIN_DB,
     adaptation_profiles,
@@ -329,8 +330,8 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
             return name, None, None
         family = vpick or family
     if pick is not None:
-        family, gain, _ = pick
-        if gain <= MIN_EXPECTED_GAIN_DB:
+        family, gain, covered = pick
+        if gain <= (MIN_CELL_WORST_DB if covered else MIN_EXPECTED_GAIN_DB):
             why = ("too few validation cases" if family == "none"
                    else f"validation gain {gain:+.2f} dB")
             return baseline, None, (f"no weights safe enough for this estimate ({why}; "

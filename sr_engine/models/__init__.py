@@ -105,14 +105,41 @@ def build_model(name: str, mode: str, scale: int) -> SRNet:
     return spec.build(fy, fx)
 
 
+def split_group(group: str | None) -> tuple[str | None, float]:
+    """A weights group and its residual scale: ``"hedge@0.5"`` -> ``("hedge", 0.5)``.
+
+    A group name may end in ``@<alpha>``: the weights of the group with their learned residual
+    over the cubic base scaled by ``alpha`` in (0, 1], i.e. ``cubic + alpha * (net - cubic)``, a
+    shrinkage towards the interpolation baseline (chosen per estimate cell by the selection
+    tables, see :mod:`sr_engine.estimate`).
+
+    Raises
+    ------
+    ValueError
+        ``alpha`` is not a number in (0, 1].
+    """
+    if not group or "@" not in group:
+        return group, 1.0
+    base, _, text = group.partition("@")
+    try:
+        alpha = float(text)
+    except ValueError:
+        raise ValueError(f"bad residual scale in weights group {group!r}") from None
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"residual scale of {group!r} must be in (0, 1]")
+    return base or None, alpha
+
+
 def weights_path(name: str, mode: str, scale: int, weights_dir: Path | None = None,
                  group: str | None = None) -> Path:
     """Path of the weights file in ``weights_dir`` (``[engine] weights_dir``), else shipped.
 
     ``group`` names the degradation-family weights (``<model>_<mode>_x<scale>_<group>``); None is
-    the original (nominal-degradation) file.
+    the original (nominal-degradation) file.  A residual scale (``hedge@0.5``, see
+    :func:`split_group`) uses the group's file.
     """
     folder = weights_dir or WEIGHTS_DIR
+    group = split_group(group)[0]
     suffix = f"_{group}" if group else ""
     return Path(folder) / f"{name}_{mode}_x{scale}{suffix}.safetensors"
 
@@ -143,7 +170,8 @@ def load_model(name: str, mode: str, scale: int, weights_dir: Path | None = None
     weights_dir
         Folder with ``<model>_<mode>_x<scale>.safetensors`` (default: shipped weights).
     group
-        Degradation-family weights (``<model>_<mode>_x<scale>_<group>.safetensors``), or None.
+        Degradation-family weights (``<model>_<mode>_x<scale>_<group>.safetensors``), or None;
+        ``<group>@<alpha>`` scales the learned residual by ``alpha`` (:func:`split_group`).
 
     Returns
     -------
@@ -166,11 +194,16 @@ def load_model(name: str, mode: str, scale: int, weights_dir: Path | None = None
         state = load_file(str(path))
         model.load_state_dict(state)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        tag = f"-{group}" if group else ""
+        base_group = split_group(group)[0]
+        tag = f"-{base_group}" if base_group else ""
         _CACHE[key] = (model.eval(), f"{name}-{mode}-x{scale}{tag}-{digest}")
     cached, version = _CACHE[key]
     fresh = build_model(name, mode, scale)
     fresh.load_state_dict(cached.state_dict())
+    alpha = split_group(group)[1]
+    if alpha != 1.0:
+        fresh.residual_scale = alpha
+        version += f"-residual{alpha:g}"
     return fresh.eval(), version
 
 

@@ -48,7 +48,9 @@ class SRNet(nn.Module):
 
     Subclasses set ``self.body`` producing ``fy*fx`` channels on the LR grid and ``self.pad``:
     the input is replicate-padded once by ``pad`` pixels (cheaper than padding every layer) and
-    the body output is centre-cropped back to the input size.
+    the body output is centre-cropped back to the input size.  ``residual_scale`` (default 1)
+    multiplies the learned residual: ``interpolate(x) + alpha * shuffle(...)``, a shrinkage
+    towards the interpolation baseline (``sr_engine.models.split_group``).
 
     Parameters
     ----------
@@ -62,6 +64,7 @@ class SRNet(nn.Module):
         super().__init__()
         self.fy, self.fx = fy, fx
         self.pad = 0
+        self.residual_scale = 1.0
         self.body: nn.Module = nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -72,6 +75,8 @@ class SRNet(nn.Module):
         y = self.body(F.pad(x, (p, p, p, p), mode="replicate") if p else x)
         dy, dx = (y.shape[-2] - h) // 2, (y.shape[-1] - w) // 2
         y = y[..., dy:dy + h, dx:dx + w]
+        if self.residual_scale != 1.0:
+            y = y * self.residual_scale
         return base + shuffle(y, self.fy, self.fx)
 
 
