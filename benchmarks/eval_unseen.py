@@ -182,7 +182,7 @@ SLAB_UNSEEN: list[tuple[str, Operator]] = [
 ]
 
 
-def _degrade(hr: np.ndarray, modality: str, op: Operator, scale: int, axis_last: bool
+def degrade_series(hr: np.ndarray, modality: str, op: Operator, scale: int, axis_last: bool
              ) -> np.ndarray:
     """Apply ``op`` in network units; ``axis_last``: the slab axis is the volume's first."""
     mapping = mapping_for(hr, modality)
@@ -229,7 +229,7 @@ def slice_rows(scale: int) -> list[dict]:
         hr = np.ascontiguousarray(vol[:, :h, :w])
         sp = (spacing[0], spacing[1] * scale, spacing[2] * scale)
         for label, op in INPLANE_UNSEEN:
-            lr = _degrade(hr, modality, op, scale, axis_last=False)
+            lr = degrade_series(hr, modality, op, scale, axis_last=False)
             row = {"task": f"slice x{scale}", "case": name, "degradation": label,
                    "guarded": label in GUARDED_ON_VALIDATION}
             rows.append(_score(row, lr, sp, spacing[0], modality, hr, "bicubic", "slice",
@@ -246,7 +246,7 @@ def volume_rows(scale: int, adapt_seconds: float) -> list[dict]:
     sp = (spacing[0] * scale, spacing[1], spacing[2])
     rows = []
     for label, op in SLAB_UNSEEN:
-        lr = _degrade(hr, "MR", op, scale, axis_last=True)
+        lr = degrade_series(hr, "MR", op, scale, axis_last=True)
         row = {"task": f"volume x{scale}", "case": "MNI152 axial", "degradation": label}
         rows.append(_score(row, lr, sp, sp[0], "MR", hr, "cubic", "volume", scale,
                            adapt_seconds))
