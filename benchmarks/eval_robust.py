@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from benchmarks.eval_public import SLICE_FILES, load_dicom_case, load_mni_case
-from benchmarks.eval_unseen import Operator, area_average, decimation, shifted
 from benchmarks.volume_run import run_adapted_keeps
 from benchmarks.volume_run import run_volume as _run
 from sr_engine import EnhanceRequest
 from sr_engine.degrade import (
+    BENCHMARK_INPLANE,
+    BENCHMARK_SLAB,
     INPLANE_GROUPS,
     SLAB_PROFILES,
     SMOOTH_HR_VARIANTS,
@@ -43,33 +44,14 @@ from sr_engine.degrade import (
 )
 from sr_engine.models import find_weights
 from sr_engine.normalise import mapping_for
+from sr_engine.stress import Operator, area_average, decimation, shifted
 from sr_engine.training import ADAPT_KEEP
 
 RESULTS = Path(__file__).resolve().parent / "results"
-A = Degradation.of
-SLICE_DEGRADATIONS = [
-    ("area s0", A("area", sigma_n=0.0), False),
-    ("area s.3 (nominal)", A("area", sigma_n=0.3), False),
-    ("area s.6", A("area", sigma_n=0.6), False),
-    ("lanczos3", A("lanczos", lobes=3), False),
-    ("kspace", A("kspace", window=0), False),
-    ("kspace hamming", A("kspace", window=1), False),
-    ("kspace fermi.9", A("kspace", window=2, fermi_radius=0.9), False),
-    ("area s.3 + noise", A("area", sigma_n=0.3, noise=0.004), False),
-    ("area s.42", A("area", sigma_n=0.42), True),
-    ("lanczos2", A("lanczos", lobes=2), True),
-    ("kspace fermi.78", A("kspace", window=2, fermi_radius=0.78), True),
-]
-SLAB_DEGRADATIONS = [
-    ("box 1.0", A("box", fwhm=1.0), False), ("box 0.7 gap", A("box", fwhm=0.7), False),
-    ("box 1.3 overlap", A("box", fwhm=1.3), False),
-    ("gauss 0.7", A("gaussian", fwhm=0.7), False), ("gauss 1.0", A("gaussian", fwhm=1.0), False),
-    ("gauss 1.3", A("gaussian", fwhm=1.3), False),
-    ("sinc 0.7", A("sinc", fwhm=0.7), False), ("sinc 1.0", A("sinc", fwhm=1.0), False),
-    ("sinc 1.3", A("sinc", fwhm=1.3), False),
-    ("box 0.9", A("box", fwhm=0.9), True), ("gauss 1.2", A("gaussian", fwhm=1.2), True),
-    ("sinc 1.2", A("sinc", fwhm=1.2), True),
-]
+# The benchmark's degradations (label, member, held out): sr_engine.degrade's lists, shared with
+# ``srnode evaluate --degradations``.
+SLICE_DEGRADATIONS = BENCHMARK_INPLANE
+SLAB_DEGRADATIONS = BENCHMARK_SLAB
 
 # Operators outside every family that the validation tables also guard against (``--stress``;
 # never trained on): aliased decimation at either sampling phase.  The public benchmark found

@@ -32,168 +32,22 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F  # noqa: N812
 
 from benchmarks.eval_public import SLICE_FILES, load_dicom_case, load_mni_case
 from benchmarks.volume_run import run_volume
 from sr_engine import EnhanceRequest
-from sr_engine.degrade import _decimate_axis, _kernel_taps, degrade_inplane
-from sr_engine.normalise import mapping_for
+from sr_engine.stress import (
+    GUARDED_ON_VALIDATION,
+    INPLANE_UNSEEN,
+    SLAB_UNSEEN,
+    degrade_series,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-Operator = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
-# Operators whose kind the validation stress cases now cover (benchmarks.eval_robust
-# VALIDATION_STRESS): reported, but no longer evidence of generalisation.
-GUARDED_ON_VALIDATION = ("decimation (aliased)", "area, grid off by 1 px")
-
-
-def _stretched(factor: int, kernel: Callable[[np.ndarray], np.ndarray], support: float
-               ) -> np.ndarray:
-    """Decimation taps of ``kernel`` (defined on LR pixels) stretched by ``factor``."""
-    return _kernel_taps(factor, lambda u: kernel(u / factor), support * factor)
-
-
-def _cubic(t: np.ndarray, a: float = -0.5) -> np.ndarray:
-    t = np.abs(t)
-    return np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
-                    np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0))
-
-
-def _separable(taps_y: np.ndarray, taps_x: np.ndarray) -> Operator:
-    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        return _decimate_axis(_decimate_axis(x, taps_y, factor, 2), taps_x, factor, 3)
-    return op
-
-
-def _resize(kernel: Callable[[np.ndarray], np.ndarray], support: float) -> Operator:
-    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        taps = _stretched(factor, kernel, support)
-        return _separable(taps, taps)(x, factor, gen)
-    return op
-
-
-def decimation(phase: int = 0) -> Operator:
-    """Every ``factor``-th pixel from ``phase`` on, no antialiasing (aliased, off-centre)."""
-    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        p = min(phase, factor - 1)
-        return x[:, :, p::factor, p::factor].contiguous()
-    return op
-
-
-def _kspace_origin(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-    """Centre crop of the spectrum without the half-pixel phase correction: LR sample ``i`` at
-    HR pixel ``i*N`` (what a plain ``fftshift``-crop-``ifft`` does), not at the block centre."""
-    h, w = x.shape[-2] // factor, x.shape[-1] // factor
-    spec = torch.fft.fftshift(torch.fft.fft2(x.double()), dim=(-2, -1))
-    cy, cx = x.shape[-2] // 2, x.shape[-1] // 2
-    crop = spec[..., cy - h // 2:cy - h // 2 + h, cx - w // 2:cx - w // 2 + w]
-    out = torch.fft.ifft2(torch.fft.ifftshift(crop, dim=(-2, -1))).real / (factor * factor)
-    return out.to(x.dtype)
-
-
-def shifted(op: Operator, pixels: int) -> Operator:
-    """``op`` on the image moved by ``pixels`` HR pixels (the LR grid off the block centres)."""
-    def moved(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        y = F.pad(x[:, :, pixels:, pixels:], (0, pixels, 0, pixels), mode="replicate")
-        return op(y, factor, gen)
-    return moved
-
-
-def _gauss(sigma_y: float, sigma_x: float) -> Operator:
-    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        def taps(s: float) -> np.ndarray:
-            if s <= 0:
-                return np.full(factor, 1.0 / factor, dtype=np.float32)
-            return _kernel_taps(factor, lambda u: np.exp(-0.5 * (u / (s * factor)) ** 2),
-                                4 * s * factor)
-        return _separable(taps(sigma_y), taps(sigma_x))(x, factor, gen)
-    return op
-
-
-def area_average(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-    """Plain area averaging (the ``area`` family at ``sigma_n`` 0)."""
-    return degrade_inplane(x, factor, 0.0)
-
-
-def _motion(length: int) -> Operator:
-    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        k = torch.full((1, 1, 1, length), 1.0 / length, dtype=x.dtype)
-        blurred = F.conv2d(F.pad(x, (length // 2, length // 2, 0, 0), mode="replicate"), k)
-        return degrade_inplane(blurred, factor, 0.0)
-    return op
-
-
-def _noisy(op: Operator, level: float) -> Operator:
-    def noisy(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        y = op(x, factor, gen)
-        return y + level * torch.randn(y.shape, generator=gen, dtype=y.dtype)
-    return noisy
-
-
-def _quantised(op: Operator, levels: int) -> Operator:
-    def quantised(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        y = op(x, factor, gen)
-        lo, hi = float(y.min()), float(y.max())
-        step = (hi - lo) / (levels - 1) if hi > lo else 1.0
-        return torch.round((y - lo) / step) * step + lo
-    return quantised
-
-
-INPLANE_UNSEEN: list[tuple[str, Operator]] = [
-    ("bicubic resize (antialiased)", _resize(_cubic, 2.0)),
-    ("bilinear resize (antialiased)", _resize(lambda t: np.clip(1 - np.abs(t), 0, None), 1.0)),
-    ("decimation (aliased)", decimation(0)),
-    ("gaussian PSF 1.0N", _gauss(1.0, 1.0)),
-    ("anisotropic PSF .6N/0", _gauss(0.6, 0.0)),
-    ("motion blur 5 px", _motion(5)),
-    ("area + heavy noise .02", _noisy(area_average, 0.02)),
-    ("bicubic resize, 8 bit", _quantised(_resize(_cubic, 2.0), 256)),
-    ("kspace crop, FFT origin", _kspace_origin),
-    ("area, grid off by 1 px", shifted(area_average, 1)),
-]
-
-
-def _slab(kernel: Callable[[np.ndarray], np.ndarray], support: float,
-          noise: float = 0.0) -> Operator:
-    """Slab profile along H, ``kernel`` in units of the slice spacing."""
-    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        y = _decimate_axis(x, _stretched(factor, kernel, support), factor, 2)
-        return y + noise * torch.randn(y.shape, generator=gen, dtype=y.dtype) if noise else y
-    return op
-
-
-def _box(width: float) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda t: (np.abs(t) <= width / 2).astype(np.float64)
-
-
-SLAB_UNSEEN: list[tuple[str, Operator]] = [
-    ("triangle FWHM 1.0", _slab(lambda t: np.clip(1 - np.abs(t), 0, None), 1.0)),
-    ("Hann FWHM 1.0", _slab(lambda t: np.where(np.abs(t) < 1, 0.5 + 0.5 * np.cos(np.pi * t),
-                                               0.0), 1.0)),
-    ("gaussian FWHM 1.6", _slab(lambda t: np.exp(-0.5 * (t / (1.6 / 2.3548)) ** 2), 1.4)),
-    ("box 0.5 (50 % gap)", _slab(_box(0.5), 0.25)),
-    ("box 1.0 + noise .02", _slab(_box(1.0), 0.5, noise=0.02)),
-]
-
-
-def degrade_series(hr: np.ndarray, modality: str, op: Operator, scale: int, axis_last: bool
-             ) -> np.ndarray:
-    """Apply ``op`` in network units; ``axis_last``: the slab axis is the volume's first."""
-    mapping = mapping_for(hr, modality)
-    gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        x = torch.from_numpy(mapping.forward(hr))
-        if axis_last:  # (Z, Y, X) -> (X, 1, Z, Y): decimate along Z
-            y = op(x.permute(2, 0, 1).unsqueeze(1).contiguous(), scale, gen)
-            return mapping.inverse(y.squeeze(1).permute(1, 2, 0).contiguous().numpy())
-        return mapping.inverse(op(x.unsqueeze(1), scale, gen).squeeze(1).numpy())
-
 
 def _score(row: dict, lr: np.ndarray, sp: tuple[float, float, float], thick: float,
            modality: str, hr: np.ndarray, base: str, mode: str, scale: int,

@@ -668,11 +668,19 @@ def _nifti_case(path: Path) -> tuple[str, np.ndarray, tuple[float, float, float]
 
 def evaluate_paths(
     paths: Sequence[Path], *, mode: str, scale: int, model: str, weights_dir: Path | None = None,
-    self_ensemble: bool | None = None,
+    self_ensemble: bool | None = None, degradations: str = "nominal", max_slices: int = 16,
+    adapt_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """``srnode evaluate``: PSNR/SSIM of ``model`` against its baseline on DICOM/NIfTI inputs."""
+    """``srnode evaluate``: PSNR/SSIM of ``model`` against its baseline on DICOM/NIfTI inputs.
+
+    ``degradations`` ``nominal`` degrades each input with the documented nominal operator
+    (:func:`sr_engine.evaluation.evaluate_volumes`); ``families`` / ``all`` with every trained
+    family (and every operator outside them), the site's own check of the promise "never worse
+    than interpolation" (:func:`sr_engine.evaluation.evaluate_robustness`, at most
+    ``max_slices`` slices per series in slice mode).
+    """
     from dicom_node.derive.series import SeriesError, load_series
-    from sr_engine.evaluation import evaluate_volumes
+    from sr_engine.evaluation import evaluate_robustness, evaluate_volumes
 
     cases: list[tuple[str, np.ndarray, tuple[float, float, float], str]] = []
     for p in paths:
@@ -694,5 +702,12 @@ def evaluate_paths(
                     cases.append((f.name, s.volume, s.spacing, s.modality))
     if not cases:
         raise EnhanceError("no evaluable CT/MR images found")
+    if degradations != "nominal":
+        try:
+            return evaluate_robustness(cases, mode, scale, model, degradations,
+                                       weights_dir=weights_dir, self_ensemble=self_ensemble,
+                                       max_slices=max_slices, adapt_seconds=adapt_seconds)
+        except ValueError as exc:
+            raise EnhanceError(str(exc)) from exc
     return evaluate_volumes(cases, mode=mode, scale=scale, model=model, weights_dir=weights_dir,
                             self_ensemble=self_ensemble)

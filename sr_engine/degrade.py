@@ -666,3 +666,33 @@ def random_smooth_hr(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return smooth_hr(img, "gaussian", float(rng.uniform(0.4, 1.4)), noise=noise, rng=rng)
     return smooth_hr(img, "zerofill", float(rng.uniform(0.45, 0.9)), int(rng.integers(3)),
                      noise, rng)
+
+
+_A = Degradation.of
+#: The robustness benchmark's in-plane degradations ``(label, member, held out)``: each family
+#: at typical parameters plus the held-out bands (``benchmarks/eval_robust.py``, ``srnode
+#: evaluate --degradations``).
+BENCHMARK_INPLANE: list[tuple[str, Degradation, bool]] = [
+    ("area s0", _A("area", sigma_n=0.0), False),
+    ("area s.3 (nominal)", _A("area", sigma_n=0.3), False),
+    ("area s.6", _A("area", sigma_n=0.6), False),
+    ("lanczos3", _A("lanczos", lobes=3), False),
+    ("kspace", _A("kspace", window=0), False),
+    ("kspace hamming", _A("kspace", window=1), False),
+    ("kspace fermi.9", _A("kspace", window=2, fermi_radius=0.9), False),
+    ("area s.3 + noise", _A("area", sigma_n=0.3, noise=0.004), False),
+    ("area s.42", _A("area", sigma_n=0.42), True),
+    ("lanczos2", _A("lanczos", lobes=2), True),
+    ("kspace fermi.78", _A("kspace", window=2, fermi_radius=0.78), True),
+]
+#: The robustness benchmark's slab profiles ``(label, member, held out)``.
+BENCHMARK_SLAB: list[tuple[str, Degradation, bool]] = [
+    ("box 1.0", _A("box", fwhm=1.0), False), ("box 0.7 gap", _A("box", fwhm=0.7), False),
+    ("box 1.3 overlap", _A("box", fwhm=1.3), False),
+    ("gauss 0.7", _A("gaussian", fwhm=0.7), False), ("gauss 1.0", _A("gaussian", fwhm=1.0), False),
+    ("gauss 1.3", _A("gaussian", fwhm=1.3), False),
+    ("sinc 0.7", _A("sinc", fwhm=0.7), False), ("sinc 1.0", _A("sinc", fwhm=1.0), False),
+    ("sinc 1.3", _A("sinc", fwhm=1.3), False),
+    ("box 0.9", _A("box", fwhm=0.9), True), ("gauss 1.2", _A("gaussian", fwhm=1.2), True),
+    ("sinc 1.2", _A("sinc", fwhm=1.2), True),
+]

@@ -149,3 +149,146 @@ def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
             "self_ensemble": used_ensemble if rows else None, "cases": rows,
             "mean_psnr_gain_db": round(float(np.mean(gains)), 3) if rows else 0.0,
             "mean_ssim_gain": round(float(np.mean(sgains)), 4) if rows else 0.0}
+
+
+#: Gain below which a case breaks the promise (dB under the interpolation baseline).
+PROMISE_TOLERANCE_DB = 0.1
+DEGRADATION_SETS = ("nominal", "families", "all")
+
+
+def degradation_catalogue(mode: str, which: str = "all") -> list[tuple[str, object, str]]:
+    """The degradations of a robustness evaluation: ``(label, operator, kind)``.
+
+    Parameters
+    ----------
+    mode
+        ``slice`` (in-plane operators) or ``volume`` (slab profiles).
+    which
+        ``families``: every trained family at typical parameters and the held-out parameter
+        bands (:data:`sr_engine.degrade.BENCHMARK_INPLANE` / ``BENCHMARK_SLAB``); ``all``: also
+        the operators outside every family (:mod:`sr_engine.stress`).
+
+    Returns
+    -------
+    list of tuple
+        ``kind`` is ``family``, ``held-out`` or ``outside`` (``outside, validation stress`` for
+        the two kinds the selection tables are built on).
+    """
+    from .degrade import BENCHMARK_INPLANE, BENCHMARK_SLAB
+    from .stress import GUARDED_ON_VALIDATION, INPLANE_UNSEEN, SLAB_UNSEEN
+
+    if which not in ("families", "all"):
+        raise ValueError(f"unknown degradation set {which!r} (families or all)")
+    families = BENCHMARK_INPLANE if mode == "slice" else BENCHMARK_SLAB
+    out: list[tuple[str, object, str]] = [
+        (label, deg, "held-out" if held else "family") for label, deg, held in families]
+    if which == "all":
+        outside = INPLANE_UNSEEN if mode == "slice" else SLAB_UNSEEN
+        out += [(label, op, "outside, validation stress" if label in GUARDED_ON_VALIDATION
+                 else "outside") for label, op in outside]
+    return out
+
+
+def _sample_slices(volume: np.ndarray, max_slices: int) -> np.ndarray:
+    n = volume.shape[0]
+    if max_slices <= 0 or n <= max_slices:
+        return volume
+    return volume[np.unique(np.linspace(0, n - 1, max_slices).round().astype(int))]
+
+
+def evaluate_robustness(cases: list[Case], mode: str, scale: int, model: str = "auto",
+                        which: str = "all", *, weights_dir: Path | None = None,
+                        device: str = "cpu", self_ensemble: bool | None = None,
+                        max_slices: int = 16, adapt_seconds: float = 0.0) -> dict:
+    """The node's promise on a site's own images: every degradation, model against baseline.
+
+    Each HR case is degraded by every operator of :func:`degradation_catalogue` (in-plane in
+    slice mode, along z in volume mode), enhanced by ``model`` (default ``auto``: the node's
+    choice with the degradation estimate) and by the interpolation baseline, and scored
+    against the HR case.  A case breaks the promise when the model is worse than the baseline
+    by more than :data:`PROMISE_TOLERANCE_DB`.
+
+    Parameters
+    ----------
+    cases
+        ``(name, HR volume (z, y, x) in modality units, spacing (dz, dy, dx) mm, modality)``.
+    mode, scale
+        Task.
+    model
+        Model under test (``auto``: as the node chooses).
+    which
+        ``families`` or ``all`` (see :func:`degradation_catalogue`).
+    weights_dir, device, self_ensemble
+        As for :func:`evaluate_volumes`.
+    max_slices
+        Slice mode: at most this many evenly spaced slices per case (0: all), to keep the
+        evaluation short; volume mode uses the whole volume.
+    adapt_seconds
+        Volume mode: per-series adaptation of the model, as the node runs it
+        (``[engine] adapt_seconds``); 0 (default) evaluates the shipped weights alone.
+
+    Returns
+    -------
+    dict
+        ``{"rows": [{"name", "degradation", "kind", "psnr", "psnr_baseline", "gain", "choice",
+        "fallback"}], "by_degradation": {label: {"kind", "cases", "mean_gain", "worst_gain",
+        "below", "fallbacks"}}, "cases", "below", "worst_gain", "promise_kept", ...}``.
+    """
+    from .stress import degrade_series
+
+    baseline = "bicubic" if mode == "slice" else "cubic"
+    catalogue = degradation_catalogue(mode, which)
+    rows = []
+    for name, volume, spacing, modality in cases:
+        dz, dy, dx = (float(v) for v in spacing)
+        vol = np.asarray(volume, dtype=np.float32)
+        if mode == "slice":
+            vol = _sample_slices(vol, max_slices)
+            h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
+            hr = np.ascontiguousarray(vol[:, :h, :w])
+            lr_spacing, thickness = (dz, dy * scale, dx * scale), dz
+        else:
+            z = (vol.shape[0] // scale) * scale
+            hr = np.ascontiguousarray(vol[:z])
+            lr_spacing, thickness = (dz * scale, dy, dx), dz * scale
+        if hr.size == 0 or (mode == "volume" and hr.shape[0] < 2):
+            continue  # too small for this scale
+        ref = normalise_for_metrics(hr, hr, modality)
+        for label, op, kind in catalogue:
+            lr = degrade_series(hr, modality, op, scale, axis_last=mode == "volume")  # type: ignore[arg-type]
+            scores, choice, fallback = {}, "", False
+            for tag, m in (("model", model), ("baseline", baseline)):
+                req = EnhanceRequest(mode=mode, scale=scale, model=m, device=device,  # type: ignore[arg-type]
+                                     self_ensemble=self_ensemble,
+                                     adapt_seconds=adapt_seconds if tag == "model" else 0.0)
+                res = enhance_volume(lr, lr_spacing, thickness, modality, req,
+                                     weights_dir=weights_dir)
+                out = res.volume[: hr.shape[0], : hr.shape[1], : hr.shape[2]]
+                scores[tag] = psnr(normalise_for_metrics(out, hr, modality), ref)
+                if tag == "model":
+                    choice, fallback = res.describe(), res.fallback_reason is not None
+            rows.append({"name": name, "degradation": label, "kind": kind,
+                         "psnr": round(scores["model"], 3),
+                         "psnr_baseline": round(scores["baseline"], 3),
+                         "gain": round(scores["model"] - scores["baseline"], 3),
+                         "choice": choice, "fallback": fallback})
+    by: dict[str, dict[str, object]] = {}
+    for label, _, kind in catalogue:
+        gains = [r["gain"] for r in rows if r["degradation"] == label]
+        if not gains:
+            continue
+        by[label] = {"kind": kind, "cases": len(gains),
+                     "mean_gain": round(float(np.mean(gains)), 3),
+                     "worst_gain": round(float(min(gains)), 3),
+                     "below": sum(g < -PROMISE_TOLERANCE_DB for g in gains),
+                     "fallbacks": sum(bool(r["fallback"]) for r in rows
+                                      if r["degradation"] == label)}
+    if not rows:
+        raise ValueError(f"no image large enough for {mode} x{scale}")
+    gains = [r["gain"] for r in rows]
+    below = sum(g < -PROMISE_TOLERANCE_DB for g in gains)
+    return {"mode": mode, "scale": scale, "model": model, "baseline": baseline,
+            "degradations": which, "rows": rows, "by_degradation": by, "cases": len(rows),
+            "below": below, "worst_gain": round(float(min(gains)), 3) if gains else 0.0,
+            "mean_gain": round(float(np.mean(gains)), 3) if gains else 0.0,
+            "promise_kept": below == 0, "tolerance_db": PROMISE_TOLERANCE_DB}

@@ -515,7 +515,7 @@ def test_aliased_decimation_is_not_made_worse_than_bicubic(case: str, scale: int
 
 
 def _unseen_operators() -> list[tuple[str, object]]:
-    from benchmarks.eval_unseen import GUARDED_ON_VALIDATION, INPLANE_UNSEEN
+    from sr_engine.stress import GUARDED_ON_VALIDATION, INPLANE_UNSEEN
 
     return [(label, op) for label, op in INPLANE_UNSEEN if label not in GUARDED_ON_VALIDATION]
 
@@ -529,7 +529,7 @@ def test_operators_outside_every_family_never_lose_to_bicubic(modality: str, sca
     held-out test phantoms: antialiased bicubic/bilinear resizing, a wide or anisotropic PSF,
     motion blur, heavy noise, 8-bit quantisation, the uncorrected k-space crop.  The nominal
     weights lose up to 1.3 dB on some of these (heavy noise, the k-space crop)."""
-    from benchmarks.eval_unseen import degrade_series
+    from sr_engine.stress import degrade_series
 
     op = dict(_unseen_operators())[label]
     hr = _hr_stack(modality, n=6)
