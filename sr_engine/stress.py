@@ -131,6 +131,28 @@ def _quantised(op: Operator, levels: int) -> Operator:
     return quantised
 
 
+def _jpeg(op: Operator, quality: int) -> Operator:
+    """``op``, then a lossy 8-bit JPEG round trip of each image (Pillow, baseline JPEG)."""
+    def compressed(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
+        import io
+
+        from PIL import Image
+
+        y = op(x, factor, gen)
+        out = torch.empty_like(y)
+        for b in range(y.shape[0]):
+            img = y[b, 0].double()
+            lo, hi = float(img.min()), float(img.max())
+            span = hi - lo if hi > lo else 1.0
+            pixels = ((img - lo) / span * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=quality)
+            back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float64)
+            out[b, 0] = torch.from_numpy(back / 255 * span + lo).to(y.dtype)
+        return out
+    return compressed
+
+
 INPLANE_UNSEEN: list[tuple[str, Operator]] = [
     ("bicubic resize (antialiased)", _resize(_cubic, 2.0)),
     ("bilinear resize (antialiased)", _resize(lambda t: np.clip(1 - np.abs(t), 0, None), 1.0)),
@@ -142,6 +164,7 @@ INPLANE_UNSEEN: list[tuple[str, Operator]] = [
     ("bicubic resize, 8 bit", _quantised(_resize(_cubic, 2.0), 256)),
     ("kspace crop, FFT origin", _kspace_origin),
     ("area, grid off by 1 px", shifted(area_average, 1)),
+    ("bicubic resize, JPEG q75", _jpeg(_resize(_cubic, 2.0), 75)),
 ]
 
 

@@ -527,8 +527,8 @@ def test_operators_outside_every_family_never_lose_to_bicubic(modality: str, sca
                                                               label: str) -> None:
     """The promise on degradations no table has seen (``benchmarks/eval_unseen.py``), on the
     held-out test phantoms: antialiased bicubic/bilinear resizing, a wide or anisotropic PSF,
-    motion blur, heavy noise, 8-bit quantisation, the uncorrected k-space crop.  The nominal
-    weights lose up to 1.3 dB on some of these (heavy noise, the k-space crop)."""
+    motion blur, heavy noise, 8-bit quantisation, lossy JPEG, the uncorrected k-space crop.
+    The nominal weights lose up to 1.3 dB on some of these (heavy noise, the k-space crop)."""
     from sr_engine.stress import degrade_series
 
     op = dict(_unseen_operators())[label]
