@@ -67,6 +67,11 @@ VALIDATION_STRESS: list[tuple[str, Operator]] = [
 # case stays above -0.1 dB (margin sr_engine.estimate.MIN_CELL_WORST_DB); adding 0.25 (and
 # 0.75) raised the in-sample mean but one left-out smooth case lost 2.81 dB (blind@0.25).
 RESIDUAL_SCALES = (0.5,)
+# Volume tables that also weigh each profile's weights at half their residual: x3 (decided on
+# the validation volumes, leave-one-volume-out, 2026-12-06: the x3 weights over-sharpen, and the
+# expected worst-case choice among full and half strength never lost, mean +1.43 dB, against
+# +1.11 with 3 of 54 cases below -0.1 dB for full strength only).  x4 keeps its table.
+VOLUME_RESIDUAL_SCALES: dict[int, tuple[float, ...]] = {3: (0.5,)}
 
 
 # The other learned models, run with their nominal weights when ``--models`` names them.
@@ -415,11 +420,13 @@ def volume_validation(scale: int) -> dict[str, dict[str, dict[str, float]]]:
     """Gains of the nominal and of each profile's weights on the synthetic validation volumes.
 
     Returns ``{"mean"|"min": {weights: {true profile: gain over cubic}}}`` (training-split
-    profiles only; weights ``nominal``, ``box``, ``gaussian``, ``sinc``).
+    profiles only; weights ``nominal``, ``box``, ``gaussian``, ``sinc`` and, for the scales of
+    :data:`VOLUME_RESIDUAL_SCALES`, each profile's weights at that residual scale).
     """
     from sr_engine.data import validation_volumes
 
-    weights = ["nominal", *SLAB_PROFILES]
+    halves = VOLUME_RESIDUAL_SCALES.get(scale, ())
+    weights = ["nominal", *SLAB_PROFILES, *(f"{p}@{a:g}" for a in halves for p in SLAB_PROFILES)]
     gains: dict[tuple[str, str], list[float]] = {}
     for name, vol, spacing, modality in validation_volumes(3, (96, 128, 128)):
         mapping = mapping_for(vol, modality)

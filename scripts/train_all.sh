@@ -121,7 +121,7 @@ if has "$LANE_A $LANE_B" srgan:volume:4; then train_task srgan volume 4; fi
 # inference by the per-series degradation estimate (sr_engine/estimate.py).  Each starts from
 # the final nominal weights above (warm restart) and trains over its group's members (held-out
 # parameter bands excluded, see sr_engine/degrade.py HELD_OUT).  ROBUST="" skips this stage.
-ROBUST=${ROBUST-"slice:2 slice:4 volume:2 volume:4"}
+ROBUST=${ROBUST-"slice:2 slice:4 volume:2 volume:3 volume:4"}
 robust_task() {  # mode scale group steps
   mkdir -p "$CKPT/robust"
   cp "$OUT/fast_${1}_x${2}.safetensors" "$CKPT/robust/init_fast_${1}_x${2}.safetensors"
@@ -168,6 +168,6 @@ esac
 if [ -n "$ROBUST" ]; then
   "$PY" -m sr_engine.estimate --scale 2 --samples 16000 --out "$OUT"
   "$PY" -m sr_engine.estimate --scale 4 --samples 12000 --out "$OUT"
-  "$PY" -m benchmarks.eval_robust --validation --tasks slice:2 slice:4 volume:4 --stress \
-    --guarded-rule 4 --threads "$THREADS"
+  "$PY" -m benchmarks.eval_robust --validation --tasks slice:2 slice:4 volume:3 volume:4 \
+    --stress --guarded-rule 4 --threads "$THREADS"
 fi
