@@ -95,6 +95,19 @@ def _cell_pick(cell: str, group: str, worst: float) -> Callable[[Path], None]:
     return apply
 
 
+def _drop_half_strength(name: str) -> Callable[[Path], None]:
+    """Remove the ``<group>@0.5`` candidates of a shipped volume selection table."""
+
+    def apply(copy: Path) -> None:
+        path = copy / "sr_engine" / "weights" / name
+        table = json.loads(path.read_text())
+        for key in ("mean", "min"):
+            table[key] = {w: row for w, row in table[key].items() if "@" not in w}
+        path.write_text(json.dumps(table))
+
+    return apply
+
+
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "gate-ct-hold", "the safety gate holds a CT series whose mean error exceeds hold bound",
@@ -235,6 +248,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "sr_engine/weights/selection_slice_x2.json", "", "",
         ("tests/test_engine_robust.py::test_aliased_decimation_is_not_made_worse_than_bicubic",),
         apply=_cell_pick("area_sharp|1", "hedge", 2.044),
+    ),
+    Mutant(
+        "x3-full-strength", "volume x3 uses its profile weights at half strength (x3 table)",
+        "sr_engine/weights/selection_volume_x3.json", "", "",
+        ("tests/test_engine_robust.py::"
+         "test_volume_x3_choice_is_not_worse_than_cubic_where_it_used_to_lose",),
+        apply=_drop_half_strength("selection_volume_x3.json"),
     ),
     Mutant(
         "negated-hedge-weights", "the hedging weights beat interpolation",
