@@ -200,3 +200,26 @@ def test_streamed_series_keeps_pixel_padding_and_is_dciodvfy_clean(
         assert "Re-degradation check" in ds.DerivationDescription
         assert "SRNODE-PENDING" not in ds.DerivationDescription
     assert_no_new_dciodvfy_errors(paths, out, tmp_path / "check")
+
+
+def test_streamed_slices_use_a_half_strength_pick_like_the_whole_volume(tmp_path: Path) -> None:
+    """A selection table picking ``hedge@0.5``: the streamed job (the worker's path) runs the
+    same half-strength weights as ``enhance_volume`` and gives the same voxels."""
+    import json
+
+    from sr_engine.estimate import INPLANE_GROUPS
+
+    cells = [f"{g}|{b}" for g in INPLANE_GROUPS for b in (0, 1)]
+    (tmp_path / "selection_slice_x2.json").write_text(json.dumps(
+        {"confidence_bins": [0.8], "cases": {c: 20 for c in cells},
+         "by_estimate": {"hedge@0.5": {c: 0.5 for c in cells}}}))
+    vol = _phantom(6, 48)
+    request = EnhanceRequest(mode="slice", scale=2, device="cpu")  # auto, as the node runs
+    whole = enhance_volume(vol, (1.0, 0.7, 0.7), 1.0, "CT", request, weights_dir=tmp_path)
+    engine = SeriesEnhancer(request, _facts(vol, (1.0, 0.7, 0.7), 1.0),
+                            vol[estimate_picks(len(vol))], weights_dir=tmp_path)
+    streamed = np.concatenate([engine.enhance_slices(vol[a:b]) for a, b in ((0, 2), (2, 6))])
+    result = engine.finish()
+    assert whole.extra["weights_group"] == "hedge@0.5" == result.extra["weights_group"]
+    assert result.model_version.endswith("-residual0.5")
+    assert float(np.max(np.abs(streamed - whole.volume))) < 0.05
