@@ -37,14 +37,12 @@ from sr_engine.degrade import (
     SLAB_PROFILES,
     SMOOTH_HR_VARIANTS,
     Degradation,
-    apply_inplane,
-    apply_throughplane,
     inplane_group,
     smooth_hr,
 )
 from sr_engine.models import find_weights
 from sr_engine.normalise import mapping_for
-from sr_engine.stress import Operator, area_average, decimation, shifted
+from sr_engine.stress import Operator, area_average, decimation, degrade_series, shifted
 from sr_engine.training import ADAPT_KEEP
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,19 +86,12 @@ def low_resolution_slices(vol: np.ndarray, modality: str, scale: int,
                           deg: Degradation | Operator) -> tuple[np.ndarray, np.ndarray]:
     """Slices cropped to a multiple of ``scale`` and their in-plane degradation: (truth, input).
 
-    ``deg`` is a family member or an operator outside every family
-    (:mod:`benchmarks.eval_unseen`), applied in network units alike.
+    ``deg`` is a family member or an operator outside every family (:mod:`sr_engine.stress`),
+    applied in network units alike.
     """
     h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
     hr = np.ascontiguousarray(vol[:, :h, :w])
-    mapping = mapping_for(hr, modality)
-    gen = torch.Generator().manual_seed(0)
-    with torch.inference_mode():
-        x = torch.from_numpy(mapping.forward(hr)).unsqueeze(1)
-        y = (apply_inplane(x, scale, deg, gen) if isinstance(deg, Degradation)
-             else deg(x, scale, gen))
-        lr = mapping.inverse(y.squeeze(1).numpy())
-    return hr, lr
+    return hr, degrade_series(hr, modality, deg, scale, axis_last=False)
 
 
 def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], modality: str,
@@ -286,12 +277,7 @@ def thick_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int,
     sp = tuple(spacing[a] for a in axes)
     z = (v.shape[0] // scale) * scale
     hr = v[:z]
-    mapping = mapping_for(hr, "MR")
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(mapping.forward(hr).transpose(2, 0, 1)))
-        lr_net = apply_throughplane(x.unsqueeze(1), scale, deg).squeeze(1).numpy()
-    lr = np.ascontiguousarray(mapping.inverse(lr_net).transpose(1, 2, 0))
-    return hr, lr, (sp[0] * scale, sp[1], sp[2])
+    return hr, degrade_series(hr, "MR", deg, scale, axis_last=True), (sp[0] * scale, sp[1], sp[2])
 
 
 def volume_case(vol: np.ndarray, spacing: tuple[float, float, float], scale: int, label: str,
@@ -429,14 +415,10 @@ def volume_validation(scale: int) -> dict[str, dict[str, dict[str, float]]]:
     weights = ["nominal", *SLAB_PROFILES, *(f"{p}@{a:g}" for a in halves for p in SLAB_PROFILES)]
     gains: dict[tuple[str, str], list[float]] = {}
     for name, vol, spacing, modality in validation_volumes(3, (96, 128, 128)):
-        mapping = mapping_for(vol, modality)
         for label, deg, held in SLAB_DEGRADATIONS:
             if held:
                 continue
-            with torch.inference_mode():
-                x = torch.from_numpy(np.ascontiguousarray(mapping.forward(vol).transpose(2, 0, 1)))
-                lr_net = apply_throughplane(x.unsqueeze(1), scale, deg).squeeze(1).numpy()
-            lr = np.ascontiguousarray(mapping.inverse(lr_net).transpose(1, 2, 0))
+            lr = degrade_series(vol, modality, deg, scale, axis_last=True)
             lsp = (spacing[0] * scale, spacing[1], spacing[2])
             off = {"mode": "volume", "scale": scale, "estimate_degradation": False}
             base, _ = _run(lr, lsp, lsp[0], modality, EnhanceRequest(model="cubic", **off), vol)

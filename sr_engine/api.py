@@ -252,8 +252,10 @@ class EnhanceResult:
             group = self.extra.get("weights_group")
             text = f"SR {self.model_name}"
             if group:  # "hedge@0.5": the hedge weights with half their residual over cubic
-                base, _, alpha = str(group).partition("@")
-                text += f" ({base} weights" + (f", residual x{alpha})" if alpha else ")")
+                from .models import split_group
+
+                base, alpha = split_group(str(group))
+                text += f" ({base} weights" + (f", residual x{alpha:g})" if alpha != 1 else ")")
         if self.degradation is not None and not self.fallback_reason:
             text += "; " + self.degradation.describe()
         if self.adaptation:

@@ -22,11 +22,31 @@ import numpy as np
 import torch
 from skimage.metrics import structural_similarity
 
-from .api import EnhanceRequest
+from .api import EnhanceRequest, EnhanceResult
 from .degrade import degrade_inplane
 from .inference import enhance_volume
 
 Case = tuple[str, np.ndarray, tuple[float, float, float], str]
+
+
+def crop_for_scale(volume: np.ndarray, spacing: tuple[float, float, float], mode: str,
+                   scale: int) -> tuple[np.ndarray, tuple[float, float, float], float]:
+    """The HR case cropped to a multiple of ``scale`` and the LR geometry it degrades to.
+
+    Returns
+    -------
+    tuple
+        ``(cropped HR (z, y, x) float32, LR spacing, LR slice thickness)``: in slice mode y and
+        x are cropped and the in-plane spacing grows by ``scale``; in volume mode z is cropped
+        and the slices become ``scale`` times thicker (contiguous).
+    """
+    dz, dy, dx = (float(v) for v in spacing)
+    vol = np.asarray(volume, dtype=np.float32)
+    if mode == "slice":
+        h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
+        return vol[:, :h, :w], (dz, dy * scale, dx * scale), dz
+    z = (vol.shape[0] // scale) * scale
+    return vol[:z], (dz * scale, dy, dx), dz * scale
 
 
 def make_lr(volume: np.ndarray, spacing: tuple[float, float, float], mode: str,
@@ -47,18 +67,22 @@ def make_lr(volume: np.ndarray, spacing: tuple[float, float, float], mode: str,
     tuple
         ``(cropped HR, LR volume, LR spacing, LR slice thickness)``.
     """
-    dz, dy, dx = spacing
-    vol = np.asarray(volume, dtype=np.float32)
+    hr, lr_spacing, thickness = crop_for_scale(volume, spacing, mode, scale)
     if mode == "slice":
-        h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
-        hr = vol[:, :h, :w]
         with torch.inference_mode():
             lr = degrade_inplane(torch.from_numpy(np.ascontiguousarray(hr)).unsqueeze(1), scale)
-        return hr, lr.squeeze(1).numpy(), (dz, dy * scale, dx * scale), dz
-    z = (vol.shape[0] // scale) * scale
-    hr = vol[:z]
+        return hr, lr.squeeze(1).numpy(), lr_spacing, thickness
+    z = hr.shape[0]
     lr = hr.reshape(z // scale, scale, *hr.shape[1:]).mean(axis=1, dtype=np.float64)
-    return hr, lr.astype(np.float32), (dz * scale, dy, dx), dz * scale
+    return hr, lr.astype(np.float32), lr_spacing, thickness
+
+
+def _enhance_cropped(lr: np.ndarray, lr_spacing: tuple[float, float, float], thickness: float,
+                     modality: str, request: EnhanceRequest, shape: tuple[int, ...],
+                     weights_dir: Path | None) -> tuple[np.ndarray, EnhanceResult]:
+    """Enhance ``lr`` and crop the output to the HR case's ``shape``."""
+    res = enhance_volume(lr, lr_spacing, thickness, modality, request, weights_dir=weights_dir)
+    return res.volume[: shape[0], : shape[1], : shape[2]], res
 
 
 def normalise_for_metrics(values: np.ndarray, reference: np.ndarray, modality: str) -> np.ndarray:
@@ -127,8 +151,8 @@ def evaluate_volumes(cases: list[Case], mode: str, scale: int, model: str,
         for tag, m in (("model", model), ("baseline", baseline)):
             req = EnhanceRequest(mode=mode, scale=scale, model=m, device=device,  # type: ignore[arg-type]
                                  self_ensemble=self_ensemble)
-            res = enhance_volume(lr, lr_spacing, thickness, modality, req, weights_dir=weights_dir)
-            sr = res.volume[:, : hr.shape[1], : hr.shape[2]]
+            sr, res = _enhance_cropped(lr, lr_spacing, thickness, modality, req, hr.shape,
+                                       weights_dir)
             ref = normalise_for_metrics(hr, hr, modality)
             out = normalise_for_metrics(sr, hr, modality)
             scores[tag] = (psnr(out, ref), ssim(out, ref, mode), res.seconds / sr.shape[0])
@@ -189,13 +213,6 @@ def degradation_catalogue(mode: str, which: str = "all") -> list[tuple[str, obje
     return out
 
 
-def _sample_slices(volume: np.ndarray, max_slices: int) -> np.ndarray:
-    n = volume.shape[0]
-    if max_slices <= 0 or n <= max_slices:
-        return volume
-    return volume[np.unique(np.linspace(0, n - 1, max_slices).round().astype(int))]
-
-
 def evaluate_robustness(cases: list[Case], mode: str, scale: int, model: str = "auto",
                         which: str = "all", *, weights_dir: Path | None = None,
                         device: str = "cpu", self_ensemble: bool | None = None,
@@ -234,23 +251,17 @@ def evaluate_robustness(cases: list[Case], mode: str, scale: int, model: str = "
         "fallback"}], "by_degradation": {label: {"kind", "cases", "mean_gain", "worst_gain",
         "below", "fallbacks"}}, "cases", "below", "worst_gain", "promise_kept", ...}``.
     """
+    from .stream import estimate_picks
     from .stress import degrade_series
 
     baseline = "bicubic" if mode == "slice" else "cubic"
     catalogue = degradation_catalogue(mode, which)
     rows = []
     for name, volume, spacing, modality in cases:
-        dz, dy, dx = (float(v) for v in spacing)
-        vol = np.asarray(volume, dtype=np.float32)
-        if mode == "slice":
-            vol = _sample_slices(vol, max_slices)
-            h, w = (vol.shape[1] // scale) * scale, (vol.shape[2] // scale) * scale
-            hr = np.ascontiguousarray(vol[:, :h, :w])
-            lr_spacing, thickness = (dz, dy * scale, dx * scale), dz
-        else:
-            z = (vol.shape[0] // scale) * scale
-            hr = np.ascontiguousarray(vol[:z])
-            lr_spacing, thickness = (dz * scale, dy, dx), dz * scale
+        if mode == "slice" and max_slices > 0:
+            volume = np.asarray(volume)[estimate_picks(len(volume), max_slices)]
+        hr, lr_spacing, thickness = crop_for_scale(volume, spacing, mode, scale)
+        hr = np.ascontiguousarray(hr)
         if hr.size == 0 or (mode == "volume" and hr.shape[0] < 2):
             continue  # too small for this scale
         ref = normalise_for_metrics(hr, hr, modality)
@@ -261,9 +272,8 @@ def evaluate_robustness(cases: list[Case], mode: str, scale: int, model: str = "
                 req = EnhanceRequest(mode=mode, scale=scale, model=m, device=device,  # type: ignore[arg-type]
                                      self_ensemble=self_ensemble,
                                      adapt_seconds=adapt_seconds if tag == "model" else 0.0)
-                res = enhance_volume(lr, lr_spacing, thickness, modality, req,
-                                     weights_dir=weights_dir)
-                out = res.volume[: hr.shape[0], : hr.shape[1], : hr.shape[2]]
+                out, res = _enhance_cropped(lr, lr_spacing, thickness, modality, req, hr.shape,
+                                            weights_dir)
                 scores[tag] = psnr(normalise_for_metrics(out, hr, modality), ref)
                 if tag == "model":
                     choice, fallback = res.describe(), res.fallback_reason is not None

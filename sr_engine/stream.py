@@ -71,13 +71,14 @@ SLICE_BYTES_PER_INPUT_VOXEL = 12
 VOLUME_BYTES_PER_FINE_VOXEL = 40
 
 
-def estimate_picks(num_slices: int) -> list[int]:
+def estimate_picks(num_slices: int, count: int = MAX_SLICES) -> list[int]:
     """Slices the in-plane estimate looks at (as :func:`sr_engine.estimate.series_features`).
 
     Given only these slices, in this order, the estimate equals the whole-series estimate.
+    ``count`` other than the default: at most that many evenly spaced slices.
     """
     n = max(int(num_slices), 1)
-    return [int(i) for i in np.unique(np.linspace(0, n - 1, min(n, MAX_SLICES)).round()
+    return [int(i) for i in np.unique(np.linspace(0, n - 1, min(n, count)).round()
                                       .astype(int))]
 
 

@@ -133,11 +133,11 @@ def _quantised(op: Operator, levels: int) -> Operator:
 
 def _jpeg(op: Operator, quality: int) -> Operator:
     """``op``, then a lossy 8-bit JPEG round trip of each image (Pillow, baseline JPEG)."""
+    import io
+
+    from PIL import Image
+
     def compressed(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        import io
-
-        from PIL import Image
-
         y = op(x, factor, gen)
         out = torch.empty_like(y)
         for b in range(y.shape[0]):

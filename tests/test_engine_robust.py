@@ -546,14 +546,11 @@ def test_operators_outside_every_family_never_lose_to_bicubic(modality: str, sca
 def _x3_sinc_case() -> tuple[np.ndarray, np.ndarray]:
     """Validation CT phantom with x3 thick slices of a narrow sinc profile: (truth, input)."""
     from sr_engine.data import validation_volumes
+    from sr_engine.stress import degrade_series
 
     name, vol, _, modality = validation_volumes(1, (96, 128, 128))[0]
     assert name == "val_ct_0" and modality == "CT"
-    mapping = mapping_for(vol, modality)
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(mapping.forward(vol).transpose(2, 0, 1)))
-        lr = apply_throughplane(x.unsqueeze(1), 3, Degradation.of("sinc", fwhm=0.7))
-    return vol, np.ascontiguousarray(mapping.inverse(lr.squeeze(1).numpy()).transpose(1, 2, 0))
+    return vol, degrade_series(vol, modality, Degradation.of("sinc", fwhm=0.7), 3, axis_last=True)
 
 
 def test_volume_x3_choice_is_not_worse_than_cubic_where_it_used_to_lose() -> None:

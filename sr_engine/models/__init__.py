@@ -186,7 +186,8 @@ def load_model(name: str, mode: str, scale: int, weights_dir: Path | None = None
     model = build_model(name, mode, scale)
     if not REGISTRY[name].learned:
         return model.eval(), f"{name}-builtin"
-    path = find_weights(name, mode, scale, weights_dir, group)
+    base_group, alpha = split_group(group)
+    path = find_weights(name, mode, scale, weights_dir, base_group)
     if not path.is_file():
         raise WeightsNotFoundError(f"no weights for {name} {mode} x{scale} at {path}")
     key = (str(path), path.stat().st_mtime)
@@ -194,13 +195,11 @@ def load_model(name: str, mode: str, scale: int, weights_dir: Path | None = None
         state = load_file(str(path))
         model.load_state_dict(state)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-        base_group = split_group(group)[0]
         tag = f"-{base_group}" if base_group else ""
         _CACHE[key] = (model.eval(), f"{name}-{mode}-x{scale}{tag}-{digest}")
     cached, version = _CACHE[key]
     fresh = build_model(name, mode, scale)
     fresh.load_state_dict(cached.state_dict())
-    alpha = split_group(group)[1]
     if alpha != 1.0:
         fresh.residual_scale = alpha
         version += f"-residual{alpha:g}"
