@@ -40,6 +40,7 @@ from sr_engine.degrade import (
     inplane_group,
     smooth_hr,
 )
+from sr_engine.estimate import INTERPOLATION_CANDIDATES
 from sr_engine.models import find_weights
 from sr_engine.normalise import mapping_for
 from sr_engine.stress import Operator, area_average, decimation, degrade_series, shifted
@@ -125,6 +126,9 @@ def slice_case(name: str, vol: np.ndarray, spacing: tuple[float, float, float], 
             for g in weights_groups(scale)
             for key in (g, *(f"{g}@{a:g}" for a in residual_scales))}
         row["groups"]["nominal"] = row["fast_nominal"] - row["interp"]
+        for kernel in INTERPOLATION_CANDIDATES:  # e.g. lanczos3@0.5, as the node runs it
+            row["groups"][kernel] = _oracle(lr, sp, spacing[0], modality, "slice", scale,
+                                            kernel, hr) - row["interp"]
     row["node"], res = _run(lr, sp, spacing[0], modality, EnhanceRequest(scale=scale), hr)
     row["node_model"] = res.model_name + (f"[{res.extra.get('weights_group')}]"
                                           if res.extra.get("weights_group") else "")
@@ -192,6 +196,7 @@ def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
         MIN_CONFIDENCE,
         choose_from_table,
         choose_guarded,
+        choose_interpolation,
     )
 
     out = []
@@ -206,7 +211,15 @@ def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
             pick = (choose_guarded(est, table)
                     if float(est.get("confidence", 0.0)) >= MIN_CONFIDENCE else None)
         else:
-            pick, floor = choose_from_table(est, table), MIN_CELL_WORST_DB
+            learned = {g: v for g, v in table["by_estimate"].items()
+                       if g not in INTERPOLATION_CANDIDATES}
+            pick = choose_from_table(est, {**table, "by_estimate": learned})
+            floor = MIN_CELL_WORST_DB
+        if est.get("in_family") and not (pick and pick[1] > floor):
+            # no learned weights kept: the cell's safest interpolation kernel, if safe enough
+            kernel = choose_interpolation(est, table.get("guard") or table)
+            if kernel is not None:
+                pick, floor = kernel, -99.0
         out.append(r["groups"][pick[0]] if pick and pick[0] in r["groups"]
                    and pick[1] > floor else 0.0)
     return out
@@ -241,15 +254,22 @@ def leave_one_out(rows: list[dict], scale: int,
 
 def _oracle(lr: np.ndarray, sp: tuple[float, float, float], thickness: float, modality: str,
             mode: str, scale: int, group: str, hr: np.ndarray) -> float:
-    """``fast`` with the weights of the true family group (what a perfect estimate would pick)."""
+    """``fast`` with the weights of the true family group (what a perfect estimate would pick).
+
+    ``group`` may also be a slice-mode interpolation candidate (``lanczos3@0.5``), run as the
+    node runs it when a selection table picks it.
+    """
     from sr_engine import inference
 
-    est = inference.DegradationEstimate(group, {}, 1.0, True, mode)
+    kernel = group in INTERPOLATION_CANDIDATES
+    est = inference.DegradationEstimate(INPLANE_GROUPS[0] if kernel else group, {}, 1.0, True,
+                                        mode)
     saved = (inference.estimate_inplane, inference.estimate_slab,
              inference.slice_weights_choice, inference.volume_weights_choice)
     inference.estimate_inplane = lambda *a, **k: est  # type: ignore[assignment]
     inference.estimate_slab = lambda *a, **k: est  # type: ignore[assignment]
-    inference.slice_weights_choice = lambda *a, **k: None  # type: ignore[assignment]
+    inference.slice_weights_choice = (  # type: ignore[assignment]
+        lambda *a, **k: (group, 1.0, True) if kernel else None)
     # without this the volume x4 table (which picks the nominal weights) would answer for
     # every group, and every "group" column would be the nominal weights' gain
     inference.volume_weights_choice = lambda *a, **k: None  # type: ignore[assignment]

@@ -239,7 +239,7 @@ def derive_series(
         now=datetime.now(UTC),
         mode=mode,
         scale=scale,
-        interpolated=bool(result.fallback_reason),
+        interpolated=result.interpolated,
     )
     datasets = build_derived_series(source, result, options)
     seconds["building"] = time.perf_counter() - t0
@@ -366,7 +366,7 @@ def derive_series_to(
     t0 = time.perf_counter()
     options = DerivationOptions.from_config(
         config.derived, __version__, now=datetime.now(UTC), mode=mode, scale=scale,
-        interpolated=bool(engine.fallback_reason),
+        interpolated=engine.interpolated,
     )
     builder = DerivedSeriesBuilder(source, engine.describe(), options, value_range=engine.clip)
     seconds["building"] += time.perf_counter() - t0

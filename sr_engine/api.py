@@ -240,6 +240,13 @@ class EnhanceResult:
     fallback_reason: str | None = None
     adaptation: dict[str, float | str] | None = None
 
+    @property
+    def interpolated(self) -> bool:
+        """Whether the volume is an interpolation (a fallback or an interpolation model), not SR."""
+        from .tasks import BASELINE_MODELS
+
+        return bool(self.fallback_reason) or self.model_name in BASELINE_MODELS
+
     def describe(self) -> str:
         """Short sentence (< 200 characters) on the estimate and the choice, for provenance.
 
@@ -248,6 +255,8 @@ class EnhanceResult:
         """
         if self.fallback_reason:
             text = f"interpolation {self.model_name}: {self.fallback_reason}"
+        elif self.interpolated:  # an interpolation named explicitly (e.g. a rule's model)
+            text = f"interpolation {self.model_name}"
         else:
             group = self.extra.get("weights_group")
             text = f"SR {self.model_name}"

@@ -32,6 +32,14 @@ ARCHITECTURE = {
                "along z.",
     "cubic": "Same operator as ``bicubic``; the through-plane baseline.",
     "linear": "Linear interpolation (bilinear in slice mode, along z in volume mode).",
+    "lanczos3": "Lanczos interpolation, 3 lobes (windowed sinc, separable, pixel-centre "
+                "aligned, taps normalised per phase, edges repeated); in volume mode along z. "
+                "Sharper than bicubic below the input's Nyquist frequency, no parameters, "
+                "nothing learned.  The node's ``auto`` uses it blended with bicubic "
+                "(``lanczos3@0.5`` / ``@0.25``: ``cubic + alpha * (lanczos3 - cubic)``) in "
+                "slice mode where the selection tables keep no learned weights but find the "
+                "blend safe for the estimate (``sr_engine.estimate.INTERPOLATION_CANDIDATES``); "
+                "such a series is labelled as interpolation.",
 }
 
 COMMON = """

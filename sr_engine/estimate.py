@@ -344,6 +344,54 @@ def choose_from_table(estimate: dict, table: dict) -> tuple[str, float] | None:
     return best, round(score[best], 3)
 
 
+#: Interpolations the slice selection tables weigh where they keep no learned weights
+#: (:func:`choose_interpolation`): the Lanczos-3 kernel blended half and a quarter of the way
+#: from bicubic (``cubic + alpha * (lanczos3 - cubic)``, ``sr_engine.models.split_group``):
+#: linear, parameter-free, nothing invented, and less attenuation of the detail below the
+#: input's Nyquist frequency than bicubic.  Decided on the validation phantoms (2026-12-06,
+#: leave-one-volume-out): full-strength Lanczos-3 lost up to 0.17 dB (smooth images blurred,
+#: aliased decimation), and as a candidate it left a x4 case at -0.10 dB; the blends lose at
+#: most 0.06 (x2) / 0.10 (x4) anywhere, and chosen per cell no left-out case went below
+#: -0.07 dB.
+INTERPOLATION_CANDIDATES: tuple[str, ...] = ("lanczos3@0.5", "lanczos3@0.25")
+#: Smallest worst validation gain of its cell for which an interpolation of
+#: :data:`INTERPOLATION_CANDIDATES` replaces bicubic: within half the promise's 0.1 dB (unlike
+#: learned weights, whose worst validation case is an optimistic bound, a linear kernel's gain
+#: varies little between images; leave-one-volume-out at -0.05: worst -0.07 dB, at -0.03 the
+#: same cells).
+MIN_KERNEL_WORST_DB = -0.05
+
+
+def choose_interpolation(estimate: dict, table: dict,
+                         margin: float | None = None) -> tuple[str, float] | None:
+    """The interpolation kernel with the best worst gain in an estimate's cell, if safe.
+
+    Parameters
+    ----------
+    estimate
+        ``DegradationEstimate.as_dict()``.
+    table
+        A ``by_estimate`` table (or a ``guard``), with the kernels of
+        :data:`INTERPOLATION_CANDIDATES` among its groups.
+
+    margin
+        Smallest worst validation gain accepted (default :data:`MIN_KERNEL_WORST_DB`).
+
+    Returns
+    -------
+    tuple or None
+        ``(kernel, worst validation gain in dB over bicubic)`` when that gain is at least the
+        margin; else None (bicubic).
+    """
+    by = table.get("by_estimate") or {}
+    kernels = {g: row for g, row in by.items() if g in INTERPOLATION_CANDIDATES}
+    if not kernels:
+        return None
+    pick = choose_from_table(estimate, {**table, "by_estimate": kernels})
+    floor = MIN_KERNEL_WORST_DB if margin is None else margin
+    return pick if pick is not None and pick[1] >= floor else None
+
+
 def slice_weights_choice(estimate: DegradationEstimate, scale: int,
                          weights_dir: Path | None = None) -> tuple[str, float, bool] | None:
     """Slice mode: the weights group for an estimate and the gain it can be trusted to keep.
@@ -357,7 +405,10 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
     The cell's worst case already covers low confidence.  With a ``guard`` table instead
     (slice x4): the best expected worst-case gain of :func:`expected_gains`, kept only when the
     cell's worst case agrees (:func:`choose_guarded`).  Without either: the best expected
-    worst-case gain alone.
+    worst-case gain alone.  The group may name an interpolation of
+    :data:`INTERPOLATION_CANDIDATES` instead of weights (``lanczos3@0.5``): with a ``by_estimate``
+    table or a ``guard`` table (slice x4) when no learned weights are kept and the kernel's
+    cell is safe (:func:`choose_interpolation`).
 
     Returns
     -------
@@ -377,10 +428,22 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
         return None
     table = json.loads(path.read_text())  # read once: every rule below works on it
     if table.get("by_estimate"):
-        pick = choose_from_table(estimate.as_dict(), table)
+        learned = {g: row for g, row in table["by_estimate"].items()
+                   if g not in INTERPOLATION_CANDIDATES}
+        pick = choose_from_table(estimate.as_dict(), {**table, "by_estimate": learned})
+        if pick is None or pick[1] <= MIN_CELL_WORST_DB:
+            kernel = choose_interpolation(estimate.as_dict(), table)
+            if kernel is not None:
+                return kernel[0], kernel[1], True
         return (pick[0], pick[1], True) if pick else ("none", -99.0, True)
     if table.get("guard"):
         guarded = choose_guarded(estimate.as_dict(), table)
+        if (guarded is not None and guarded[1] > MIN_EXPECTED_GAIN_DB
+                and estimate.confidence >= MIN_CONFIDENCE):
+            return guarded[0], guarded[1], False
+        kernel = choose_interpolation(estimate.as_dict(), table["guard"])
+        if kernel is not None:
+            return kernel[0], kernel[1], True
         return (guarded[0], guarded[1], False) if guarded else None
     gains = expected_gains_from(estimate.parameters, table)
     if not gains:

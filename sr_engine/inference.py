@@ -32,7 +32,7 @@ from .estimate import (
     slice_weights_choice,
     volume_weights_choice,
 )
-from .models import REGISTRY, check_scale, find_weights, load_model, resolve_name
+from .models import REGISTRY, check_scale, find_weights, load_model, resolve_name, split_group
 from .models.base import factors_for, receptive_field
 from .normalise import IntensityMapping, mapping_for
 from .tiling import upsample_planes
@@ -291,9 +291,12 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
 
     Only ``auto`` (the node's choice) is steered by the estimate: it uses the family weights of
     the resolved model (else of ``fast``), the nominal weights when the estimated group is the
-    one they were trained for, and otherwise, or when the estimate is uncertain or outside every
-    trained family, the mode's interpolation baseline.  An explicit model name is obeyed as
-    before (nominal weights, no fallback); the estimate is still reported.
+    one they were trained for, a sharper interpolation (``lanczos3`` blended with bicubic, e.g.
+    group ``lanczos3@0.5``) where the slice selection table keeps no weights but finds it safe
+    for the estimate, and otherwise, or when the estimate is
+    uncertain or outside every trained family, the mode's interpolation baseline.  Every
+    interpolation comes with a reason (the derived series is then not SR).  An explicit model
+    name is obeyed as before (nominal weights, no fallback); the estimate is still reported.
 
     Parameters
     ----------
@@ -312,7 +315,7 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
     -------
     tuple
         ``(model name, weights group or None, fallback reason or None)``; on fallback the
-        model name is the mode's interpolation baseline.
+        model name is the mode's interpolation baseline or the interpolation the table chose.
     """
     if estimate is None or requested != "auto" or not REGISTRY[name].learned:
         return name, None, None
@@ -331,6 +334,13 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
         family = vpick or family
     if pick is not None:
         family, gain, covered = pick
+        kernel, alpha = split_group(family)
+        if kernel in REGISTRY and not REGISTRY[kernel].learned:  # a safer interpolation
+            # (the table already held its worst case to sr_engine.estimate.MIN_KERNEL_WORST_DB)
+            blend = f" blended {alpha:g} from {baseline}" if alpha != 1 else ""
+            return kernel, family, (f"{kernel}{blend} is the safest choice for this estimate "
+                                    f"(worst validation gain {gain:+.2f} dB over {baseline}; "
+                                    f"{estimate.family}, confidence {estimate.confidence:.2f})")
         if gain <= (MIN_CELL_WORST_DB if covered else MIN_EXPECTED_GAIN_DB):
             why = ("too few validation cases" if family == "none"
                    else f"validation gain {gain:+.2f} dB")

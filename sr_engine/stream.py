@@ -276,6 +276,13 @@ class SeriesEnhancer:
         self.seconds = time.perf_counter() - t0
 
     @property
+    def interpolated(self) -> bool:
+        """Whether the output is an interpolation (fallback or interpolation model), not SR."""
+        from .tasks import BASELINE_MODELS
+
+        return bool(self.fallback_reason) or self.name in BASELINE_MODELS
+
+    @property
     def num_outputs(self) -> int:
         """Output slices of the series."""
         return len(self.centres)

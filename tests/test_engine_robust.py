@@ -413,14 +413,17 @@ def test_shipped_slice_x4_table_is_guarded() -> None:
 
 def test_smooth_looking_estimates_never_get_weights_on_the_shipped_table() -> None:
     """On the shipped slice x2 table, an input that looks blurred (it may be a smooth image
-    degraded sharply) goes out as interpolation, whatever the confidence."""
+    degraded sharply) goes out as interpolation (bicubic, or a sharper kernel where the cell
+    found it safe), whatever the confidence: never learned weights."""
     from sr_engine.inference import choose_model
+    from sr_engine.tasks import BASELINE_MODELS
 
     for family in ("kspace_smooth", "area_soft"):
         for confidence in (0.5, 0.99):
             est = DegradationEstimate(family, {}, confidence, True, "slice")
             name, group, reason = choose_model("auto", "fast", "slice", 2, est)
-            assert name == "bicubic" and group is None, (family, confidence, name, group)
+            assert name in BASELINE_MODELS, (family, confidence, name, group)
+            assert group is None or group.startswith(f"{name}@"), group
             assert reason and "safe" in reason
 
 
@@ -577,3 +580,150 @@ def test_shipped_volume_x3_table_weighs_half_strength_weights() -> None:
     table = json.loads(volume_selection_path(3).read_text())
     assert {"nominal", "box", "box@0.5", "gaussian@0.5", "sinc@0.5"} <= set(table["min"])
     assert set(table["min"]["box@0.5"]) == {"box", "gaussian", "sinc"}
+
+
+def _lanczos_reference(x: np.ndarray, scale: int, axis: int) -> np.ndarray:
+    """Lanczos-3 upsampling written from its definition (edge pixels repeated)."""
+    x = np.moveaxis(x.astype(np.float64), axis, -1)
+    n = x.shape[-1]
+    out = np.empty(x.shape[:-1] + (n * scale,))
+    for i in range(n * scale):
+        pos = (i + 0.5) / scale - 0.5  # pixel-centre aligned, as torch's align_corners=False
+        js = np.arange(int(np.floor(pos)) - 3, int(np.floor(pos)) + 5)
+        t = pos - js
+        w = np.where(np.abs(t) < 3, np.sinc(t) * np.sinc(t / 3), 0.0)
+        out[..., i] = (x[..., np.clip(js, 0, n - 1)] * w).sum(-1) / w.sum()
+    return np.moveaxis(out, -1, axis)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_lanczos3_interpolation_matches_its_definition(scale: int) -> None:
+    """``lanczos3`` (slice: both axes; volume: the slice axis only) is the windowed sinc of
+    3 lobes, pixel-centre aligned, normalised per phase, edges repeated."""
+    from sr_engine.models.base import interpolate
+
+    x = np.random.default_rng(3).random((2, 11, 14)).astype(np.float32)
+    t = torch.from_numpy(x)[:, None]
+    both = interpolate(t, scale, scale, "lanczos3")[:, 0].numpy()
+    ref = _lanczos_reference(_lanczos_reference(x, scale, 1), scale, 2)
+    np.testing.assert_allclose(both, ref, atol=1e-5)
+    along_h = interpolate(t, scale, 1, "lanczos3")[:, 0].numpy()
+    np.testing.assert_allclose(along_h, _lanczos_reference(x, scale, 1), atol=1e-5)
+    flat = interpolate(torch.full((1, 1, 6, 6), 7.0), scale, scale, "lanczos3")
+    torch.testing.assert_close(flat, torch.full_like(flat, 7.0))  # constants stay constant
+    with pytest.raises(ValueError):
+        interpolate(t, 2, 2, "sinc")
+
+
+def test_lanczos3_is_closer_than_bicubic_on_band_limited_detail() -> None:
+    """The point of the kernel: detail below the input's Nyquist frequency (a band-limited
+    signal sampled at the input's pixel centres) is attenuated less than by bicubic."""
+    from sr_engine.models.base import interpolate
+
+    hr_n = 256
+    xs = (np.arange(hr_n) + 0.5) / hr_n
+    truth = np.sin(2 * np.pi * 40 * xs)[None, :] * np.ones((8, 1))  # 40 cycles: 0.31 of LR Nyq.
+    lr = np.sin(2 * np.pi * 40 * (np.arange(128) + 0.5) / 128)[None, :] * np.ones((8, 1))
+    t = torch.from_numpy(lr).float()[None, None]
+    err = {k: float(np.abs(interpolate(t, 1, 2, k)[0, 0].numpy() - truth)[:, 16:-16].max())
+           for k in ("cubic", "lanczos3")}
+    assert err["lanczos3"] < 0.6 * err["cubic"], err
+
+
+def test_an_interpolation_chosen_by_the_table_is_labelled_as_interpolation(tmp_path) -> None:  # noqa: ANN001
+    """A selection cell that keeps no weights but finds ``lanczos3@0.5`` safe makes the node
+    interpolate with Lanczos-3 blended halfway from bicubic, with the reason in the
+    DerivationDescription and the derived series marked as interpolation."""
+    import json
+
+    from sr_engine.estimate import INPLANE_GROUPS
+    from sr_engine.stream import SeriesEnhancer, SeriesFacts
+
+    cells = [f"{g}|{b}" for g in INPLANE_GROUPS for b in (0, 1)]
+    table = {"confidence_bins": [0.8], "cases": {c: 20 for c in cells},
+             "by_estimate": {"lanczos3@0.5": {c: 0.6 for c in cells},
+                             "hedge": {c: 0.2 for c in cells}}}  # below the weights' margin
+    (tmp_path / "selection_slice_x2.json").write_text(json.dumps(table))
+    hr = _hr_stack("CT", n=4, size=96)
+    lr = _degrade(hr, "CT", Degradation.of("kspace", window=0))
+    res = enhance_volume(lr, (1.0, 2.0, 2.0), 1.0, "CT", EnhanceRequest(), weights_dir=tmp_path)
+    assert res.model_name == "lanczos3" and res.extra["weights_group"] == "lanczos3@0.5"
+    assert res.interpolated and res.model_version == "lanczos3-builtin-residual0.5"
+    assert res.describe().startswith("interpolation lanczos3: lanczos3 blended 0.5 from bicubic")
+    assert "+0.60 dB" in res.describe()
+    plain = {m: enhance_volume(lr, (1.0, 2.0, 2.0), 1.0, "CT",
+                               EnhanceRequest(model=m, estimate_degradation=False))
+             for m in ("bicubic", "lanczos3")}
+    assert plain["lanczos3"].interpolated
+    assert plain["lanczos3"].describe() == "interpolation lanczos3"
+    cubic, full = plain["bicubic"].volume, plain["lanczos3"].volume
+    assert float(np.abs(full - cubic).max()) > 5.0  # Lanczos-3 differs from bicubic (HU)
+    inside = ((full > lr.min()) & (full < lr.max()) & (cubic > lr.min()) & (cubic < lr.max()))
+    np.testing.assert_allclose(res.volume[inside], (0.5 * (cubic + full))[inside], atol=0.05)
+    # with weights above their margin in the cell, the weights win
+    table["by_estimate"]["hedge"] = {c: 0.3 for c in cells}
+    (tmp_path / "selection_slice_x2.json").write_text(json.dumps(table))
+    res = enhance_volume(lr, (1.0, 2.0, 2.0), 1.0, "CT", EnhanceRequest(), weights_dir=tmp_path)
+    assert res.model_name == "fast" and res.extra["weights_group"] == "hedge"
+    # the streamed (worker) path makes the same choice
+    table["by_estimate"]["hedge"] = {c: 0.2 for c in cells}
+    (tmp_path / "selection_slice_x2.json").write_text(json.dumps(table))
+    mapping = mapping_for(lr, "CT")
+    facts = SeriesFacts(lr.shape[0], lr.shape[1], lr.shape[2], (1.0, 2.0, 2.0), 1.0, "CT",
+                        float(lr.min()), float(lr.max()), mapping)
+    streamed = SeriesEnhancer(EnhanceRequest(), facts, lr, weights_dir=tmp_path)
+    assert streamed.name == "lanczos3" and streamed.interpolated
+    assert streamed.version == "lanczos3-builtin-residual0.5"
+
+
+def test_slice_x4_uses_the_cells_safest_interpolation_where_it_keeps_no_weights(tmp_path) -> None:  # noqa: ANN001
+    """``guard`` tables: where the learned pick is vetoed (or the confidence is low), the cell's
+    safest interpolation is used if its worst validation gain clears the kernels' margin;
+    otherwise bicubic."""
+    import json
+
+    from sr_engine.estimate import (
+        INPLANE_GROUPS,
+        MIN_KERNEL_WORST_DB,
+        choose_interpolation,
+        slice_weights_choice,
+    )
+
+    by = {"lanczos": {"lanczos|1": 0.6, "area_soft|1": -3.0},
+          "lanczos3@0.5": {"lanczos|1": 0.4, "area_soft|1": MIN_KERNEL_WORST_DB - 0.01,
+                           "kspace_sharp|0": 2.0, "kspace_sharp|1": MIN_KERNEL_WORST_DB},
+          "lanczos3@0.25": {"lanczos|1": 0.2, "area_soft|1": MIN_KERNEL_WORST_DB - 0.02,
+                            "kspace_sharp|0": 1.0, "kspace_sharp|1": -0.5}}
+    table = {"confidence_bins": [0.8], "by_estimate": by,
+             "cases": {"lanczos|1": 12, "area_soft|1": 30, "kspace_sharp|0": 4,
+                       "kspace_sharp|1": 9}}
+
+    def est(family: str, p: float) -> dict:
+        probs = {f"p_{g}": (p if g == family else (1 - p) / 4) for g in INPLANE_GROUPS}
+        return {"family": family, "confidence": p, "in_family": True, "parameters": probs}
+
+    assert choose_interpolation(est("lanczos", 0.9), table) == ("lanczos3@0.5", 0.4)
+    assert choose_interpolation(est("kspace_sharp", 0.9), table) == (
+        "lanczos3@0.5", MIN_KERNEL_WORST_DB)  # at the margin: accepted
+    assert choose_interpolation(est("area_soft", 0.9), table) is None  # below the margin
+    assert choose_interpolation(est("kspace_sharp", 0.5), table) is None  # 4 cases only
+    assert choose_interpolation(est("lanczos", 0.9), {**table, "by_estimate": {
+        "lanczos": by["lanczos"]}}) is None  # no interpolation in the table
+    # the x4 rule: the expected-worst-case pick (lanczos weights) is vetoed by its cell on a
+    # k-space estimate, and the cell's interpolation is used instead
+    worst = {g: {t: (1.0 if g == t else -2.0) for t in INPLANE_GROUPS} for g in INPLANE_GROUPS}
+    guard = {**table, "by_estimate": {**by, "lanczos": {**by["lanczos"], "kspace_sharp|1": -1}}}
+    (tmp_path / "selection_slice_x4.json").write_text(
+        json.dumps({"min": worst, "mean": worst, "guard": guard}))
+    probs = est("kspace_sharp", 0.95)
+    estimate = DegradationEstimate("kspace_sharp", probs["parameters"], 0.95, True, "slice")
+    pick = slice_weights_choice(estimate, 4, tmp_path)
+    assert pick is not None and pick[0] == "lanczos3@0.5", pick
+    from sr_engine.inference import choose_model
+
+    name, group, reason = choose_model("auto", "fast", "slice", 4, estimate, tmp_path)
+    assert (name, group) == ("lanczos3", "lanczos3@0.5") and reason and "safest" in reason
+    # the learned pick where its cell agrees
+    estimate = DegradationEstimate("lanczos", est("lanczos", 0.95)["parameters"], 0.95, True,
+                                   "slice")
+    assert choose_model("auto", "fast", "slice", 4, estimate, tmp_path)[:2] == ("fast", "lanczos")

@@ -66,6 +66,7 @@ _BUILDERS: dict[str, tuple[Callable[[int, int], SRNet], bool]] = {
     "bicubic": (lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
     "cubic": (lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
     "linear": (lambda fy, fx: InterpolationNet(fy, fx, "linear"), False),
+    "lanczos3": (lambda fy, fx: InterpolationNet(fy, fx, "lanczos3"), False),
 }
 #: One entry per name of :data:`sr_engine.tasks.MODEL_NAMES` (a name without a builder fails
 #: here, at import).
@@ -171,7 +172,9 @@ def load_model(name: str, mode: str, scale: int, weights_dir: Path | None = None
         Folder with ``<model>_<mode>_x<scale>.safetensors`` (default: shipped weights).
     group
         Degradation-family weights (``<model>_<mode>_x<scale>_<group>.safetensors``), or None;
-        ``<group>@<alpha>`` scales the learned residual by ``alpha`` (:func:`split_group`).
+        ``<group>@<alpha>`` scales the learned residual by ``alpha`` (:func:`split_group`); for
+        an interpolation (``lanczos3@0.5``) only ``alpha`` counts: the kernel's difference from
+        cubic is scaled.
 
     Returns
     -------
@@ -184,9 +187,10 @@ def load_model(name: str, mode: str, scale: int, weights_dir: Path | None = None
         A learned model has no weights for this mode and scale.
     """
     model = build_model(name, mode, scale)
-    if not REGISTRY[name].learned:
-        return model.eval(), f"{name}-builtin"
     base_group, alpha = split_group(group)
+    if not REGISTRY[name].learned:  # ``lanczos3@0.5``: the kernel blended halfway to cubic
+        model.residual_scale = alpha
+        return model.eval(), f"{name}-builtin" + (f"-residual{alpha:g}" if alpha != 1 else "")
     path = find_weights(name, mode, scale, weights_dir, base_group)
     if not path.is_file():
         raise WeightsNotFoundError(f"no weights for {name} {mode} x{scale} at {path}")

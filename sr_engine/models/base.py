@@ -32,8 +32,61 @@ def shuffle(x: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
     return x.reshape(b, 1, h * fy, w * fx)
 
 
+#: Interpolation kernels of :func:`interpolate`: torch's cubic (Keys, a = -0.75) and linear,
+#: and Lanczos windowed sinc of ``a`` lobes (``lanczos3``).
+INTERPOLATION_KINDS: tuple[str, ...] = ("cubic", "linear", "lanczos3")
+
+
+def lanczos_taps(scale: int, lobes: int) -> tuple[torch.Tensor, int]:
+    """Lanczos taps of every output phase of a pixel-centre aligned ``scale``-fold upsampling.
+
+    Output pixel ``i`` lies at input coordinate ``(i + 0.5) / scale - 0.5`` (as torch's
+    ``align_corners=False``); phase ``p = i mod scale`` weighs the input pixels ``i // scale +
+    k``, ``k = -lobes .. lobes``, with ``sinc(t) sinc(t / lobes)`` normalised to sum 1 (so a
+    constant stays constant).
+
+    Returns
+    -------
+    tuple
+        ``(taps (scale, 2 * lobes + 1) float32, lobes)``: row ``p`` holds the weights of the
+        input offsets ``-lobes .. lobes``.
+    """
+    offsets = torch.arange(-lobes, lobes + 1, dtype=torch.float64)
+    rows = []
+    for p in range(scale):
+        t = offsets - ((p + 0.5) / scale - 0.5)
+        w = torch.sinc(t) * torch.sinc(t / lobes) * (t.abs() < lobes)
+        rows.append(w / w.sum())
+    return torch.stack(rows).float(), lobes
+
+
+def _lanczos_axis(x: torch.Tensor, scale: int, lobes: int, axis: int) -> torch.Tensor:
+    """Upsample ``(B, 1, H, W)`` along H (``axis=2``) or W (``axis=3``) by ``scale``."""
+    if scale == 1:
+        return x
+    taps, r = lanczos_taps(scale, lobes)
+    taps = taps.to(dtype=x.dtype, device=x.device)
+    if axis == 2:
+        y = F.conv2d(F.pad(x, (0, 0, r, r), mode="replicate"), taps[:, None, :, None])
+        b, _, h, w = y.shape  # (B, scale, H, W): phase p of output row i * scale + p
+        return y.permute(0, 2, 1, 3).reshape(b, 1, h * scale, w)
+    y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), taps[:, None, None, :])
+    b, _, h, w = y.shape
+    return y.permute(0, 2, 3, 1).reshape(b, 1, h, w * scale)
+
+
 def interpolate(x: torch.Tensor, fy: int, fx: int, kind: str = "cubic") -> torch.Tensor:
-    """Pixel-centre aligned cubic or linear interpolation of ``(B, 1, H, W)``."""
+    """Pixel-centre aligned interpolation of ``(B, 1, H, W)`` (:data:`INTERPOLATION_KINDS`).
+
+    Raises
+    ------
+    ValueError
+        Unknown ``kind``.
+    """
+    if kind == "lanczos3":
+        return _lanczos_axis(_lanczos_axis(x, fy, 3, 2), fx, 3, 3)
+    if kind not in INTERPOLATION_KINDS:
+        raise ValueError(f"unknown interpolation {kind!r}; known: {', '.join(INTERPOLATION_KINDS)}")
     mode = "bicubic" if kind == "cubic" else "bilinear"
     return F.interpolate(x, scale_factor=(fy, fx), mode=mode, align_corners=False)
 
@@ -88,7 +141,7 @@ class InterpolationNet(SRNet):
     fy, fx
         Upsampling factors.
     kind
-        ``cubic`` or ``linear``.
+        One of :data:`INTERPOLATION_KINDS`.
     """
 
     def __init__(self, fy: int, fx: int, kind: str) -> None:
@@ -96,8 +149,16 @@ class InterpolationNet(SRNet):
         self.base_kind = kind
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Interpolate ``(B, 1, H, W)``."""
-        return interpolate(x, self.fy, self.fx, self.base_kind)
+        """Interpolate ``(B, 1, H, W)``.
+
+        With ``residual_scale`` alpha != 1 (a kernel other than cubic):
+        ``cubic + alpha * (kernel - cubic)``, a blend towards the cubic baseline.
+        """
+        out = interpolate(x, self.fy, self.fx, self.base_kind)
+        if self.residual_scale != 1.0 and self.base_kind != "cubic":
+            cubic = interpolate(x, self.fy, self.fx, "cubic")
+            out = cubic + self.residual_scale * (out - cubic)
+        return out
 
 
 def lr_convs(model: nn.Module) -> list[nn.Conv2d]:
@@ -109,14 +170,15 @@ def receptive_field(model: SRNet) -> int:
     """Receptive field of the learned body in LR pixels (edge of the square), >= 4 for cubic."""
     convs = [c for c in lr_convs(model) if c.kernel_size[0] > 1]
     rf = 1 + sum(c.kernel_size[0] - 1 for c in convs)
-    return max(rf, 4 if model.base_kind == "cubic" else 2)
+    base = {"cubic": 4, "lanczos3": 6}.get(model.base_kind, 2)
+    return max(rf, base)
 
 
 def flops_per_output_pixel(model: SRNet) -> float:
     """Multiply-adds x2 per output pixel (body convolutions plus the interpolated base)."""
     macs = sum(c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1]
                for c in lr_convs(model))
-    taps = 4 if model.base_kind == "cubic" else 2
+    taps = {"cubic": 4, "lanczos3": 6}.get(model.base_kind, 2)
     base = 2 * (taps * (model.fy > 1) + taps * (model.fx > 1))
     return 2.0 * macs / (model.fy * model.fx) + base
 
