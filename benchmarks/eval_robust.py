@@ -197,6 +197,7 @@ def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
         choose_from_table,
         choose_guarded,
         choose_interpolation,
+        is_interpolation,
     )
 
     out = []
@@ -212,7 +213,7 @@ def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
                     if float(est.get("confidence", 0.0)) >= MIN_CONFIDENCE else None)
         else:
             learned = {g: v for g, v in table["by_estimate"].items()
-                       if g not in INTERPOLATION_CANDIDATES}
+                       if not is_interpolation(g)}
             pick = choose_from_table(est, {**table, "by_estimate": learned})
             floor = MIN_CELL_WORST_DB
         if est.get("in_family") and not (pick and pick[1] > floor):

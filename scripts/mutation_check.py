@@ -244,6 +244,22 @@ MUTANTS: tuple[Mutant, ...] = (
          "test_a_scaled_group_chosen_by_the_table_is_applied_and_described"),
     ),
     Mutant(
+        "kernel-candidates", "slice mode interpolates with a Lanczos-3 blend where it is safe",
+        "sr_engine/estimate.py",
+        'INTERPOLATION_CANDIDATES: tuple[str, ...] = ("lanczos3@0.5", "lanczos3@0.25")',
+        "INTERPOLATION_CANDIDATES: tuple[str, ...] = ()",
+        ("tests/test_engine_robust.py::"
+         "test_smooth_hr_sharply_degraded_gains_from_the_safer_interpolation",),
+    ),
+    Mutant(
+        "kernel-blend", "lanczos3@alpha runs cubic + alpha x (lanczos3 - cubic)",
+        "sr_engine/models/base.py",
+        "            out = cubic + self.residual_scale * (out - cubic)",
+        "            pass",
+        ("tests/test_engine_robust.py::"
+         "test_an_interpolation_chosen_by_the_table_is_labelled_as_interpolation",),
+    ),
+    Mutant(
         "stress-table", "slice tables are safe on aliased, off-grid sampling (stress cases)",
         "sr_engine/weights/selection_slice_x2.json", "", "",
         ("tests/test_engine_robust.py::test_aliased_decimation_is_not_made_worse_than_bicubic",),

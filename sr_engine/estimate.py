@@ -42,7 +42,8 @@ from .degrade import (
     sample_inplane,
     slab_taps,
 )
-from .models import WEIGHTS_DIR
+from .models import WEIGHTS_DIR, split_group
+from .tasks import BASELINE_MODELS
 
 GRID = 8  # frequency bins per axis of the folded spectrum
 MAX_SLICES = 12  # slices of a series used by the estimate (evenly spaced)
@@ -362,6 +363,11 @@ INTERPOLATION_CANDIDATES: tuple[str, ...] = ("lanczos3@0.5", "lanczos3@0.25")
 MIN_KERNEL_WORST_DB = -0.05
 
 
+def is_interpolation(group: str) -> bool:
+    """Whether a selection-table key names an interpolation (``lanczos3@0.5``), not weights."""
+    return split_group(group)[0] in BASELINE_MODELS
+
+
 def choose_interpolation(estimate: dict, table: dict,
                          margin: float | None = None) -> tuple[str, float] | None:
     """The interpolation kernel with the best worst gain in an estimate's cell, if safe.
@@ -429,7 +435,7 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
     table = json.loads(path.read_text())  # read once: every rule below works on it
     if table.get("by_estimate"):
         learned = {g: row for g, row in table["by_estimate"].items()
-                   if g not in INTERPOLATION_CANDIDATES}
+                   if not is_interpolation(g)}
         pick = choose_from_table(estimate.as_dict(), {**table, "by_estimate": learned})
         if pick is None or pick[1] <= MIN_CELL_WORST_DB:
             kernel = choose_interpolation(estimate.as_dict(), table)

@@ -22,6 +22,7 @@ from .api import (
 from .degrade import Degradation, apply_inplane, degrade_inplane, profile_weights, slab_weights
 from .errors import UnsupportedRequestError
 from .estimate import (
+    INTERPOLATION_CANDIDATES,
     MIN_CELL_WORST_DB,
     MIN_CONFIDENCE,
     MIN_EXPECTED_GAIN_DB,
@@ -335,7 +336,7 @@ def choose_model(requested: str, name: str, mode: str, scale: int,
     if pick is not None:
         family, gain, covered = pick
         kernel, alpha = split_group(family)
-        if kernel in REGISTRY and not REGISTRY[kernel].learned:  # a safer interpolation
+        if family in INTERPOLATION_CANDIDATES:  # a safer interpolation
             # (the table already held its worst case to sr_engine.estimate.MIN_KERNEL_WORST_DB)
             blend = f" blended {alpha:g} from {baseline}" if alpha != 1 else ""
             return kernel, family, (f"{kernel}{blend} is the safest choice for this estimate "
