@@ -176,8 +176,12 @@ def gain_table(rows: list[dict], scale: int, minimax: bool = True) -> dict[str, 
                                                   3)
     if not minimax:
         return {"mean": table["mean"], "min": table["min"]}
+    noises = [float(((r.get("estimate") or {}).get("parameters") or {}).get("noise", 0.0))
+              for r in sel]
     return {**table, "confidence_bins": list(CONFIDENCE_BINS),
-            "cases": {cell: len(members) for cell, members in sorted(cells.items())}}
+            "cases": {cell: len(members) for cell, members in sorted(cells.items())},
+            # the noisiest validation input: interpolation candidates are not used beyond it
+            "max_noise": round(max(noises), 5) if noises else 0.0}
 
 
 #: Confidence bins of the selection cells (chosen on the validation set, leave-one-volume-out:
@@ -236,7 +240,8 @@ def guarded_table(rows: list[dict], scale: int) -> dict[str, object]:
     sharp = [r for r in rows if r["case"].endswith("| sharp")]
     cells = gain_table(rows, scale)
     return {**gain_table(sharp, scale, minimax=False),
-            "guard": {k: cells[k] for k in ("by_estimate", "confidence_bins", "cases")}}
+            "guard": {k: cells[k] for k in ("by_estimate", "confidence_bins", "cases",
+                                            "max_noise")}}
 
 
 def leave_one_out(rows: list[dict], scale: int,

@@ -247,10 +247,10 @@ def _print_robustness(report: dict, check: bool) -> int:
     print(f"{report['model']} against {report['baseline']}, {report['mode']} x{report['scale']}: "
           f"PSNR gain (dB) per degradation")
     print(f"{'degradation':<32} {'kind':<27} {'cases':>5} {'mean':>7} {'worst':>7} "
-          f"{'below':>5} {'fallbacks':>9}")
+          f"{'below':>5} {'interpolated':>12}")
     for label, d in report["by_degradation"].items():
         print(f"{label[:32]:<32} {d['kind']:<27} {d['cases']:5d} {d['mean_gain']:+7.2f} "
-              f"{d['worst_gain']:+7.2f} {d['below']:5d} {d['fallbacks']:9d}")
+              f"{d['worst_gain']:+7.2f} {d['below']:5d} {d['fallbacks']:12d}")
     tol = report["tolerance_db"]
     if report["promise_kept"]:
         print(f"promise kept: none of {report['cases']} cases is worse than {report['baseline']} "

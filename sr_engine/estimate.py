@@ -117,6 +117,36 @@ def series_features(volume: np.ndarray) -> np.ndarray | None:
     return np.mean(feats, axis=0) if feats else None
 
 
+#: Immerkaer's noise mask: zero on planes and linear ramps, gain 6 on white noise.
+_NOISE_MASK = np.array([[1.0, -2.0, 1.0], [-2.0, 4.0, -2.0], [1.0, -2.0, 1.0]])
+
+
+def noise_level(volume: np.ndarray) -> float:
+    """Robust estimate of the input's white-noise standard deviation (network units).
+
+    Immerkaer's Laplacian-difference mask (which cancels planes and ramps) applied to the
+    central crops of up to :data:`MAX_SLICES` evenly spaced slices; the median absolute
+    response / 0.6745 / 6 (the mask's gain on white noise), so that edges count little.
+    Returns 0 for slices smaller than 16 pixels.
+    """
+    n = volume.shape[0]
+    picks = np.unique(np.linspace(0, n - 1, min(n, MAX_SLICES)).round().astype(int))
+    responses = []
+    for i in picks:
+        h, w = volume[i].shape
+        if min(h, w) < 16:
+            continue
+        ch, cw = min(h, MAX_EDGE), min(w, MAX_EDGE)
+        y0, x0 = (h - ch) // 2, (w - cw) // 2
+        x = np.asarray(volume[i][y0:y0 + ch, x0:x0 + cw], dtype=np.float64)
+        r = sum(_NOISE_MASK[a, b] * x[a:ch - 2 + a, b:cw - 2 + b]
+                for a in range(3) for b in range(3))
+        responses.append(np.abs(r).ravel())
+    if not responses:
+        return 0.0
+    return float(np.median(np.concatenate(responses)) / 0.6745 / 6.0)
+
+
 class InplaneEstimator(torch.nn.Module):
     """Classifier of the in-plane model group plus a regression of ``sigma_n``.
 
@@ -217,7 +247,8 @@ def estimate_inplane(volume: np.ndarray, scale: int,
     k = int(prob.argmax())
     group = INPLANE_GROUPS[k]
     aniso = anisotropy(feats)
-    params = {"distance": round(dist, 3), "anisotropy": round(aniso, 4)}
+    params = {"distance": round(dist, 3), "anisotropy": round(aniso, 4),
+              "noise": round(noise_level(volume), 5)}
     params.update({f"p_{g}": round(float(prob[i]), 4) for i, g in enumerate(INPLANE_GROUPS)})
     if group.startswith("area"):
         params["sigma_n"] = round(float(np.clip(out[-1], 0.0, 0.6)), 3)
@@ -378,7 +409,10 @@ def choose_interpolation(estimate: dict, table: dict,
         ``DegradationEstimate.as_dict()``.
     table
         A ``by_estimate`` table (or a ``guard``), with the kernels of
-        :data:`INTERPOLATION_CANDIDATES` among its groups.
+        :data:`INTERPOLATION_CANDIDATES` among its groups and ``max_noise``, the noisiest
+        validation input (:func:`noise_level`): a noisier series gets bicubic, since a kernel
+        sharper than bicubic also passes more noise (found with heavy noise, outside every
+        family, on the public images: -0.16 dB).  Without ``max_noise``, no noise limit.
 
     margin
         Smallest worst validation gain accepted (default :data:`MIN_KERNEL_WORST_DB`).
@@ -393,6 +427,10 @@ def choose_interpolation(estimate: dict, table: dict,
     kernels = {g: row for g, row in by.items() if g in INTERPOLATION_CANDIDATES}
     if not kernels:
         return None
+    limit = table.get("max_noise")
+    noise = (estimate.get("parameters") or {}).get("noise")
+    if limit is not None and (noise is None or float(noise) > float(limit)):
+        return None  # noisier than every validation case: a sharper kernel passes more noise
     pick = choose_from_table(estimate, {**table, "by_estimate": kernels})
     floor = MIN_KERNEL_WORST_DB if margin is None else margin
     return pick if pick is not None and pick[1] >= floor else None

@@ -749,3 +749,39 @@ def test_slice_x4_uses_the_cells_safest_interpolation_where_it_keeps_no_weights(
     estimate = DegradationEstimate("lanczos", est("lanczos", 0.95)["parameters"], 0.95, True,
                                    "slice")
     assert choose_model("auto", "fast", "slice", 4, estimate, tmp_path)[:2] == ("fast", "lanczos")
+
+
+def test_noise_level_reads_white_noise_and_ignores_smooth_structure() -> None:
+    """Immerkaer's mask: planes and ramps give nothing, white noise its standard deviation,
+    edges little (median)."""
+    from sr_engine.estimate import noise_level
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:96, 0:96] / 96.0
+    ramp = np.stack([0.3 + 0.2 * yy + 0.1 * xx] * 3)
+    assert noise_level(ramp) < 1e-6
+    for sigma in (0.002, 0.01, 0.03):
+        noisy = ramp + sigma * rng.standard_normal(ramp.shape)
+        assert abs(noise_level(noisy) - sigma) < 0.1 * sigma, sigma
+    phantom = _hr_stack("CT", n=3, size=128)
+    x = mapping_for(phantom, "CT").forward(phantom)
+    clean = noise_level(x)
+    noisy = noise_level(x + 0.02 * rng.standard_normal(x.shape))
+    assert clean < 0.005 and abs(noisy - 0.02) < 0.004, (clean, noisy)
+    assert noise_level(np.zeros((2, 8, 8))) == 0.0  # too small to say
+
+
+def test_no_sharper_interpolation_for_a_series_noisier_than_every_validation_case() -> None:
+    """A kernel sharper than bicubic also passes more noise: beyond the noisiest validation
+    input (``max_noise`` of the table) the cell's interpolation is not used."""
+    from sr_engine.estimate import choose_interpolation
+
+    table = {"confidence_bins": [0.8], "cases": {"kspace_sharp|1": 30}, "max_noise": 0.008,
+             "by_estimate": {"lanczos3@0.5": {"kspace_sharp|1": 0.2}}}
+    est = {"family": "kspace_sharp", "confidence": 0.9, "in_family": True,
+           "parameters": {"noise": 0.004}}
+    assert choose_interpolation(est, table) == ("lanczos3@0.5", 0.2)
+    assert choose_interpolation({**est, "parameters": {"noise": 0.0081}}, table) is None
+    assert choose_interpolation({**est, "parameters": {}}, table) is None  # noise unknown
+    no_limit = {k: v for k, v in table.items() if k != "max_noise"}
+    assert choose_interpolation({**est, "parameters": {}}, no_limit) == ("lanczos3@0.5", 0.2)
