@@ -252,6 +252,14 @@ MUTANTS: tuple[Mutant, ...] = (
          "test_smooth_hr_sharply_degraded_gains_from_the_safer_interpolation",),
     ),
     Mutant(
+        "kernel-noise-limit", "no sharper interpolation on a series noisier than the validation",
+        "sr_engine/estimate.py",
+        "        return None  # noisier than every validation case: a sharper kernel passes more",
+        "        pass  # noisier than every validation case: a sharper kernel passes more",
+        ("tests/test_engine_robust.py::"
+         "test_no_sharper_interpolation_for_a_series_noisier_than_every_validation_case",),
+    ),
+    Mutant(
         "kernel-blend", "lanczos3@alpha runs cubic + alpha x (lanczos3 - cubic)",
         "sr_engine/models/base.py",
         "            out = cubic + self.residual_scale * (out - cubic)",
