@@ -175,8 +175,9 @@ class SafetyConfig:
     hold_mean_abs_error: float = 60.0
     warn_min_psnr: float = 35.0
     hold_min_psnr: float = 25.0
-    # When the engine could not trust its degradation estimate and used interpolation:
-    # "send" (the interpolated series, labelled as such), "warn" (also "(CHECK)"), "hold".
+    # When the engine used interpolation instead of the model (estimate not trusted, or no
+    # weights safe for it; bicubic or a Lanczos-3 blend): "send" (the interpolated series,
+    # labelled as such), "warn" (also "(CHECK)"), "hold".
     on_fallback: str = "send"
 
 

@@ -118,8 +118,9 @@ def safety_gate(
 
     The absolute-error bounds are in Hounsfield units and apply to CT only (MR units are
     arbitrary); the PSNR bounds apply to every modality.  ``fallback_reason`` (the engine used
-    interpolation because its degradation estimate was uncertain or outside every trained
-    family) warns or holds per ``[safety] on_fallback``; the consistency is computed with the
+    interpolation, bicubic or a Lanczos-3 blend, because its degradation estimate was uncertain,
+    outside every trained family or had no safe weights) warns or holds per
+    ``[safety] on_fallback``; the consistency is computed with the
     estimated operator, so the bounds judge the output against the degradation the series has.
 
     Returns
