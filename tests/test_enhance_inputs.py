@@ -164,3 +164,35 @@ def test_rerun_over_earlier_output_skips_it(tmp_path: Path, capsys: Any) -> None
     assert "own output" in capsys.readouterr().err
     # only earlier output in the folder: nothing to do, and that is no error
     assert _enhance(tmp_path / "in" / "out", tmp_path / "out3") == {}
+
+
+def test_a_lanczos_blend_chosen_by_auto_is_a_clean_interpolation_series(tmp_path: Path) -> None:
+    """The whole pipeline with ``auto`` on a series whose estimate cell takes a Lanczos-3 blend
+    (shipped tables): the derived series says interpolation everywhere a person reads it (series
+    description, DerivationDescription) and, where dicom3tools' dciodvfy is installed, adds no
+    dciodvfy error to its source."""
+    import shutil
+    import subprocess
+
+    from dicom_node.config import parse_config
+    from dicom_node.pipeline import derive_series
+
+    paths = make_ct_series(tmp_path / "src", n_slices=4)
+    d = derive_series(paths, parse_config({}), mode="slice", scale=2, model="auto")
+    assert d.result.model_name == "lanczos3" and d.result.interpolated, d.result.describe()
+    for ds in d.datasets:
+        assert ds.SeriesDescription.startswith("INTERP x2")
+        text = str(ds.DerivationDescription)
+        assert text.startswith("Interpolation (not super-resolution) by srnode")
+        assert "lanczos3 blended" in text and "Super-resolution" not in text
+    if shutil.which("dciodvfy") is None:
+        return
+
+    def errors(path: Path) -> set[str]:
+        out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+        return {line for line in (out.stdout + out.stderr).splitlines()
+                if line.startswith("Error")}
+
+    out = tmp_path / "derived.dcm"
+    d.datasets[0].save_as(out, enforce_file_format=True)
+    assert not errors(out) - errors(paths[0])

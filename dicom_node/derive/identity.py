@@ -176,8 +176,11 @@ def derivation_head(
 ) -> str:
     """The Derivation Description up to the series-level figures (model, geometry, engine)."""
     dz, dy, dx = result.spacing
+    # an interpolation (fallback, a safer kernel, or one a rule named) is not called SR
+    what = ("Interpolation (not super-resolution)" if result.interpolated
+            else "Super-resolution")
     text = (
-        f"Super-resolution by srnode {options.software_version}: model {result.model_name} "
+        f"{what} by srnode {options.software_version}: model {result.model_name} "
         f"(weights {result.model_version}) on {result.device}, {mode} mode x{scale}; output "
         f"spacing {dz:.4g}/{dy:.4g}/{dx:.4g} mm (slice/row/column), thickness "
         f"{result.slice_thickness:.4g} mm. Engine: {result.describe()}."
