@@ -5,7 +5,8 @@ Two kinds:
 - **Process-local** counters and the stage histogram live in this module and start at zero
   with the process (Prometheus' ``rate()`` handles the reset): instances received, instances
   refused per status, associations rejected per reason, job stage times, send failures per
-  destination and purged items.  They count what *this* process saw (its SCP, its worker).
+  destination, purged items and finished jobs by the engine's choice (SR or interpolation).
+  They count what *this* process saw (its SCP, its worker).
 - **Index-derived** metrics are read from the job store at every scrape
   (:class:`IndexCollector`), so they survive restarts and include every worker sharing the
   queue: jobs per state, series delivered per destination; plus free disk and the engine
@@ -23,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from sr_engine.tasks import BASELINE_MODELS
 from storage.db import Database
 from storage.errors import StorageError
 from storage.filestore import FileStore
@@ -57,8 +59,14 @@ SERIES_PURGED = Counter(
     "srnode_series_purged", "Received series and derived outputs removed by retention.",
     ["kind"], registry=None,
 )
+JOBS_DONE = Counter(
+    "srnode_jobs_done", "Jobs this process's worker finished (derived series built and sent), "
+    "by the engine's choice (model: super-resolution; interpolation: bicubic, a Lanczos-3 "
+    "blend, or an interpolation model) and model.", ["choice", "model"], registry=None,
+)
 PROCESS_METRICS = (INSTANCES_RECEIVED, INSTANCES_REFUSED, ASSOCIATIONS_REJECTED,
-                   JOB_STAGE_SECONDS, SEND_FAILURES, SERIES_PURGED)
+                   JOB_STAGE_SECONDS, SEND_FAILURES, SERIES_PURGED, JOBS_DONE)
+
 
 #: Short label values for the reasons the SCP gives when rejecting an association.
 _REJECT_REASONS = (("called ae", "called_ae_title"), ("calling ae", "calling_ae_title"),
@@ -76,7 +84,7 @@ def reject_reason_label(reason: str) -> str:
 
 
 def observe_finished_job(info: Mapping[str, Any], destinations: Sequence[str]) -> None:
-    """Record stage times and send failures of a job this process's worker just ran.
+    """Record stage times, send failures and the choice of a job this worker just ran.
 
     Parameters
     ----------
@@ -89,6 +97,11 @@ def observe_finished_job(info: Mapping[str, Any], destinations: Sequence[str]) -
         return  # another worker took it over: its worker records it
     for stage, seconds in (info.get("stage_seconds") or {}).items():
         JOB_STAGE_SECONDS.labels(stage=stage).observe(float(seconds))
+    result = info.get("result") or {}
+    if info.get("state") == JobState.DONE and result:
+        model = str(result.get("model") or "unknown")
+        interpolated = result.get("choice") == "interpolation" or model in BASELINE_MODELS
+        JOBS_DONE.labels(choice="interpolation" if interpolated else "model", model=model).inc()
     error = info.get("error") or ""
     prefix = "send failed: "
     if info.get("state") in (JobState.QUEUED, JobState.FAILED) and error.startswith(prefix):

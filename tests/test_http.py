@@ -29,7 +29,7 @@ from tests.support.node import (
 REQUIRED = {
     "srnode_instances_received", "srnode_instances_refused", "srnode_associations_rejected",
     "srnode_jobs", "srnode_job_stage_seconds", "srnode_series_sent", "srnode_send_failures",
-    "srnode_free_disk_bytes", "srnode_engine_device_info",
+    "srnode_free_disk_bytes", "srnode_engine_device_info", "srnode_jobs_done",
 }
 
 
@@ -191,6 +191,9 @@ def test_metrics_move_after_store_refusal_rejection_and_jobs(tmp_path: Path,
     assert delta("srnode_send_failures_total", destination="down") == 1
     assert delta("srnode_send_failures_total", destination="pacs") == 0
     assert delta("srnode_job_stage_seconds_count", stage="enhancing") == 2
+    # the delivered job ran the model its rule names (fast): super-resolution, not interpolation
+    assert delta("srnode_jobs_done_total", choice="model", model="fast") == 1
+    assert delta("srnode_jobs_done_total", choice="interpolation") == 0
     assert _total(after, "srnode_free_disk_bytes") > 0
     assert _total(after, "srnode_engine_device_info", device="cpu") == 1
 
@@ -223,3 +226,36 @@ def test_non_loopback_bind_without_token_refuses_to_start(tmp_path: Path) -> Non
         r2 = requests.get(_url(node, "/healthz"), timeout=60,
                           headers={"Authorization": "Bearer t0ken"})
         assert r2.status_code == 200
+
+
+def test_finished_jobs_are_counted_by_the_engine_choice() -> None:
+    """``srnode_jobs_done``: SR and interpolation (a fallback, a Lanczos blend, or an
+    interpolation model a rule named) apart; held, failed and taken-over jobs not at all."""
+    from prometheus_client import CollectorRegistry
+
+    from dicom_node.metrics import JOBS_DONE, observe_finished_job
+    from storage.job_types import JobState
+
+    registry = CollectorRegistry()
+    registry.register(JOBS_DONE)
+
+    def count(choice: str, model: str) -> float:
+        return registry.get_sample_value("srnode_jobs_done_total",
+                                         {"choice": choice, "model": model}) or 0.0
+
+    before = {k: count(*k) for k in (("model", "fast"), ("interpolation", "lanczos3"),
+                                     ("interpolation", "linear"), ("interpolation", "bicubic"))}
+    jobs = [
+        (JobState.DONE, {"model": "fast", "choice": "model"}),
+        (JobState.DONE, {"model": "lanczos3", "choice": "interpolation"}),
+        (JobState.DONE, {"model": "linear", "choice": "model"}),  # a rule named it
+        (JobState.HELD, {"model": "bicubic", "choice": "interpolation"}),
+        (JobState.FAILED, None),
+        (JobState.RUNNING, {"model": "bicubic", "choice": "interpolation"}),
+    ]
+    for state, result in jobs:
+        observe_finished_job({"state": state, "result": result, "stage_seconds": {}}, [])
+    assert count("model", "fast") - before[("model", "fast")] == 1
+    assert count("interpolation", "lanczos3") - before[("interpolation", "lanczos3")] == 1
+    assert count("interpolation", "linear") - before[("interpolation", "linear")] == 1
+    assert count("interpolation", "bicubic") - before[("interpolation", "bicubic")] == 0
