@@ -383,8 +383,8 @@ def choose_from_table(estimate: dict, table: dict) -> tuple[str, float] | None:
 #: input's Nyquist frequency than bicubic.  Decided on the validation phantoms (2026-12-06,
 #: leave-one-volume-out): full-strength Lanczos-3 lost up to 0.17 dB (smooth images blurred,
 #: aliased decimation), and as a candidate it left a x4 case at -0.10 dB; the blends lose at
-#: most 0.06 (x2) / 0.10 (x4) anywhere, and chosen per cell no left-out case went below
-#: -0.07 dB.
+#: most about 0.06 (x2) / 0.10 (x4) on any validation case, and chosen per cell no left-out
+#: case went below -0.07 dB.
 INTERPOLATION_CANDIDATES: tuple[str, ...] = ("lanczos3@0.5", "lanczos3@0.25")
 #: Smallest worst validation gain of its cell for which an interpolation of
 #: :data:`INTERPOLATION_CANDIDATES` replaces bicubic: within half the promise's 0.1 dB (unlike
@@ -413,7 +413,6 @@ def choose_interpolation(estimate: dict, table: dict,
         validation input (:func:`noise_level`): a noisier series gets bicubic, since a kernel
         sharper than bicubic also passes more noise (found with heavy noise, outside every
         family, on the public images: -0.16 dB).  Without ``max_noise``, no noise limit.
-
     margin
         Smallest worst validation gain accepted (default :data:`MIN_KERNEL_WORST_DB`).
 
