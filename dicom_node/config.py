@@ -177,7 +177,8 @@ class SafetyConfig:
     hold_min_psnr: float = 25.0
     # When the engine used interpolation instead of the model (estimate not trusted, or no
     # weights safe for it; bicubic or a Lanczos-3 blend): "send" (the interpolated series,
-    # labelled as such), "warn" (also "(CHECK)"), "hold".
+    # labelled as such), "warn" (also "(CHECK)"), "hold", "skip" (no derived series; the job
+    # is done and says why).
     on_fallback: str = "send"
 
 
@@ -320,9 +321,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"[http] port: {cfg.http.port} is not a TCP port")
     if cfg.series.quiet_period_seconds <= 0:
         raise ConfigError("[series] quiet_period_seconds must be > 0")
-    if cfg.safety.on_fallback not in ("send", "warn", "hold"):
+    if cfg.safety.on_fallback not in ("send", "warn", "hold", "skip"):
         raise ConfigError(f"[safety] on_fallback: {cfg.safety.on_fallback!r} is not one of "
-                          "\"send\", \"warn\", \"hold\"")
+                          "\"send\", \"warn\", \"hold\", \"skip\"")
     if cfg.engine.adapt_seconds < 0:
         raise ConfigError("[engine] adapt_seconds must be >= 0")
     if cfg.worker.max_attempts < 1:

@@ -24,7 +24,7 @@ from sr_engine.api import ConsistencyReport, EnhanceRequest, EnhanceResult
 
 LOGGER = logging.getLogger(__name__)
 
-Gate = Literal["send", "warn", "hold"]
+Gate = Literal["send", "warn", "hold", "skip"]
 
 
 class EnhanceError(Exception):
@@ -43,7 +43,9 @@ class JobOutcome(TypedDict, total=False):
     """What a finished (or held) job records as its result: ``srnode jobs --json``, the audit.
 
     The worker adds ``destinations`` (instances delivered per destination), ``stage_seconds``
-    and, for a held series, ``held``.
+    and, for a held series, ``held``; for a series not sent because it would only be an
+    interpolation (``[safety] on_fallback = "skip"``), ``skipped`` (its derived Series Instance
+    UID was never written or sent).
     """
 
     source_series_instance_uid: str
@@ -66,6 +68,7 @@ class JobOutcome(TypedDict, total=False):
     destinations: dict[str, int]
     stage_seconds: dict[str, float]
     held: bool
+    skipped: bool
 
 
 @dataclass
@@ -126,7 +129,8 @@ def safety_gate(
     Returns
     -------
     tuple
-        ``("send" | "warn" | "hold", reason)``.
+        ``("send" | "warn" | "hold" | "skip", reason)``; ``skip`` (``on_fallback = "skip"``):
+        no derived series, the job is done.
     """
     c = consistency
     if math.isnan(c.psnr) or c.psnr == -math.inf:
@@ -140,6 +144,8 @@ def safety_gate(
                         f"{safety.hold_mean_abs_error} HU")
     if fallback_reason and safety.on_fallback == "hold":
         return "hold", f"sent as interpolation would be: {fallback_reason}"
+    if fallback_reason and safety.on_fallback == "skip":
+        return "skip", f"not sent: interpolation only ({fallback_reason})"
     if fallback_reason and safety.on_fallback == "warn":
         return "warn", f"interpolation instead of SR: {fallback_reason}"
     if fallback_reason:
@@ -421,7 +427,7 @@ def derive_series_to(
     gate, reason = safety_gate(result.consistency, source.modality, config.safety,
                                fallback_reason=result.fallback_reason)
     t0 = time.perf_counter()
-    if gate == "hold":
+    if gate in ("hold", "skip"):
         for p in written:
             p.unlink(missing_ok=True)
         written = []
@@ -542,7 +548,7 @@ def _derive_into(
     shutil.rmtree(partial, ignore_errors=True)
     try:
         w = derive_series_to(paths, config, partial, mode=mode, scale=scale, model=model)
-        if w.gate == "hold":
+        if w.gate in ("hold", "skip"):
             shutil.rmtree(partial, ignore_errors=True)
             return w
         final = output_dir / w.derived_series_uid
@@ -646,6 +652,9 @@ def enhance_path(
             print(f"note: series {series_uid}: {note}", file=sys.stderr)
         if d.gate == "hold":
             problems.append(f"series {series_uid}: held by the safety gate ({d.gate_reason})")
+            continue
+        if d.gate == "skip":  # [safety] on_fallback = "skip": wanted, not a problem
+            print(f"note: series {series_uid}: {d.gate_reason}", file=sys.stderr)
             continue
         written[d.derived_series_uid] = d.paths
     if not written:

@@ -124,9 +124,9 @@ def _derive_or_reuse(
         raise PermanentJobError(f"{type(exc).__name__}: {exc}") from exc
     seconds.update(w.seconds)
     summary = w.summary()
-    if w.gate == "hold":
+    if w.gate in ("hold", "skip"):
         shutil.rmtree(out_dir, ignore_errors=True)
-        summary["held"] = True
+        summary["held" if w.gate == "hold" else "skipped"] = True
         return [], summary
     t0 = time.perf_counter()
     FileStore(out_dir).write_atomic(
@@ -173,6 +173,15 @@ def run_job(config: Config, job: ClaimedJob, worker_id: str) -> None:
             audit.record("job_held", job_id=job.id, series_instance_uid=job.series_instance_uid,
                          reason=reason, **_engine_choice(summary))
             LOGGER.warning("job %d held: %s", job.id, reason)
+            return
+        if summary.get("skipped"):  # [safety] on_fallback = "skip": done, nothing to send
+            queue.complete(job.id, worker_id,
+                           {**summary, "destinations": {}, "stage_seconds": seconds})
+            audit.record("job_done", job_id=job.id, series_instance_uid=job.series_instance_uid,
+                         derived_series_instance_uid=None, sent=False,
+                         reason=summary["gate_reason"], **_engine_choice(summary))
+            LOGGER.info("job %d done without a derived series: %s", job.id,
+                        summary["gate_reason"])
             return
         queue.set_stage(job.id, worker_id, "sending", seconds)
         t0 = time.perf_counter()

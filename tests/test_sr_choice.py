@@ -67,6 +67,48 @@ def test_outside_every_family_goes_out_as_labelled_interpolation(tmp_path: Path)
     # the same series with the fallback held for a human
     held = node_config(tmp_path / "b", safety={"on_fallback": "hold"})
     assert derive_series(paths, held, mode="slice", scale=2, model="auto").gate == "hold"
+    skip = node_config(tmp_path / "c", safety={"on_fallback": "skip"})
+    d = derive_series(paths, skip, mode="slice", scale=2, model="auto")
+    assert d.gate == "skip" and d.gate_reason.startswith("not sent: interpolation only")
+
+
+def test_on_fallback_skip_finishes_the_job_without_a_derived_series(tmp_path: Path) -> None:
+    """``[safety] on_fallback = "skip"``: a series the engine would only interpolate is not
+    sent; the job is done, its record and the audit log say why; nothing is left on disk."""
+    from tests.support.dcmtk import StoreSCP
+
+    paths = _outside_family_series(tmp_path / "mr")
+    pacs = StoreSCP(tmp_path / "pacs", aet="PACS").start()
+    cfg = node_config(
+        tmp_path / "node", safety={"on_fallback": "skip"},
+        rules=[{"name": "r", "modalities": ["MR"], "destinations": ["pacs"]}],
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                       "port": pacs.port}])
+    with pacs, running_node(cfg, run_worker=True) as node:
+        queue = JobQueue(node.db)
+        rc, out = storescu("127.0.0.1", node.scp.port, paths, called_ae_title="SRNODE")
+        assert rc == 0, out
+        import time
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            jobs = queue.list_jobs()
+            if jobs and jobs[0]["state"] in ("done", "failed", "held"):
+                break
+            time.sleep(0.2)
+        assert jobs, "no job was created"
+        job = jobs[0]
+        assert job["state"] == "done", job
+        assert not pacs.files()  # nothing was sent
+    result = job["result"]
+    assert result["skipped"] is True and result["gate"] == "skip"
+    assert result["choice"] == "interpolation" and result["destinations"] == {}
+    derived = Path(cfg.node.storage_dir) / "derived" / f"job-{job['id']}"
+    assert not derived.exists() or not any(derived.rglob("*.dcm"))
+    audit = [json.loads(x) for x in Path(cfg.node.audit_log).read_text().splitlines()]
+    done = [e for e in audit if e["event"] == "job_done"]
+    assert done and done[0]["sent"] is False and "interpolation only" in done[0]["reason"]
+    assert not [e for e in audit if e["event"] == "series_sent"]
 
 
 def test_job_record_and_audit_carry_the_estimate_and_choice(tmp_path: Path) -> None:
