@@ -60,9 +60,10 @@ SERIES_PURGED = Counter(
     ["kind"], registry=None,
 )
 JOBS_DONE = Counter(
-    "srnode_jobs_done", "Jobs this process's worker finished (derived series built and sent), "
-    "by the engine's choice (model: super-resolution; interpolation: bicubic, a Lanczos-3 "
-    "blend, or an interpolation model) and model.", ["choice", "model"], registry=None,
+    "srnode_jobs_done", "Jobs this process's worker finished, by the engine's choice (model: "
+    "super-resolution; interpolation: bicubic, a Lanczos-3 blend, or an interpolation model; "
+    "also the jobs [safety] on_fallback = skip finished without a series) and model.",
+    ["choice", "model"], registry=None,
 )
 PROCESS_METRICS = (INSTANCES_RECEIVED, INSTANCES_REFUSED, ASSOCIATIONS_REJECTED,
                    JOB_STAGE_SECONDS, SEND_FAILURES, SERIES_PURGED, JOBS_DONE)
