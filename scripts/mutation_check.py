@@ -260,6 +260,14 @@ MUTANTS: tuple[Mutant, ...] = (
          "test_no_sharper_interpolation_for_a_series_noisier_than_every_validation_case",),
     ),
     Mutant(
+        "on-fallback-skip", "[safety] on_fallback = skip sends nothing for an interpolation",
+        "dicom_node/pipeline.py",
+        '    if fallback_reason and safety.on_fallback == "skip":',
+        "    if False:",
+        ("tests/test_sr_choice.py::"
+         "test_on_fallback_skip_finishes_the_job_without_a_derived_series",),
+    ),
+    Mutant(
         "kernel-blend", "lanczos3@alpha runs cubic + alpha x (lanczos3 - cubic)",
         "sr_engine/models/base.py",
         "            out = cubic + self.residual_scale * (out - cubic)",
