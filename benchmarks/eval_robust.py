@@ -201,7 +201,7 @@ def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
         choose_from_table,
         choose_guarded,
         choose_interpolation,
-        is_interpolation,
+        learned_part,
     )
 
     out = []
@@ -216,9 +216,7 @@ def simulate_choice(rows: list[dict], table: dict, scale: int) -> list[float]:
             pick = (choose_guarded(est, table)
                     if float(est.get("confidence", 0.0)) >= MIN_CONFIDENCE else None)
         else:
-            learned = {g: v for g, v in table["by_estimate"].items()
-                       if not is_interpolation(g)}
-            pick = choose_from_table(est, {**table, "by_estimate": learned})
+            pick = choose_from_table(est, learned_part(table))
             floor = MIN_CELL_WORST_DB
         if est.get("in_family") and not (pick and pick[1] > floor):
             # no learned weights kept: the cell's safest interpolation kernel, if safe enough

@@ -24,7 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from sr_engine.tasks import BASELINE_MODELS
+from sr_engine.tasks import is_interpolation
 from storage.db import Database
 from storage.errors import StorageError
 from storage.filestore import FileStore
@@ -101,7 +101,8 @@ def observe_finished_job(info: Mapping[str, Any], destinations: Sequence[str]) -
     result = info.get("result") or {}
     if info.get("state") == JobState.DONE and result:
         model = str(result.get("model") or "unknown")
-        interpolated = result.get("choice") == "interpolation" or model in BASELINE_MODELS
+        interpolated = is_interpolation(model, "fallback" if result.get("choice") ==
+                                        "interpolation" else None)
         JOBS_DONE.labels(choice="interpolation" if interpolated else "model", model=model).inc()
     error = info.get("error") or ""
     prefix = "send failed: "

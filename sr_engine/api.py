@@ -243,9 +243,9 @@ class EnhanceResult:
     @property
     def interpolated(self) -> bool:
         """Whether the volume is an interpolation (a fallback or an interpolation model), not SR."""
-        from .tasks import BASELINE_MODELS
+        from .tasks import is_interpolation
 
-        return bool(self.fallback_reason) or self.model_name in BASELINE_MODELS
+        return is_interpolation(self.model_name, self.fallback_reason)
 
     def describe(self) -> str:
         """Short sentence (< 200 characters) on the estimate and the choice, for provenance.

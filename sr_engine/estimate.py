@@ -42,8 +42,8 @@ from .degrade import (
     sample_inplane,
     slab_taps,
 )
-from .models import WEIGHTS_DIR, split_group
-from .tasks import BASELINE_MODELS
+from .models import WEIGHTS_DIR
+from .tasks import is_interpolation
 
 GRID = 8  # frequency bins per axis of the folded spectrum
 MAX_SLICES = 12  # slices of a series used by the estimate (evenly spaced)
@@ -68,6 +68,21 @@ def _hann2(h: int, w: int) -> np.ndarray:
     return np.outer(np.hanning(h), np.hanning(w)).astype(np.float32)
 
 
+def _central_crop(img: np.ndarray) -> np.ndarray | None:
+    """The central ``MAX_EDGE`` square (or less) of a 2-D image as float64; None under 16 px."""
+    h, w = img.shape
+    if min(h, w) < 16:
+        return None
+    ch, cw = min(h, MAX_EDGE), min(w, MAX_EDGE)
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return np.asarray(img[y0:y0 + ch, x0:x0 + cw], dtype=np.float64)
+
+
+def _series_picks(n: int) -> np.ndarray:
+    """Up to :data:`MAX_SLICES` evenly spaced slice indices of an ``n``-slice series."""
+    return np.unique(np.linspace(0, n - 1, min(n, MAX_SLICES)).round().astype(int))
+
+
 def spectral_features(img: np.ndarray) -> np.ndarray | None:
     """Spectral-shape features of one 2-D image (network units).
 
@@ -82,12 +97,10 @@ def spectral_features(img: np.ndarray) -> np.ndarray | None:
         ``GRID*GRID`` log band powers of the Hann-windowed 2-D spectrum, folded onto
         ``|fy|, |fx|`` in [0, 0.5], minus their mean; None for a (nearly) flat image.
     """
-    h, w = img.shape
-    if min(h, w) < 16:
+    x = _central_crop(img)
+    if x is None:
         return None
-    ch, cw = min(h, MAX_EDGE), min(w, MAX_EDGE)
-    y0, x0 = (h - ch) // 2, (w - cw) // 2
-    x = np.asarray(img[y0:y0 + ch, x0:x0 + cw], dtype=np.float64)
+    ch, cw = x.shape
     x = x - x.mean()
     if float(x.std()) < 1e-4:
         return None
@@ -111,9 +124,8 @@ def anisotropy(features: np.ndarray) -> float:
 
 def series_features(volume: np.ndarray) -> np.ndarray | None:
     """Mean spectral features over up to :data:`MAX_SLICES` evenly spaced slices of a series."""
-    n = volume.shape[0]
-    picks = np.unique(np.linspace(0, n - 1, min(n, MAX_SLICES)).round().astype(int))
-    feats = [f for f in (spectral_features(volume[i]) for i in picks) if f is not None]
+    feats = [f for f in (spectral_features(volume[i]) for i in _series_picks(volume.shape[0]))
+             if f is not None]
     return np.mean(feats, axis=0) if feats else None
 
 
@@ -129,16 +141,12 @@ def noise_level(volume: np.ndarray) -> float:
     response / 0.6745 / 6 (the mask's gain on white noise), so that edges count little.
     Returns 0 for slices smaller than 16 pixels.
     """
-    n = volume.shape[0]
-    picks = np.unique(np.linspace(0, n - 1, min(n, MAX_SLICES)).round().astype(int))
     responses = []
-    for i in picks:
-        h, w = volume[i].shape
-        if min(h, w) < 16:
+    for i in _series_picks(volume.shape[0]):
+        x = _central_crop(volume[i])
+        if x is None:
             continue
-        ch, cw = min(h, MAX_EDGE), min(w, MAX_EDGE)
-        y0, x0 = (h - ch) // 2, (w - cw) // 2
-        x = np.asarray(volume[i][y0:y0 + ch, x0:x0 + cw], dtype=np.float64)
+        ch, cw = x.shape
         r = sum(_NOISE_MASK[a, b] * x[a:ch - 2 + a, b:cw - 2 + b]
                 for a in range(3) for b in range(3))
         responses.append(np.abs(r).ravel())
@@ -394,13 +402,13 @@ INTERPOLATION_CANDIDATES: tuple[str, ...] = ("lanczos3@0.5", "lanczos3@0.25")
 MIN_KERNEL_WORST_DB = -0.05
 
 
-def is_interpolation(group: str) -> bool:
-    """Whether a selection-table key names an interpolation (``lanczos3@0.5``), not weights."""
-    return split_group(group)[0] in BASELINE_MODELS
+def learned_part(table: dict) -> dict:
+    """A ``by_estimate`` table without its interpolation keys (the learned weights only)."""
+    by = table.get("by_estimate") or {}
+    return {**table, "by_estimate": {g: row for g, row in by.items() if not is_interpolation(g)}}
 
 
-def choose_interpolation(estimate: dict, table: dict,
-                         margin: float | None = None) -> tuple[str, float] | None:
+def choose_interpolation(estimate: dict, table: dict) -> tuple[str, float] | None:
     """The interpolation kernel with the best worst gain in an estimate's cell, if safe.
 
     Parameters
@@ -413,14 +421,12 @@ def choose_interpolation(estimate: dict, table: dict,
         validation input (:func:`noise_level`): a noisier series gets bicubic, since a kernel
         sharper than bicubic also passes more noise (found with heavy noise, outside every
         family, on the public images: -0.16 dB).  Without ``max_noise``, no noise limit.
-    margin
-        Smallest worst validation gain accepted (default :data:`MIN_KERNEL_WORST_DB`).
 
     Returns
     -------
     tuple or None
-        ``(kernel, worst validation gain in dB over bicubic)`` when that gain is at least the
-        margin; else None (bicubic).
+        ``(kernel, worst validation gain in dB over bicubic)`` when that gain is at least
+        :data:`MIN_KERNEL_WORST_DB`; else None (bicubic).
     """
     by = table.get("by_estimate") or {}
     kernels = {g: row for g, row in by.items() if g in INTERPOLATION_CANDIDATES}
@@ -431,8 +437,7 @@ def choose_interpolation(estimate: dict, table: dict,
     if limit is not None and (noise is None or float(noise) > float(limit)):
         return None  # noisier than every validation case: a sharper kernel passes more noise
     pick = choose_from_table(estimate, {**table, "by_estimate": kernels})
-    floor = MIN_KERNEL_WORST_DB if margin is None else margin
-    return pick if pick is not None and pick[1] >= floor else None
+    return pick if pick is not None and pick[1] >= MIN_KERNEL_WORST_DB else None
 
 
 def slice_weights_choice(estimate: DegradationEstimate, scale: int,
@@ -471,9 +476,7 @@ def slice_weights_choice(estimate: DegradationEstimate, scale: int,
         return None
     table = json.loads(path.read_text())  # read once: every rule below works on it
     if table.get("by_estimate"):
-        learned = {g: row for g, row in table["by_estimate"].items()
-                   if not is_interpolation(g)}
-        pick = choose_from_table(estimate.as_dict(), {**table, "by_estimate": learned})
+        pick = choose_from_table(estimate.as_dict(), learned_part(table))
         if pick is None or pick[1] <= MIN_CELL_WORST_DB:
             kernel = choose_interpolation(estimate.as_dict(), table)
             if kernel is not None:

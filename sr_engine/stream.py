@@ -278,9 +278,9 @@ class SeriesEnhancer:
     @property
     def interpolated(self) -> bool:
         """Whether the output is an interpolation (fallback or interpolation model), not SR."""
-        from .tasks import BASELINE_MODELS
+        from .tasks import is_interpolation
 
-        return bool(self.fallback_reason) or self.name in BASELINE_MODELS
+        return is_interpolation(self.name, self.fallback_reason)
 
     @property
     def num_outputs(self) -> int:

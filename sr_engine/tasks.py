@@ -21,6 +21,15 @@ MODEL_NAMES: tuple[str, ...] = LEARNED_MODELS + BASELINE_MODELS
 AUTO_MODEL = "auto"
 
 
+def is_interpolation(model: str, fallback_reason: str | None = None) -> bool:
+    """Whether a model name, or a selection-table key (``lanczos3@0.5``), is an interpolation.
+
+    With ``fallback_reason`` (the engine used interpolation instead of the requested model),
+    always True: the output is an interpolation whatever the name.
+    """
+    return bool(fallback_reason) or model.partition("@")[0] in BASELINE_MODELS
+
+
 def task_problem(mode: str, scale: int, model: str = AUTO_MODEL) -> str | None:
     """Say what is wrong with a requested task, or ``None`` when the engine supports it.
 

@@ -19,6 +19,7 @@ from sr_engine.normalise import mapping_for
 from storage.jobs import JobQueue
 from tests.dicom_factory import make_mr_series
 from tests.support.dcmtk import storescu
+from tests.support.faults import wait_for_jobs
 from tests.support.node import node_config, running_node
 
 SEED = 515151  # held-out phantoms, not a training seed
@@ -50,6 +51,12 @@ def _outside_family_series(out: Path, n: int = 6, size: int = 128) -> list[Path]
         ds.PixelData = np.clip(np.rint(img), 0, 65535).astype("<u2").tobytes()
         ds.save_as(path, enforce_file_format=True)
     return paths
+
+
+def _final_job(queue: JobQueue) -> dict:
+    """The first job once it is done, failed or held (the test's one series)."""
+    return wait_for_jobs(queue, lambda jobs: jobs[0]["state"] in ("done", "failed", "held"),
+                         timeout=120, interval=0.2, what="the job to finish")[0]
 
 
 def test_outside_every_family_goes_out_as_labelled_interpolation(tmp_path: Path) -> None:
@@ -88,16 +95,7 @@ def test_on_fallback_skip_finishes_the_job_without_a_derived_series(tmp_path: Pa
         queue = JobQueue(node.db)
         rc, out = storescu("127.0.0.1", node.scp.port, paths, called_ae_title="SRNODE")
         assert rc == 0, out
-        import time
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            jobs = queue.list_jobs()
-            if jobs and jobs[0]["state"] in ("done", "failed", "held"):
-                break
-            time.sleep(0.2)
-        assert jobs, "no job was created"
-        job = jobs[0]
+        job = _final_job(queue)
         assert job["state"] == "done", job
         assert not pacs.files()  # nothing was sent
     result = job["result"]
@@ -118,16 +116,7 @@ def test_job_record_and_audit_carry_the_estimate_and_choice(tmp_path: Path) -> N
         queue = JobQueue(node.db)
         rc, out = storescu("127.0.0.1", node.scp.port, paths, called_ae_title="SRNODE")
         assert rc == 0, out
-        import time
-
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            jobs = queue.list_jobs()
-            if jobs and jobs[0]["state"] in ("done", "failed", "held"):
-                break
-            time.sleep(0.2)
-    assert jobs, "no job was created"
-    job = jobs[0]
+        job = _final_job(queue)
     assert job["state"] == "done", job
     result = job["result"]
     assert result["choice"] == "interpolation" and result["degradation"]["family"]

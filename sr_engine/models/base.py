@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -32,11 +34,13 @@ def shuffle(x: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
     return x.reshape(b, 1, h * fy, w * fx)
 
 
-#: Interpolation kernels of :func:`interpolate`: torch's cubic (Keys, a = -0.75) and linear,
-#: and Lanczos windowed sinc of ``a`` lobes (``lanczos3``).
-INTERPOLATION_KINDS: tuple[str, ...] = ("cubic", "linear", "lanczos3")
+#: Interpolation kernels of :func:`interpolate` and their taps along one axis: torch's cubic
+#: (Keys, a = -0.75) and linear, and Lanczos windowed sinc of 3 lobes (``lanczos3``).
+KERNEL_TAPS: dict[str, int] = {"cubic": 4, "linear": 2, "lanczos3": 6}
+INTERPOLATION_KINDS: tuple[str, ...] = tuple(KERNEL_TAPS)
 
 
+@functools.lru_cache(maxsize=16)
 def lanczos_taps(scale: int, lobes: int) -> tuple[torch.Tensor, int]:
     """Lanczos taps of every output phase of a pixel-centre aligned ``scale``-fold upsampling.
 
@@ -170,15 +174,14 @@ def receptive_field(model: SRNet) -> int:
     """Receptive field of the learned body in LR pixels (edge of the square), >= 4 for cubic."""
     convs = [c for c in lr_convs(model) if c.kernel_size[0] > 1]
     rf = 1 + sum(c.kernel_size[0] - 1 for c in convs)
-    base = {"cubic": 4, "lanczos3": 6}.get(model.base_kind, 2)
-    return max(rf, base)
+    return max(rf, KERNEL_TAPS[model.base_kind])
 
 
 def flops_per_output_pixel(model: SRNet) -> float:
     """Multiply-adds x2 per output pixel (body convolutions plus the interpolated base)."""
     macs = sum(c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1]
                for c in lr_convs(model))
-    taps = {"cubic": 4, "lanczos3": 6}.get(model.base_kind, 2)
+    taps = KERNEL_TAPS[model.base_kind]
     base = 2 * (taps * (model.fy > 1) + taps * (model.fx > 1))
     return 2.0 * macs / (model.fy * model.fx) + base
 
