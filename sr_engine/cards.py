@@ -40,6 +40,16 @@ ARCHITECTURE = {
                 "slice mode where the selection tables keep no learned weights but find the "
                 "blend safe for the estimate (``sr_engine.estimate.INTERPOLATION_CANDIDATES``); "
                 "such a series is labelled as interpolation.",
+    "lanczos6": "Lanczos interpolation, 6 lobes (the same windowed sinc as ``lanczos3`` with a "
+                "window twice as long: closer to the ideal sinc interpolation of an input "
+                "that is band-limited at its own matrix, e.g. an MR image truncated in k-space, "
+                "where a scanner's own zero-filling would give the same; it rings more where "
+                "the input is not band-limited).  No parameters, nothing learned.  The node's "
+                "``auto`` uses it at full strength in slice mode x2 where the selection table "
+                "keeps no learned weights and finds it the safest kernel for the estimate "
+                "(``sr_engine.estimate.TABLE_KERNELS``: the cell of inputs read as "
+                "``kspace_sharp`` with confidence >= 0.8); such a series is labelled as "
+                "interpolation.",
 }
 
 COMMON = """

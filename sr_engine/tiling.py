@@ -90,9 +90,11 @@ def upsample_planes(model: nn.Module, planes: np.ndarray, fy: int, fx: int, *, d
     batch_size
         Tiles per forward pass.
     tile_size, tile_overlap
-        Largest LR tile edge and overlap between tiles.
+        Largest LR tile edge and overlap between tiles; the overlap is raised to
+        ``2 * margin + 2`` where it is smaller, so that every output pixel has a tile whose
+        receptive field saw no padding (tiled output equals a single pass).
     margin
-        LR pixels next to inner tile edges that get zero weight.
+        LR pixels next to inner tile edges that get zero weight (the receptive-field radius).
     amp
         Run the network under autocast (:data:`AMP_DTYPE`: float16 on CUDA); the output is
         accumulated in float32.
@@ -103,8 +105,9 @@ def upsample_planes(model: nn.Module, planes: np.ndarray, fy: int, fx: int, *, d
         ``(output planes, number of tiles per plane)``.
     """
     p, h, w = planes.shape
+    margin = max(0, margin)
+    tile_overlap = max(tile_overlap, 2 * margin + 2)
     tile_size = max(tile_size, 2 * tile_overlap + 1, 8)
-    margin = max(0, min(margin, (tile_overlap - 1) // 2))
     ys = tile_starts(h, tile_size, tile_overlap)
     xs = tile_starts(w, tile_size, tile_overlap)
     th, tw = min(h, tile_size), min(w, tile_size)

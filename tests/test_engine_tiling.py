@@ -33,13 +33,16 @@ def test_ramp_is_zero_in_margin_of_inner_edges() -> None:
     assert np.all(w[:4] == 0) and np.all(w[-4:] == 0) and w[16] == 1
 
 
-@pytest.mark.parametrize("mode,scale", [("slice", 2), ("volume", 2)])
-def test_tiled_equals_single_pass(mode: str, scale: int) -> None:
+@pytest.mark.parametrize("mode,scale,model", [("slice", 2, "fast"), ("volume", 2, "fast"),
+                                              ("slice", 2, "lanczos6"), ("slice", 4, "lanczos3")])
+def test_tiled_equals_single_pass(mode: str, scale: int, model: str) -> None:
+    """Tiles with the engine's halo give the single pass, also for the long Lanczos windows
+    (``lanczos6`` reaches 6 input pixels either side)."""
     vol = _phantom(3, 70)
     one = enhance_volume(vol, (2.0, 1.0, 1.0), 2.0, "CT",
-                         EnhanceRequest(mode=mode, scale=scale, model="fast", tile_size=512))
+                         EnhanceRequest(mode=mode, scale=scale, model=model, tile_size=512))
     tiled = enhance_volume(vol, (2.0, 1.0, 1.0), 2.0, "CT",
-                           EnhanceRequest(mode=mode, scale=scale, model="fast", tile_size=24,
+                           EnhanceRequest(mode=mode, scale=scale, model=model, tile_size=24,
                                           tile_overlap=12, batch_size=5))
     assert one.extra["tiles_per_plane"] == (1 if mode == "slice" else 2)
     assert tiled.extra["tiles_per_plane"] > one.extra["tiles_per_plane"]

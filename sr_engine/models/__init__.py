@@ -67,6 +67,7 @@ _BUILDERS: dict[str, tuple[Callable[[int, int], SRNet], bool]] = {
     "cubic": (lambda fy, fx: InterpolationNet(fy, fx, "cubic"), False),
     "linear": (lambda fy, fx: InterpolationNet(fy, fx, "linear"), False),
     "lanczos3": (lambda fy, fx: InterpolationNet(fy, fx, "lanczos3"), False),
+    "lanczos6": (lambda fy, fx: InterpolationNet(fy, fx, "lanczos6"), False),
 }
 #: One entry per name of :data:`sr_engine.tasks.MODEL_NAMES` (a name without a builder fails
 #: here, at import).

@@ -35,8 +35,10 @@ def shuffle(x: torch.Tensor, fy: int, fx: int) -> torch.Tensor:
 
 
 #: Interpolation kernels of :func:`interpolate` and their taps along one axis: torch's cubic
-#: (Keys, a = -0.75) and linear, and Lanczos windowed sinc of 3 lobes (``lanczos3``).
-KERNEL_TAPS: dict[str, int] = {"cubic": 4, "linear": 2, "lanczos3": 6}
+#: (Keys, a = -0.75) and linear, and Lanczos windowed sinc of 3 and 6 lobes (``lanczos3``,
+#: ``lanczos6``: the longer window is closer to the ideal sinc interpolation of a band-limited
+#: input, e.g. an MR image truncated in k-space).
+KERNEL_TAPS: dict[str, int] = {"cubic": 4, "linear": 2, "lanczos3": 6, "lanczos6": 12}
 INTERPOLATION_KINDS: tuple[str, ...] = tuple(KERNEL_TAPS)
 
 
@@ -87,8 +89,9 @@ def interpolate(x: torch.Tensor, fy: int, fx: int, kind: str = "cubic") -> torch
     ValueError
         Unknown ``kind``.
     """
-    if kind == "lanczos3":
-        return _lanczos_axis(_lanczos_axis(x, fy, 3, 2), fx, 3, 3)
+    if kind.startswith("lanczos") and kind in KERNEL_TAPS:
+        lobes = KERNEL_TAPS[kind] // 2
+        return _lanczos_axis(_lanczos_axis(x, fy, lobes, 2), fx, lobes, 3)
     if kind not in INTERPOLATION_KINDS:
         raise ValueError(f"unknown interpolation {kind!r}; known: {', '.join(INTERPOLATION_KINDS)}")
     mode = "bicubic" if kind == "cubic" else "bilinear"
