@@ -43,13 +43,11 @@ ARCHITECTURE = {
     "lanczos6": "Lanczos interpolation, 6 lobes (the same windowed sinc as ``lanczos3`` with a "
                 "window twice as long: closer to the ideal sinc interpolation of an input "
                 "that is band-limited at its own matrix, e.g. an MR image truncated in k-space, "
-                "where a scanner's own zero-filling would give the same; it rings more where "
-                "the input is not band-limited).  No parameters, nothing learned.  The node's "
-                "``auto`` uses it at full strength in slice mode x2 where the selection table "
-                "keeps no learned weights and finds it the safest kernel for the estimate "
-                "(``sr_engine.estimate.TABLE_KERNELS``: the cell of inputs read as "
-                "``kspace_sharp`` with confidence >= 0.8); such a series is labelled as "
-                "interpolation.",
+                "where a scanner's own zero-filling gives the same; it rings more where the input "
+                "is aliased).  No parameters, nothing learned.  For explicit rules only (e.g. MR "
+                "series known to be acquired at their own matrix): ``auto`` does not use it, "
+                "because aliased decimation of held-out CT phantoms is read as ``kspace_sharp`` "
+                "and loses 0.3 dB to bicubic with it (README, 2026-12-07).",
 }
 
 COMMON = """
