@@ -153,6 +153,45 @@ def _jpeg(op: Operator, quality: int) -> Operator:
     return compressed
 
 
+def _kspace_lines(keep: Callable[[torch.Tensor, int], torch.Tensor], magnitude: bool
+                  ) -> Operator:
+    """The ``kspace`` family's crop (no window), then only the phase-encoding lines (along H)
+    that ``keep(ky, h)`` selects; zero-filled reconstruction, magnitude if ``magnitude``."""
+    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
+        y = apply_inplane(x, factor, Degradation.of("kspace", window=0)).double()
+        h = y.shape[-2]
+        ky = torch.fft.fftfreq(h, d=1.0 / h).to(torch.float64)
+        spec = torch.fft.fft2(y) * keep(ky, h).to(torch.float64)[:, None]
+        img = torch.fft.ifft2(spec)
+        return (img.abs() if magnitude else img.real).to(x.dtype)
+    return op
+
+
+def _sharp_kernel(amount: float, sigma: float) -> Operator:
+    """Area averaging, then an edge-enhancing reconstruction filter on the low-resolution grid
+    (unsharp mask ``y + amount (y - gauss_sigma(y))``, sigma in LR pixels): how a CT bone or
+    lung kernel overshoots at edges."""
+    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
+        y = degrade_inplane(x, factor, 0.0)
+        r = int(np.ceil(3 * sigma))
+        t = torch.arange(-r, r + 1, dtype=y.dtype)
+        g = torch.exp(-0.5 * (t / sigma) ** 2)
+        g = g / g.sum()
+        blur = F.conv2d(F.pad(y, (r, r, 0, 0), mode="replicate"), g.view(1, 1, 1, -1))
+        blur = F.conv2d(F.pad(blur, (0, 0, r, r), mode="replicate"), g.view(1, 1, -1, 1))
+        return y + amount * (y - blur)
+    return op
+
+
+def _ghost(fraction: float) -> Operator:
+    """Area averaging plus an N/2 ghost (EPI-like): the image shifted by half the field of view
+    along H, at ``fraction`` of its intensity."""
+    def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
+        y = degrade_inplane(x, factor, 0.0)
+        return y + fraction * torch.roll(y, y.shape[-2] // 2, dims=-2)
+    return op
+
+
 INPLANE_UNSEEN: list[tuple[str, Operator]] = [
     ("bicubic resize (antialiased)", _resize(_cubic, 2.0)),
     ("bilinear resize (antialiased)", _resize(lambda t: np.clip(1 - np.abs(t), 0, None), 1.0)),
@@ -165,6 +204,12 @@ INPLANE_UNSEEN: list[tuple[str, Operator]] = [
     ("kspace crop, FFT origin", _kspace_origin),
     ("area, grid off by 1 px", shifted(area_average, 1)),
     ("bicubic resize, JPEG q75", _jpeg(_resize(_cubic, 2.0), 75)),
+    # Added 2026-12-07 (acquisition and reconstruction as scanners do them, measured once):
+    ("CT sharp kernel (unsharp .6)", _sharp_kernel(0.6, 1.0)),
+    ("MR partial Fourier 5/8", _kspace_lines(lambda ky, h: ky >= -h / 8, magnitude=True)),
+    ("MR phase resolution 75 %", _kspace_lines(lambda ky, h: ky.abs() <= 0.375 * h,
+                                               magnitude=False)),
+    ("EPI N/2 ghost 5 %", _ghost(0.05)),
 ]
 
 
