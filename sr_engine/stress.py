@@ -155,8 +155,11 @@ def _jpeg(op: Operator, quality: int) -> Operator:
 
 def _kspace_lines(keep: Callable[[torch.Tensor, int], torch.Tensor], magnitude: bool
                   ) -> Operator:
-    """The ``kspace`` family's crop (no window), then only the phase-encoding lines (along H)
-    that ``keep(ky, h)`` selects; zero-filled reconstruction, magnitude if ``magnitude``."""
+    """Phase-encoding lines (along H) of the ``kspace`` family's crop selected by ``keep``.
+
+    The crop has no window; the lines ``keep(ky, h)`` drops are zero-filled, and the image is
+    the magnitude (``magnitude``) or the real part of the reconstruction.
+    """
     def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
         y = apply_inplane(x, factor, Degradation.of("kspace", window=0)).double()
         h = y.shape[-2]
@@ -168,9 +171,11 @@ def _kspace_lines(keep: Callable[[torch.Tensor, int], torch.Tensor], magnitude: 
 
 
 def _sharp_kernel(amount: float, sigma: float) -> Operator:
-    """Area averaging, then an edge-enhancing reconstruction filter on the low-resolution grid
-    (unsharp mask ``y + amount (y - gauss_sigma(y))``, sigma in LR pixels): how a CT bone or
-    lung kernel overshoots at edges."""
+    """Area averaging, then an edge-enhancing reconstruction filter on the low-resolution grid.
+
+    Unsharp mask ``y + amount (y - gauss_sigma(y))``, sigma in LR pixels: how a CT bone or lung
+    kernel overshoots at edges.
+    """
     def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
         y = degrade_inplane(x, factor, 0.0)
         r = int(np.ceil(3 * sigma))
@@ -184,8 +189,10 @@ def _sharp_kernel(amount: float, sigma: float) -> Operator:
 
 
 def _ghost(fraction: float) -> Operator:
-    """Area averaging plus an N/2 ghost (EPI-like): the image shifted by half the field of view
-    along H, at ``fraction`` of its intensity."""
+    """Area averaging plus an N/2 ghost (EPI-like).
+
+    The image shifted by half the field of view along H, at ``fraction`` of its intensity.
+    """
     def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
         y = degrade_inplane(x, factor, 0.0)
         return y + fraction * torch.roll(y, y.shape[-2] // 2, dims=-2)
