@@ -161,8 +161,9 @@ esac
 
 # In-plane degradation estimator (sr_engine/estimate.py: spectral features of family-degraded
 # training images, HR augmented like real reconstructions) and the selection tables (on the
-# held-out synthetic validation phantoms, sharp and smooth at their own resolution, plus the
-# aliased / off-grid stress cases of eval_robust VALIDATION_STRESS: selection_slice_x*.json;
+# held-out synthetic validation phantoms, 5 CT + 5 MR volumes, sharp and smooth at their own
+# resolution, plus the stress cases of eval_robust VALIDATION_STRESS: aliased / off-grid
+# sampling, an edge-enhancing CT kernel, MR partial Fourier: selection_slice_x*.json;
 # slice x2: worst gain of every weights group, also at half its residual, per estimate cell;
 # slice x4: the expected worst-case choice guarded by the cells, see README).
 if [ -n "$ROBUST" ]; then
