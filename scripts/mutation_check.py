@@ -260,6 +260,11 @@ MUTANTS: tuple[Mutant, ...] = (
          "test_no_sharper_interpolation_for_a_series_noisier_than_every_validation_case",),
     ),
     Mutant(
+        "min-cell-cases", "a selection cell needs 16 validation cases before it is trusted",
+        "sr_engine/estimate.py", "MIN_CELL_CASES = 16", "MIN_CELL_CASES = 8",
+        ("tests/test_engine_robust.py::test_thin_cells_of_the_shipped_table_get_no_weights",),
+    ),
+    Mutant(
         "on-fallback-skip", "[safety] on_fallback = skip sends nothing for an interpolation",
         "dicom_node/pipeline.py",
         '    if fallback_reason and safety.on_fallback == "skip":',
