@@ -262,7 +262,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "min-cell-cases", "a selection cell needs 16 validation cases before it is trusted",
         "sr_engine/estimate.py", "MIN_CELL_CASES = 16", "MIN_CELL_CASES = 8",
-        ("tests/test_engine_robust.py::test_thin_cells_of_the_shipped_table_get_no_weights",),
+        ("tests/test_engine_robust.py::test_a_thin_cell_is_not_trusted_with_weights",),
     ),
     Mutant(
         "on-fallback-skip", "[safety] on_fallback = skip sends nothing for an interpolation",

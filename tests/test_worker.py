@@ -204,7 +204,10 @@ def _through_the_gate(tmp_path: Path, safety: dict) -> tuple[list[dict], list[Pa
             tmp_path,
             safety=safety,
             destinations=[_dest("pacs", "STORESCP", pacs.port)],
-            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["pacs"]}],
+            # the consistency bounds judge SR output (an interpolation is the reference they
+            # protect): name a learned model, whatever the selection tables would pick
+            rules=[{"name": "r", "modalities": ["CT"], "destinations": ["pacs"],
+                    "model": "fast"}],
         )
         with running_node(cfg, run_worker=True) as node:
             queue = JobQueue(node.db)
