@@ -61,7 +61,10 @@ def _associate(port: int, calling: str) -> Association:
 def test_eight_associations_store_every_acknowledged_instance(tmp_path: Path) -> None:
     template = _template()
     batches = [_series(template, N_INSTANCES) for _ in range(N_ASSOCIATIONS)]
-    cfg = node_config(tmp_path, node={"max_associations": N_ASSOCIATIONS})
+    # the idle limit (network_timeout) is not under test here: on a loaded machine the first
+    # association can wait longer than the test default (20 s) while the others are set up
+    cfg = node_config(tmp_path, node={"max_associations": N_ASSOCIATIONS,
+                                      "network_timeout": 120.0})
     with running_node(cfg) as node:
         port = node.scp.port
         assocs = [_associate(port, f"LOAD{i}") for i in range(N_ASSOCIATIONS)]
