@@ -68,12 +68,12 @@ SLAB_DEGRADATIONS = BENCHMARK_SLAB
 VALIDATION_STRESS: list[tuple[str, Operator]] = [
     ("decimation phase 0", decimation(0)), ("decimation phase 1", decimation(1)),
     ("area, grid off by 1 px", shifted(area_average, 1)),
-    # Since 2026-12-07: eval_unseen found the node losing 0.22 dB on an edge-enhancing CT
+    # Since 2026-12-06: eval_unseen found the node losing 0.22 dB on an edge-enhancing CT
     # kernel and 0.18 dB on MR partial Fourier (one public image, slice x2, learned weights on
     # an input that looks sharp); stronger members of both kinds than the benchmark's.
     ("CT sharp kernel (unsharp 1.0)", sharp_kernel(1.0, 1.0)),
     ("MR partial Fourier 9/16", kspace_lines(lambda ky, h: ky >= -h / 16, magnitude=True)),
-    # The edge-enhancing kernel also after the other families' sampling (2026-12-07: on area
+    # The edge-enhancing kernel also after the other families' sampling (2026-12-06: on area
     # sampling only, no validation case landed in the cell `lanczos` >= 0.8, whose weights lost
     # 0.22 dB to the public benchmark's edge-enhanced MR2_UNCR read as `lanczos` 0.80; on
     # Lanczos sampling 30 validation cases land there and those weights lose up to 0.38 dB).
@@ -424,7 +424,7 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-#: CT and MR phantom volumes (each) of the slice-mode validation set.  5 since 2026-12-07 (3
+#: CT and MR phantom volumes (each) of the slice-mode validation set.  5 since 2026-12-06 (3
 #: before: cells of 8-14 cases kept learned weights whose worst case was an optimistic bound;
 #: ``eval_unseen`` found them losing up to 0.22 dB on a public image under an edge-enhancing CT
 #: kernel and MR partial Fourier).  The first 3 of each are the volumes used before.

@@ -47,7 +47,7 @@ ARCHITECTURE = {
                 "is aliased).  No parameters, nothing learned.  For explicit rules only (e.g. MR "
                 "series known to be acquired at their own matrix): ``auto`` does not use it, "
                 "because aliased decimation of held-out CT phantoms is read as ``kspace_sharp`` "
-                "and loses 0.3 dB to bicubic with it (README, 2026-12-07).",
+                "and loses 0.3 dB to bicubic with it (README, 2026-12-06).",
 }
 
 COMMON = """

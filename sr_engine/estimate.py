@@ -351,7 +351,7 @@ def choose_guarded(estimate: dict, table: dict) -> tuple[str, float] | None:
 
 #: Fewest validation cases a selection cell needs before its worst case is trusted (cells with
 #: fewer fall back to interpolation; leave-one-volume-out failures came from such cells).
-#: 8 until 2026-12-07; 16 since, decided leave-one-volume-out on the 10-volume slice validation
+#: 8 until 2026-12-06; 16 since, decided leave-one-volume-out on the 10-volume slice validation
 #: set: with 8 (and 12) the fold without ``val_mr_4`` kept ``kspace_sharp@0.5`` in a 13-case
 #: cell that lost 3.22 dB on that volume; 16 is the smallest count with no left-out case below
 #: -0.1 dB (x2 family cases +0.39 / +0.86 dB on sharp / smooth images left out, against

@@ -33,7 +33,7 @@ from .normalise import mapping_for
 Operator = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
 #: Operators whose kind the validation stress cases cover (``benchmarks/eval_robust.py``
 #: VALIDATION_STRESS): reported, but no longer evidence of generalisation.
-#: Since 2026-12-07 also the edge-enhancing CT kernel and MR partial Fourier (this benchmark
+#: Since 2026-12-06 also the edge-enhancing CT kernel and MR partial Fourier (this benchmark
 #: found the node losing on them; the validation stress cases use stronger members of each
 #: kind: unsharp amount 1.0 after area, Lanczos-3 and k-space sampling, partial Fourier 9/16).
 GUARDED_ON_VALIDATION = ("decimation (aliased)", "area, grid off by 1 px",
@@ -222,7 +222,7 @@ INPLANE_UNSEEN: list[tuple[str, Operator]] = [
     ("kspace crop, FFT origin", _kspace_origin),
     ("area, grid off by 1 px", shifted(area_average, 1)),
     ("bicubic resize, JPEG q75", _jpeg(_resize(_cubic, 2.0), 75)),
-    # Added 2026-12-07 (acquisition and reconstruction as scanners do them, measured once):
+    # Added 2026-12-06 (acquisition and reconstruction as scanners do them, measured once):
     ("CT sharp kernel (unsharp .6)", sharp_kernel(0.6, 1.0)),
     ("MR partial Fourier 5/8", kspace_lines(lambda ky, h: ky >= -h / 8, magnitude=True)),
     ("MR phase resolution 75 %", kspace_lines(lambda ky, h: ky.abs() <= 0.375 * h,
