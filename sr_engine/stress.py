@@ -181,14 +181,14 @@ def family_sampling(deg: Degradation) -> Operator:
     return op
 
 
-def sharp_kernel(amount: float, sigma: float, sampling: Operator | None = None) -> Operator:
+def sharp_kernel(amount: float, sigma: float, sampling: Operator = area_average) -> Operator:
     """Sampling (default area averaging), then an edge-enhancing reconstruction filter.
 
     Unsharp mask ``y + amount (y - gauss_sigma(y))`` on the low-resolution grid, sigma in LR
     pixels: how a CT bone or lung kernel (or an MR edge-enhancement filter) overshoots at edges.
     """
     def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        y = sampling(x, factor, gen) if sampling is not None else degrade_inplane(x, factor, 0.0)
+        y = sampling(x, factor, gen)
         r = int(np.ceil(3 * sigma))
         t = torch.arange(-r, r + 1, dtype=y.dtype)
         g = torch.exp(-0.5 * (t / sigma) ** 2)
@@ -205,7 +205,7 @@ def _ghost(fraction: float) -> Operator:
     The image shifted by half the field of view along H, at ``fraction`` of its intensity.
     """
     def op(x: torch.Tensor, factor: int, gen: torch.Generator) -> torch.Tensor:
-        y = degrade_inplane(x, factor, 0.0)
+        y = area_average(x, factor, gen)
         return y + fraction * torch.roll(y, y.shape[-2] // 2, dims=-2)
     return op
 
@@ -282,7 +282,7 @@ def degrade_series(hr: np.ndarray, modality: str, op: Operator | Degradation, sc
     if isinstance(op, Degradation):
         family = op
         op = ((lambda x, f, g: apply_throughplane(x, f, family, g)) if axis_last
-              else (lambda x, f, g: apply_inplane(x, f, family, g)))
+              else family_sampling(family))
     with torch.inference_mode():
         x = torch.from_numpy(mapping.forward(hr))
         if axis_last:  # (Z, Y, X) -> (X, 1, Z, Y): decimate along Z
