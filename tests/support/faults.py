@@ -127,6 +127,8 @@ class RecordingSender(threading.Thread):
         self.paths = list(paths)
         self.called = called
         self.statuses: dict[str, int | None] = {}
+        # the test thread polls acknowledged() while this thread records statuses
+        self._lock = threading.Lock()
         self.error: str = ""
 
     def run(self) -> None:
@@ -150,10 +152,12 @@ class RecordingSender(threading.Thread):
                     rsp = assoc.send_c_store(p)
                 except Exception as exc:  # noqa: BLE001 - the peer was killed under us
                     self.error = f"{type(exc).__name__}: {exc}"
-                    self.statuses[uid] = None
+                    with self._lock:
+                        self.statuses[uid] = None
                     return
                 status = int(rsp.Status) if "Status" in rsp else None
-                self.statuses[uid] = status
+                with self._lock:
+                    self.statuses[uid] = status
                 if status is None or not assoc.is_established:
                     return
         finally:
@@ -162,7 +166,8 @@ class RecordingSender(threading.Thread):
 
     def acknowledged(self) -> set[str]:
         """SOP Instance UIDs answered with success (0x0000)."""
-        return {uid for uid, s in self.statuses.items() if s == 0}
+        with self._lock:
+            return {uid for uid, s in self.statuses.items() if s == 0}
 
 
 def send_on_one_association(port: int, paths: Sequence[Path],
