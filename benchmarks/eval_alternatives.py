@@ -1,7 +1,8 @@
 """Ideas tried for issue 10 and not adopted, kept runnable so that their figures can be checked.
 
 Every run uses the synthetic validation data only (:func:`sr_engine.data.validation_volumes`,
-with the smooth-at-native-resolution versions in slice mode); no public image is read.
+with the smooth-at-native-resolution versions in slice mode); no public image is read (except
+``capacity --public``).
 
 ``zssr``
     Slice x2, ZSSR-style per-series adaptation: on every validation case where the node uses
@@ -17,6 +18,14 @@ with the smooth-at-native-resolution versions in slice mode); no public image is
     Volume x4, slab family read by a patch classifier (ESPRESO-like) instead of spectra: for
     every family's best-fitting member, a small CNN learns to tell thick-axis patches from
     in-plane patches degraded by that member; the member it separates worst is the estimate.
+``capacity``
+    Slice x2, the truth in hand: how much a larger network would gain if the node always knew
+    the true degradation family (an upper bound, not a choice the node can make).  Per case:
+    ``fast`` with the true family's shipped weights, ``residual`` (about 9x the parameters and
+    FLOPs) with its nominal weights and with the true family's weights from ``--weights-dir``
+    (trained by the ``residual`` lines in the README, not shipped), and the best of bicubic and
+    all of these per case.  ``--public`` scores the public images instead (evaluation only: run
+    once, after the validation figures).
 ``learned-family``
     Volume x4, slab family read by a classifier (softmax regression) on the spectral misfits of
     every candidate profile, the y/x difference of the in-plane misfits and the z spectrum,
@@ -24,7 +33,7 @@ with the smooth-at-native-resolution versions in slice mode); no public image is
     the validation volumes (FWHM 0.7 / 1.0 / 1.3) against the best-fitting family.
 
 Usage: .venv/bin/python -m benchmarks.eval_alternatives
-       {zssr,backprojection,discriminator,learned-family}
+       {zssr,backprojection,discriminator,learned-family,capacity} [--weights-dir DIR] [--public]
 Prints one line per case and a summary; writes benchmarks/results/eval_alternatives_<name>.json.
 """
 
@@ -380,21 +389,91 @@ def learned_family(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+# --- capacity -------------------------------------------------------------------------------
+
+def _forced(lr: np.ndarray, sp: tuple[float, float, float], thickness: float, modality: str,
+            hr: np.ndarray, model: str, group: str | None,
+            weights_dir: Path | None = None) -> float:
+    """PSNR of ``model`` with the weights of ``group`` (None: nominal), no estimate."""
+    from sr_engine import inference
+
+    saved = inference.choose_model
+    inference.choose_model = lambda *a, **k: (model, group, None)  # type: ignore[assignment]
+    try:
+        res = inference.enhance_volume(lr, sp, thickness, modality, EnhanceRequest(
+            scale=2, model=model, estimate_degradation=False), weights_dir=weights_dir)
+    finally:
+        inference.choose_model = saved  # type: ignore[assignment]
+    return score_volume(res.volume, hr, modality)
+
+
+def capacity(args: argparse.Namespace) -> list[dict]:
+    """Slice x2 gains with the true family's weights, ``fast`` against ``residual``."""
+    from benchmarks.eval_public import SLICE_FILES, load_dicom_case
+    from benchmarks.eval_robust import SLICE_DEGRADATIONS, _slice_cases, low_resolution_slices
+    from sr_engine.degrade import inplane_group
+
+    wd = Path(args.weights_dir)
+    cases = ([load_dicom_case(f) for f in SLICE_FILES] if args.public
+             else _slice_cases(True))
+    rows = []
+    for name, vol, spacing, modality in cases:
+        for label, deg, held_out in SLICE_DEGRADATIONS:
+            if held_out and not args.public:
+                continue
+            hr, lr = low_resolution_slices(vol, modality, 2, deg)
+            sp = (spacing[0], spacing[1] * 2, spacing[2] * 2)
+            group = inplane_group(deg)
+            interp = _forced(lr, sp, spacing[0], modality, hr, "bicubic", None)
+            row = {"case": name, "degradation": label, "held_out": held_out, "group": group,
+                   "smooth_hr": not (args.public or name.endswith("| sharp"))}
+            for key, model, g, d in (("fast_nominal", "fast", None, None),
+                                     ("fast_family", "fast", group, None),
+                                     ("residual_nominal", "residual", None, None),
+                                     ("residual_family", "residual", group, wd)):
+                if d is not None and not (d / f"residual_slice_x2_{group}.safetensors").is_file():
+                    raise SystemExit(f"no residual weights for {group} in {d}")
+                row[key] = round(_forced(lr, sp, spacing[0], modality, hr, model, g, d)
+                                 - interp, 3)
+            row["best_with_truth"] = max(0.0, *(row[k] for k in (
+                "fast_nominal", "fast_family", "residual_nominal", "residual_family")))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    keys = ("fast_family", "residual_family", "residual_nominal", "best_with_truth")
+    for tag, sel in (("sharp HR" if not args.public else "train split",
+                      [r for r in rows if not r["smooth_hr"] and not r["held_out"]]),
+                     ("smooth HR" if not args.public else "held-out",
+                      [r for r in rows if r["smooth_hr"] or r["held_out"]]),
+                     ("all", rows)):
+        if sel:
+            print(f"{tag} ({len(sel)} cases): " + ", ".join(
+                f"{k} {np.mean([r[k] for r in sel]):+.2f} dB" for k in keys)
+                + f"; residual_family below bicubic by > 0.1 dB: "
+                f"{sum(r['residual_family'] < -0.1 for r in sel)}")
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("experiment",
-                    choices=("zssr", "backprojection", "discriminator", "learned-family"))
+                    choices=("zssr", "backprojection", "discriminator", "learned-family",
+                             "capacity"))
     ap.add_argument("--seconds", type=float, default=10.0, help="zssr: adaptation per case")
     ap.add_argument("--steps", type=int, default=3000, help="backprojection: adaptation steps")
     ap.add_argument("--count", type=int, default=1, help="CT and MR volumes each")
     ap.add_argument("--patches", type=int, default=3000, help="discriminator: patches per side")
+    ap.add_argument("--weights-dir", default="/tmp/srnode_capacity/w",
+                    help="capacity: folder of residual_slice_x2_<family>.safetensors")
+    ap.add_argument("--public", action="store_true",
+                    help="capacity: the public images (evaluation only, after the decision)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = {"zssr": zssr, "backprojection": backprojection, "discriminator": discriminator,
-            "learned-family": learned_family}[args.experiment](args)
+            "learned-family": learned_family, "capacity": capacity}[args.experiment](args)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"eval_alternatives_{args.experiment}.json").write_text(
+    tag = "_public" if getattr(args, "public", False) else ""
+    (RESULTS / f"eval_alternatives_{args.experiment}{tag}.json").write_text(
         json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
