@@ -22,8 +22,12 @@ ARCHITECTURE = {
              "reconstruction, on the LR grid with pixel-shuffle output over a cubic base.",
     "residual": "EDSR-style: head conv, 4 residual blocks (conv-ReLU-conv, scale 0.2, no batch "
                 "norm), long skip, sub-pixel tail, global skip over a cubic base; 24 features. "
-                "Best measured model at slice x2 (``auto`` on CUDA there); with the CPU budget "
-                "it is under-trained at x4 and in volume mode (fast is better there).",
+                "Best measured model at slice x2 under the nominal degradation (``auto`` "
+                "resolves to it on CUDA there; the estimate and the selection table still "
+                "decide between weights and interpolation); with the CPU budget it is "
+                "under-trained at x4 and in volume mode (fast is better there).  Per-family "
+                "fine-tunes (slice x2) were measured as an upper bound and are not shipped: "
+                "README, \"A larger network does not close it either\".",
     "srgan": "Generator = ``residual`` architecture initialised from the ``residual`` weights "
              "(L1 pre-training), fine-tuned with a relativistic-average GAN loss (weight 5e-3) "
              "plus L1 against our own small patch discriminator (strided convs, LeakyReLU). "
