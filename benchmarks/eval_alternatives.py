@@ -411,9 +411,13 @@ def capacity(args: argparse.Namespace) -> list[dict]:
     """Slice x2 gains with the true family's weights, ``fast`` against ``residual``."""
     from benchmarks.eval_public import SLICE_FILES, load_dicom_case
     from benchmarks.eval_robust import SLICE_DEGRADATIONS, _slice_cases, low_resolution_slices
-    from sr_engine.degrade import inplane_group
+    from sr_engine.degrade import INPLANE_GROUPS, inplane_group
 
     wd = Path(args.weights_dir)
+    missing = [g for g in INPLANE_GROUPS
+               if not (wd / f"residual_slice_x2_{g}.safetensors").is_file()]
+    if missing:
+        raise SystemExit(f"no residual weights for {', '.join(missing)} in {wd}")
     cases = ([load_dicom_case(f) for f in SLICE_FILES] if args.public
              else _slice_cases(True))
     rows = []
@@ -431,8 +435,6 @@ def capacity(args: argparse.Namespace) -> list[dict]:
                                      ("fast_family", "fast", group, None),
                                      ("residual_nominal", "residual", None, None),
                                      ("residual_family", "residual", group, wd)):
-                if d is not None and not (d / f"residual_slice_x2_{group}.safetensors").is_file():
-                    raise SystemExit(f"no residual weights for {group} in {d}")
                 row[key] = round(_forced(lr, sp, spacing[0], modality, hr, model, g, d)
                                  - interp, 3)
             row["best_with_truth"] = max(0.0, *(row[k] for k in (

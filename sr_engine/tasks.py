@@ -14,8 +14,8 @@ SCALES: dict[str, tuple[int, ...]] = {"slice": (2, 4), "volume": (2, 3, 4)}
 LEARNED_MODELS: tuple[str, ...] = ("fast", "srcnn", "residual", "srgan")
 #: Interpolation (no weights); ``bicubic`` and ``cubic`` are the same operator (the baselines
 #: of slice and volume mode); ``lanczos3`` and ``lanczos6`` are sharper interpolations (Lanczos,
-#: 3 and 6 lobes) that ``auto`` uses where the selection tables find them safer than the learned
-#: weights.
+#: 3 and 6 lobes); ``auto`` uses ``lanczos3`` where the selection tables find it safer than the
+#: learned weights, ``lanczos6`` only runs where a rule names it.
 BASELINE_MODELS: tuple[str, ...] = ("bicubic", "cubic", "linear", "lanczos3", "lanczos6")
 #: Every registered model name; ``auto`` chooses one by device and task.
 MODEL_NAMES: tuple[str, ...] = LEARNED_MODELS + BASELINE_MODELS
